@@ -1,0 +1,5 @@
+"""python -m gpubake: the same as the gpubake command."""
+
+from gpubake.cli import main
+
+main()

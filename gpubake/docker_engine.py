@@ -1,0 +1,172 @@
+"""Docker Engine helpers (Docker SDK): base images, the build cache by input hash.
+
+When the base image can be neither found locally nor pulled, a Debian base is
+made with debootstrap and imported, as these machines reach no registry.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import docker
+import docker.errors
+from docker.models.images import Image
+
+from gpubake import GpubakeError
+from gpubake.plan import HASH_LABEL
+from gpubake.stacks import OsInfo
+
+Echo = Callable[[str], None]
+BASE_REPOSITORY = "gpubake/base"
+
+
+class EngineError(GpubakeError):
+    """The Docker Engine is unreachable or refused something."""
+
+
+def client() -> docker.DockerClient:
+    try:
+        engine = docker.from_env(timeout=600)
+        engine.ping()
+    except docker.errors.DockerException as exc:
+        raise EngineError(
+            "Docker Engine not reachable: start dockerd (e.g. `dockerd &` or "
+            f"`systemctl start docker`) and check DOCKER_HOST ({str(exc).splitlines()[0][:120]})"
+        ) from None
+    return engine
+
+
+def local_image(engine: docker.DockerClient, ref: str) -> Image | None:
+    try:
+        return engine.images.get(ref)
+    except docker.errors.ImageNotFound:
+        return None
+    except docker.errors.APIError as exc:
+        raise EngineError(f"cannot inspect image {ref}: {exc.explanation}") from None
+
+
+def image_with_hash(engine: docker.DockerClient, repository: str, digest: str) -> Image | None:
+    """An image of `repository` built from identical inputs, if one exists."""
+    for image in engine.images.list(filters={"label": f"{HASH_LABEL}={digest}"}):
+        if any(tag.rsplit(":", 1)[0] == repository for tag in image.tags):
+            return image
+    return None
+
+
+def _pull(engine: docker.DockerClient, ref: str) -> Image | None:
+    try:
+        return engine.images.pull(ref)
+    except docker.errors.APIError:
+        return None
+
+
+def base_ref(osinfo: OsInfo) -> str:
+    return f"{BASE_REPOSITORY}:{osinfo.key}"
+
+
+def ensure_base_image(
+    engine: docker.DockerClient,
+    osinfo: OsInfo,
+    explicit: str | None,
+    echo: Echo,
+    *,
+    allow_bootstrap: bool = True,
+) -> tuple[str, str, str | None]:
+    """Find or make the base image; return (ref, image id, note for the user)."""
+    if explicit:
+        image = local_image(engine, explicit) or _pull(engine, explicit)
+        if image is None:
+            raise EngineError(
+                f"--base-image {explicit}: not found locally and cannot be pulled: "
+                "load it first (docker load / docker import) or leave --base-image out"
+            )
+        return explicit, image.id, None
+    for ref in (osinfo.base_image, base_ref(osinfo)):
+        image = local_image(engine, ref)
+        if image is not None:
+            return ref, image.id, None
+    echo(f"pulling {osinfo.base_image} ...")
+    image = _pull(engine, osinfo.base_image)
+    if image is not None:
+        return osinfo.base_image, image.id, None
+    if not osinfo.debootstrap:
+        raise EngineError(
+            f"cannot pull {osinfo.base_image} and gpubake bootstraps only Debian locally: "
+            f"load {osinfo.base_image} (docker load) or pass --base-image with a local image"
+        )
+    if not allow_bootstrap:
+        raise EngineError(f"no base image for {osinfo.key}: {osinfo.base_image} cannot be pulled")
+    ref = base_ref(osinfo)
+    note = (
+        f"{osinfo.base_image} cannot be pulled (no registry reachable): built {ref} "
+        "with debootstrap instead"
+    )
+    echo(f"{osinfo.base_image} cannot be pulled; building {ref} with debootstrap ...")
+    image_id = debootstrap_image(engine, osinfo, ref, echo)
+    return ref, image_id, note
+
+
+def debootstrap_image(engine: docker.DockerClient, osinfo: OsInfo, ref: str, echo: Echo) -> str:
+    """debootstrap a minimal Debian into a temporary directory and import it as `ref`."""
+    assert osinfo.debootstrap is not None
+    tool = shutil.which("debootstrap")
+    if not tool:
+        raise EngineError(
+            "debootstrap not found: install it (apt-get install debootstrap) "
+            "or load a base image and pass --base-image"
+        )
+    suite = osinfo.debootstrap["suite"]
+    mirror = osinfo.debootstrap["mirror"]
+    with tempfile.TemporaryDirectory(prefix="gpubake-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        cmd = [tool, "--variant=minbase", suite, str(rootfs), mirror]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no output"]
+            raise EngineError(f"debootstrap {suite} failed: {tail[0]}")
+        _finish_rootfs(rootfs, suite, mirror)
+        echo(f"importing {ref} ...")
+        tar = subprocess.Popen(
+            ["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE
+        )
+        assert tar.stdout is not None
+        try:
+            response = engine.api.import_image_from_stream(
+                tar.stdout,
+                repository=ref.split(":")[0],
+                tag=ref.split(":")[1],
+                changes=['CMD ["/bin/bash"]', "ENV LANG=C.UTF-8"],
+            )
+        finally:
+            tar.stdout.close()
+            tar.wait()
+        if tar.returncode != 0:
+            raise EngineError(f"could not archive the debootstrap root for {ref}")
+        del response
+    image = local_image(engine, ref)
+    if image is None:
+        raise EngineError(f"docker import of {ref} produced no image")
+    return image.id
+
+
+def _finish_rootfs(rootfs: Path, suite: str, mirror: str) -> None:
+    """Security and updates sources like the official image; no caches, no machine id."""
+    security = mirror.replace("/debian", "/debian-security")
+    (rootfs / "etc/apt/sources.list").write_text(
+        f"deb {mirror} {suite} main\n"
+        f"deb {mirror} {suite}-updates main\n"
+        f"deb {security} {suite}-security main\n",
+        encoding="utf-8",
+    )
+    for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for path in (rootfs / sub).glob("*"):
+            if path.is_file():
+                path.unlink()
+    for path in ("etc/machine-id", "var/lib/dbus/machine-id"):
+        target = rootfs / path
+        if target.exists():
+            target.write_text("", encoding="utf-8")

@@ -1,0 +1,454 @@
+"""Stack + target -> BuildPlan: Ansible vars, Packer vars, image name, labels, input hash.
+
+`render()` writes everything Packer needs into one directory, so that
+`packer build -var-file=<target>.pkrvars.hcl .` can also be run by hand there.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpubake import ROOT, GpubakeError, __version__, stacks
+from gpubake.hashing import input_hash
+from gpubake.stacks import Stack, stacks_data
+
+ENV_PREFIX = "/opt/gpubake/env"
+DEFAULT_USER = "gpubake"
+BUILD_CA_DIR = "/run/gpubake-build"
+LABEL_PREFIX = "io.gpubake"
+HASH_LABEL = f"{LABEL_PREFIX}.input-hash"
+#: Packer files each target renders (besides variables.pkr.hcl). The VM targets share
+#: vm.pkr.hcl (one build with both clouds' sources) and run with -only=PACKER_ONLY[target].
+_VM_FILES = ("vm.pkr.hcl", "gcp-image.pkr.hcl", "aws-ami.pkr.hcl")
+TARGET_FILES = {"docker": ("docker.pkr.hcl",), "gcp-image": _VM_FILES, "aws-ami": _VM_FILES}
+PACKER_ONLY = {"gcp-image": "googlecompute.gpubake", "aws-ami": "amazon-ebs.gpubake"}
+#: Targets applied straight to a running machine with ansible-playbook (no Packer).
+HOST_TARGETS = ("ssh", "local")
+ALL_TARGETS = (*TARGET_FILES, *HOST_TARGETS)
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+class PlanError(GpubakeError):
+    """A build option that cannot work."""
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    target: str
+    stack: Stack
+    image_repository: str
+    image_tag: str
+    base_image: str
+    base_image_id: str
+    input_hash: str
+    labels: Mapping[str, str]
+    ansible_vars: Mapping[str, Any]
+    packer_vars: Mapping[str, Any]
+    ca_bundle: Path | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    image: str = ""
+
+    @property
+    def packer_only(self) -> str | None:
+        """The source `packer build -only=` selects (None: the template has one build)."""
+        return PACKER_ONLY.get(self.target)
+
+    @property
+    def image_ref(self) -> str:
+        return self.image or f"{self.image_repository}:{self.image_tag}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "image": self.image_ref,
+            "base_image": self.base_image,
+            "base_image_id": self.base_image_id,
+            "input_hash": self.input_hash,
+            "stack": self.stack.to_dict(),
+            "labels": dict(self.labels),
+            "ansible_vars": dict(self.ansible_vars),
+            "packer_vars": dict(self.packer_vars),
+            "ca_bundle": str(self.ca_bundle) if self.ca_bundle else None,
+            "notes": list(self.notes),
+        }
+
+
+def check_tag(tag: str) -> str:
+    if not _TAG_RE.match(tag):
+        raise PlanError(
+            f"--tag '{tag}' is not a valid Docker tag: use up to 128 letters, digits, "
+            "'_', '.' and '-', not starting with '.' or '-'"
+        )
+    return tag
+
+
+def check_ca_bundle(path: str | os.PathLike[str] | None) -> Path | None:
+    if path is None:
+        return None
+    bundle = Path(path)
+    if not bundle.is_file():
+        raise PlanError(
+            f"--ca-bundle {bundle}: no such file; give a PEM bundle such as "
+            "/etc/ssl/certs/ca-certificates.crt"
+        )
+    head = bundle.read_bytes()[:1_000_000]
+    if b"-----BEGIN CERTIFICATE-----" not in head:
+        raise PlanError(
+            f"--ca-bundle {bundle} holds no PEM certificate: give a PEM bundle "
+            "(-----BEGIN CERTIFICATE----- ...)"
+        )
+    return bundle.resolve()
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _core_ansible_vars(stack: Stack, target: str, require_gpu: bool) -> dict[str, Any]:
+    """The Ansible variables that shape the image (and so enter the input hash)."""
+    tools = stacks_data()["tools"]
+    data: dict[str, Any] = {
+        "gpubake_stack": stack.to_dict(),
+        "gpubake_target": target,
+        "python_env_kind": stack.python_env,
+        "python_env_prefix": ENV_PREFIX,
+        "python_env_python": stack.python,
+        "python_env_uv_version": tools["uv"]["version"],
+        "python_env_uv_sha256": dict(tools["uv"]["sha256"]),
+        "base_user_name": DEFAULT_USER,
+        "gpu_smoke_test_args": ["--require-gpu"] if require_gpu else [],
+    }
+    if stack.miniforge:
+        data["python_env_miniforge_version"] = stack.miniforge["version"]
+        data["python_env_miniforge_sha256"] = dict(stack.miniforge["sha256"])
+    data[f"{stack.framework}_packages"] = dict(stack.packages)
+    return data
+
+
+def _docker_changes(labels: Mapping[str, str]) -> list[str]:
+    path = f"{ENV_PREFIX}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    changes = [
+        f"USER {DEFAULT_USER}",
+        f"WORKDIR /home/{DEFAULT_USER}",
+        f"ENV PATH={path}",
+        f"ENV VIRTUAL_ENV={ENV_PREFIX}",
+        "ENV LANG=C.UTF-8",
+        "ENV NVIDIA_VISIBLE_DEVICES=all",
+        "ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility",
+        'CMD ["/bin/bash"]',
+    ]
+    changes += [f"LABEL {key}={json.dumps(value)}" for key, value in sorted(labels.items())]
+    return changes
+
+
+def ansible_playbook_command() -> str:
+    """The ansible-playbook of gpubake's own environment, else the one on PATH."""
+    candidate = Path(sys.executable).parent / "ansible-playbook"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("ansible-playbook")
+    if not found:
+        raise PlanError("ansible-playbook not found: install gpubake with pip (it brings ansible)")
+    return found
+
+
+@dataclass(frozen=True)
+class CloudOptions:
+    """Options of the VM targets; gpubake.cli checks them before anything starts."""
+
+    project: str | None = None
+    zone: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    disk_size_gb: int | None = None
+    gpu_build: bool = True
+    max_run_minutes: int = 120
+
+
+def required_disk_gb(stack: Stack) -> int:
+    """Smallest VM disk the stack fits on: OS + driver + CUDA toolkit + environment, plus margin."""
+    disk = stacks_data()["vm_disk"]
+    need = disk["os_gib"] + disk["driver_gib"] + disk["cuda_toolkit_gib"] + stack.env_size_gib
+    return math.ceil(need * disk["margin"])
+
+
+def _gcp_label(value: str) -> str:
+    """GCP label values: lowercase letters, digits, '_' and '-', at most 63."""
+    return re.sub(r"[^a-z0-9_-]", "_", value.lower())[:63]
+
+
+def _common_labels(stack: Stack, digest: str) -> dict[str, str]:
+    return {
+        "gpubake-stack": stack.name,
+        "gpubake-framework": stack.framework,
+        "gpubake-framework-version": stack.packages[0][1],
+        "gpubake-cuda": stack.cuda,
+        "gpubake-python": stack.python,
+        "gpubake-os": stack.os.key,
+        "gpubake-version": __version__,
+        # GCP label values hold 63 characters: 40 hex digits (160 bits) of the hash
+        "gpubake-input-hash": digest[:40],
+    }
+
+
+def _vm_ansible_vars(stack: Stack, target: str) -> dict[str, Any]:
+    gpu = stack.gpu
+    fabric = False
+    if gpu is not None:
+        nvswitch = stacks.gpus_data()["gpus"][gpu.key].get("nvswitch", {})
+        machine = _build_machine(stack, target)
+        fabric = any(
+            machine.startswith(m) for m in nvswitch.get("aws", []) + nvswitch.get("gcp", [])
+        )
+    return {
+        "nvidia_driver_branch": stack.driver_branch,
+        "nvidia_driver_open": stack.open_kernel_module,
+        "nvidia_driver_source": "nvidia",
+        "nvidia_repo_distro": stack.os.nvidia_repo,
+        "nvidia_driver_gpu_architecture": gpu.architecture if gpu else "",
+        "nvidia_driver_fabric_manager": fabric,
+        "cuda_version": stack.cuda,
+        "cuda_source": "nvidia",
+        "logging_agent_kind": stacks.TARGET_CLOUDS.get(target) or "none",
+        "image_cleanup_vm": target in ("gcp-image", "aws-ami"),
+        # validate.sh fails the bake unless DKMS built the driver for the image's kernel
+        "image_cleanup_expect_dkms": ["nvidia"] if target in ("gcp-image", "aws-ami") else [],
+    }
+
+
+def _build_machine(stack: Stack, target: str) -> str:
+    cloud = stacks.TARGET_CLOUDS[target]
+    if stack.gpu is None or cloud is None:
+        return stacks_data()["cpu_build_machines"].get(cloud or "", "")
+    raw = stacks.gpus_data()["gpus"][stack.gpu.key][cloud]
+    return raw["build_machine_type"] if cloud == "gcp" else raw["build_instance_type"]
+
+
+def make_plan(
+    stack: Stack,
+    *,
+    target: str = "docker",
+    base_image: str,
+    base_image_id: str,
+    tag: str = "latest",
+    ca_bundle: Path | None = None,
+    require_gpu: bool = False,
+    verbose: int = 0,
+    notes: tuple[str, ...] = (),
+    cloud: CloudOptions | None = None,
+    packer_version: tuple[int, int, int] = (1, 6, 6),
+) -> BuildPlan:
+    if target not in TARGET_FILES and target not in HOST_TARGETS:
+        raise PlanError(f"unknown target '{target}': use one of {', '.join(ALL_TARGETS)}")
+    check_tag(tag)
+    cloud = cloud or CloudOptions()
+    vm = target != "docker"
+    core = _core_ansible_vars(stack, target, require_gpu)
+    if vm:
+        core.update(_vm_ansible_vars(stack, target))
+    digest = input_hash({"target": target, "ansible": core}, base_image_id=base_image_id)
+
+    labels, packer_vars, image_ref = _target_specifics(
+        stack, target, digest, base_image, tag, cloud, packer_version
+    )
+    repository = f"gpubake/{stack.name}"
+
+    ansible_vars = dict(core)
+    ansible_vars["manifest_build"] = {
+        "gpubake_version": __version__,
+        "stack": stack.name,
+        "target": target,
+        "input_hash": digest,
+        "cuda": stack.cuda,
+        "driver_branch": stack.driver_branch,
+        "base_image": base_image,
+    }
+    ansible_vars["build_ca_bundle"] = str(ca_bundle) if ca_bundle else ""
+    if ca_bundle:
+        bundle = f"{BUILD_CA_DIR}/ca-bundle.crt"
+        ansible_vars["build_ca_environment"] = dict.fromkeys(
+            (
+                "SSL_CERT_FILE",
+                "REQUESTS_CA_BUNDLE",
+                "PIP_CERT",
+                "CURL_CA_BUNDLE",
+                "CONDA_SSL_VERIFY",
+            ),
+            bundle,
+        )
+    common = {
+        "stack": stack.name,
+        "input_hash": digest,
+        "ansible_playbook_command": ansible_playbook_command(),
+        "ansible_extra_arguments": ["-" + "v" * verbose] if verbose else [],
+    }
+    return BuildPlan(
+        target=target,
+        stack=stack,
+        image_repository=repository,
+        image_tag=tag,
+        base_image=base_image,
+        base_image_id=base_image_id,
+        input_hash=digest,
+        labels=labels,
+        ansible_vars=ansible_vars,
+        packer_vars={**common, **packer_vars} if target in TARGET_FILES else {},
+        ca_bundle=ca_bundle,
+        notes=notes,
+        image=image_ref,
+    )
+
+
+def _target_specifics(
+    stack: Stack,
+    target: str,
+    digest: str,
+    base_image: str,
+    tag: str,
+    cloud: CloudOptions,
+    packer_version: tuple[int, int, int],
+) -> tuple[dict[str, str], dict[str, Any], str]:
+    """(labels, target packer vars, image reference) for one target."""
+    if target == "docker":
+        repository = f"gpubake/{stack.name}"
+        labels = {
+            "org.opencontainers.image.title": repository,
+            "org.opencontainers.image.description": stack.description,
+            # the first pinned package of a stack is its framework
+            "org.opencontainers.image.version": f"{stack.framework}-{stack.packages[0][1]}",
+            "org.opencontainers.image.created": dt.datetime.now(dt.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            ),
+            "org.opencontainers.image.vendor": "gpubake",
+            "org.opencontainers.image.base.name": base_image,
+            f"{LABEL_PREFIX}.stack": stack.name,
+            f"{LABEL_PREFIX}.framework": stack.framework,
+            f"{LABEL_PREFIX}.cuda": stack.cuda,
+            f"{LABEL_PREFIX}.python": stack.python,
+            f"{LABEL_PREFIX}.os": stack.os.key,
+            f"{LABEL_PREFIX}.version": __version__,
+            HASH_LABEL: digest,
+        }
+        revision = _git_revision()
+        if revision:
+            labels["org.opencontainers.image.revision"] = revision
+        packer_vars = {
+            "base_image": base_image,
+            "image_repository": repository,
+            "image_tag": tag,
+            "container_name": f"gpubake-build-{digest[:12]}-{os.getpid()}",
+            "docker_changes": _docker_changes(labels),
+        }
+        return labels, packer_vars, f"{repository}:{tag}"
+    if target in HOST_TARGETS:
+        return _common_labels(stack, digest), {}, target
+    ssh_args = (
+        ["--ssh-extra-args", "-o HostKeyAlgorithms=+ssh-rsa -o PubkeyAcceptedKeyTypes=+ssh-rsa"]
+        if packer_version < (1, 7, 0)
+        else []
+    )
+    disk = cloud.disk_size_gb or max(
+        stacks_data()["vm_disk"]["default_gib"], required_disk_gb(stack)
+    )
+    gpu = stack.gpu
+    machine = _build_machine(stack, target) if cloud.gpu_build else ""
+    common = {
+        "disk_size_gb": disk,
+        "ansible_ssh_extra_args": ssh_args,
+        "max_run_minutes": cloud.max_run_minutes,
+    }
+    if target == "gcp-image":
+        labels = {k: _gcp_label(v) for k, v in _common_labels(stack, digest).items()}
+        name = f"gpubake-{stack.name}-{digest[:12]}"
+        attach = cloud.gpu_build and gpu is not None and machine.startswith("n1-")
+        packer_vars = {
+            "gcp_project": cloud.project or "",
+            "gcp_zone": cloud.zone or "",
+            "gcp_source_image_family": stack.os.gcp["image_family"],
+            "gcp_source_image_project": stack.os.gcp["image_project"],
+            "gcp_machine_type": machine or stacks_data()["cpu_build_machines"]["gcp"],
+            "gcp_accelerator_type": gpu.gcp_accelerators[0] if attach and gpu else "",
+            "gcp_accelerator_count": 1,
+            "gcp_gpu": bool(cloud.gpu_build and gpu is not None),
+            "image_name": name,
+            "image_family": f"gpubake-{stack.name}",
+            "image_labels": labels,
+            "ssh_username": "packer",
+            "preemptible": True,
+            **common,
+        }
+        return labels, packer_vars, name
+    labels = _common_labels(stack, digest)
+    labels["gpubake-input-hash"] = digest  # AWS tags hold 256 characters
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
+    name = f"gpubake-{stack.name}-{digest[:12]}-{stamp}"
+    packer_vars = {
+        "aws_region": cloud.region or "",
+        "aws_profile": cloud.profile or "",
+        "aws_instance_type": machine or stacks_data()["cpu_build_machines"]["aws"],
+        "aws_source_ami_name": stack.os.aws["ami_name"],
+        "aws_source_ami_owner": stack.os.aws["owner"],
+        "aws_root_device": stack.os.aws["root_device"],
+        "ssh_username": stack.os.aws["ssh_username"],
+        "image_name": name,
+        "image_labels": {**labels, "Name": name},
+        "spot": True,
+        **common,
+    }
+    return labels, packer_vars, name
+
+
+def hcl_value(value: Any) -> str:
+    """A Python value as an HCL2 expression (JSON syntax, template sequences escaped)."""
+    text = json.dumps(value, indent=2 if isinstance(value, list | dict) else None)
+    return text.replace("${", "$${").replace("%{", "%%{")
+
+
+def render(plan: BuildPlan, out_dir: Path, *, with_plugins: bool) -> Path:
+    """Write the Packer and Ansible inputs of `plan` into `out_dir`; return the var file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = ROOT / "images"
+    if plan.target not in TARGET_FILES:
+        raise PlanError(f"target '{plan.target}' is applied with ansible-playbook, not Packer")
+    names = ["variables.pkr.hcl", *TARGET_FILES[plan.target]]
+    if with_plugins:
+        names.append("plugins.pkr.hcl")
+    for name in names:
+        shutil.copyfile(images / name, out_dir / name)
+    for tree in ("roles", "playbooks"):
+        dest = out_dir / tree
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(
+            ROOT / tree, dest, symlinks=False, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    shutil.copyfile(ROOT / "ansible.cfg", out_dir / "ansible.cfg")
+    (out_dir / "ansible-vars.json").write_text(
+        json.dumps(plan.ansible_vars, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    var_file = out_dir / f"{plan.target}.pkrvars.hcl"
+    lines = [f"# Written by gpubake {__version__}: {plan.image_ref}, input hash {plan.input_hash}"]
+    lines += [f"{key} = {hcl_value(value)}" for key, value in plan.packer_vars.items()]
+    var_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return var_file

@@ -1,0 +1,383 @@
+"""Stacks and GPUs as data: load images/stacks.yml + images/gpus.yml, resolve, check.
+
+`resolve()` turns a stack name plus overrides into a frozen `Stack`, or raises
+`StackError` with one line naming the conflict and a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from packaging.version import InvalidVersion, Version
+
+from gpubake import ROOT, GpubakeError
+
+STACKS_FILE = ROOT / "images" / "stacks.yml"
+GPUS_FILE = ROOT / "images" / "gpus.yml"
+
+#: Targets and the cloud each one runs on (None: no cloud).
+TARGET_CLOUDS: dict[str, str | None] = {
+    "docker": None,
+    "gcp-image": "gcp",
+    "aws-ami": "aws",
+    "ssh": None,
+    "local": None,
+}
+
+#: Keys --var may set, with a parser for each value.
+_BOOL = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+class StackError(GpubakeError):
+    """A stack, GPU or OS choice that cannot work."""
+
+
+@functools.cache
+def _load(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def stacks_data() -> dict[str, Any]:
+    return _load(STACKS_FILE)
+
+
+def gpus_data() -> dict[str, Any]:
+    return _load(GPUS_FILE)
+
+
+def _ver(text: str) -> Version:
+    return Version(str(text))
+
+
+def _major_minor(text: str) -> tuple[int, int]:
+    release = _ver(text).release
+    return release[0], release[1] if len(release) > 1 else 0
+
+
+def machine_arch() -> str:
+    arch = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    key: str
+    name: str
+    architecture: str
+    compute_capability: str
+    memory_gib: float
+    open_kernel_module: str  # unsupported | recommended | required
+    last_driver_branch: int | None
+    gcp_accelerators: tuple[str, ...]
+    aws_instance_families: tuple[str, ...]
+    end_of_life: bool = False
+
+    @property
+    def sm(self) -> str:
+        return "sm_" + self.compute_capability.replace(".", "")
+
+
+@dataclass(frozen=True)
+class OsInfo:
+    key: str
+    family: str
+    codename: str
+    python: str
+    base_image: str
+    nvidia_repo: str
+    debootstrap: Mapping[str, str] | None = None
+    gcp: Mapping[str, str] | None = None
+    aws: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A resolved, checked stack: everything a build needs to know about its software."""
+
+    name: str
+    description: str
+    framework: str
+    python_env: str
+    python: str
+    cuda: str
+    driver_branch: str
+    packages: tuple[tuple[str, str], ...]
+    imports: tuple[str, ...]
+    os: OsInfo
+    gpu: Gpu | None
+    env_size_gib: float
+    open_kernel_module: bool
+    legacy: bool = False
+    miniforge: Mapping[str, Any] | None = None
+    overrides: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["packages"] = dict(self.packages)
+        data["overrides"] = dict(self.overrides)
+        data["imports"] = list(self.imports)
+        if self.gpu is not None:
+            data["gpu"]["gcp_accelerators"] = list(self.gpu.gcp_accelerators)
+            data["gpu"]["aws_instance_families"] = list(self.gpu.aws_instance_families)
+        data["os"] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data["os"].items()}
+        if self.miniforge is not None:
+            data["miniforge"] = dict(self.miniforge)
+        return data
+
+    @property
+    def requirements(self) -> list[str]:
+        return [f"{name}=={version}" for name, version in self.packages]
+
+
+def stack_names() -> list[str]:
+    return sorted(stacks_data()["stacks"])
+
+
+def os_names() -> list[str]:
+    return sorted(stacks_data()["operating_systems"])
+
+
+def gpu_names() -> list[str]:
+    return sorted(gpus_data()["gpus"])
+
+
+def get_gpu(key: str) -> Gpu:
+    gpus = gpus_data()
+    raw = gpus["gpus"].get(key.lower())
+    if raw is None:
+        raise StackError(f"unknown GPU '{key}': choose one of {', '.join(gpu_names())}")
+    arch = gpus["architectures"][raw["architecture"]]
+    return Gpu(
+        key=key.lower(),
+        name=raw["name"],
+        architecture=raw["architecture"],
+        compute_capability=str(raw["compute_capability"]),
+        memory_gib=float(raw["memory_gib"]),
+        open_kernel_module=arch["open_kernel_module"],
+        last_driver_branch=arch.get("last_driver_branch"),
+        gcp_accelerators=tuple(raw.get("gcp", {}).get("accelerators", [])),
+        aws_instance_families=tuple(raw.get("aws", {}).get("instance_families", [])),
+        end_of_life=bool(raw.get("end_of_life", False)),
+    )
+
+
+def get_os(key: str) -> OsInfo:
+    raw = stacks_data()["operating_systems"].get(key)
+    if raw is None:
+        raise StackError(f"unknown OS '{key}': choose one of {', '.join(os_names())}")
+    return OsInfo(
+        key=key,
+        family=raw["family"],
+        codename=raw["codename"],
+        python=str(raw["python"]),
+        base_image=raw["base_image"],
+        nvidia_repo=raw["nvidia_repo"],
+        debootstrap=raw.get("debootstrap"),
+        gcp=raw.get("gcp"),
+        aws=raw.get("aws"),
+    )
+
+
+#: --var keys and what they accept.
+VAR_KEYS = ("python", "cuda", "driver_branch", "open_kernel_module", "packages.<name>")
+
+
+def parse_vars(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Parse KEY=VALUE strings; reject malformed or unknown keys."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise StackError(f"--var '{item}' is not KEY=VALUE: write e.g. --var driver_branch=580")
+        if key not in VAR_KEYS[:-1] and not key.startswith("packages."):
+            raise StackError(f"--var key '{key}' is unknown: use one of {', '.join(VAR_KEYS)}")
+        out[key] = value
+    return out
+
+
+def _check_version(label: str, value: str) -> str:
+    try:
+        _ver(value)
+    except InvalidVersion:
+        raise StackError(f"{label} '{value}' is not a version number: write e.g. 2.15.0") from None
+    return value
+
+
+def resolve(
+    name: str | None = None,
+    *,
+    os_key: str | None = None,
+    gpu: str | None = None,
+    variables: Mapping[str, str] | None = None,
+    target: str = "docker",
+) -> Stack:
+    """Resolve a stack and its overrides into a checked `Stack`."""
+    data = stacks_data()
+    name = name or data["default_stack"]
+    raw = data["stacks"].get(name)
+    if raw is None:
+        raise StackError(f"unknown stack '{name}': choose one of {', '.join(stack_names())}")
+    variables = dict(variables or {})
+    osinfo = get_os(os_key or data["default_os"])
+    gpu_info = get_gpu(gpu) if gpu else None
+
+    packages = {k: str(v) for k, v in raw["packages"].items()}
+    for key, value in variables.items():
+        if key.startswith("packages."):
+            pkg = key.split(".", 1)[1]
+            if pkg not in packages:
+                raise StackError(
+                    f"--var {key}: stack '{name}' has no package '{pkg}' "
+                    f"(it pins {', '.join(packages)})"
+                )
+            packages[pkg] = _check_version(f"--var {key}", value)
+
+    cuda = _check_version("--var cuda", variables.get("cuda", str(raw["cuda"])))
+    branch = variables.get("driver_branch", str(raw["driver_branch"]))
+    if not branch.isdigit():
+        raise StackError(f"--var driver_branch '{branch}' is not a branch number: write e.g. 580")
+
+    # Python: uv environments use the OS's python3; conda brings its own.
+    if raw["python_env"] == "uv":
+        python = osinfo.python
+        if "python" in variables and variables["python"] != python:
+            raise StackError(
+                f"stack '{name}' uses the OS's Python ({python} on {osinfo.key}): "
+                f"--var python works only with a conda stack such as pytorch-conda"
+            )
+    else:
+        python = _check_version("--var python", variables.get("python", str(raw["python"])))
+
+    allowed_pythons = raw.get("pythons")
+    if allowed_pythons and python not in allowed_pythons:
+        oses = [
+            k for k, v in data["operating_systems"].items() if str(v["python"]) in allowed_pythons
+        ]
+        raise StackError(
+            f"stack '{name}' needs Python {', '.join(allowed_pythons)} (its wheels have none "
+            f"for {python}), but {osinfo.key} gives {python}: use --os {' or --os '.join(oses)}"
+        )
+
+    _check_cuda_driver(name, cuda, branch)
+
+    open_module = _open_module(gpu_info, variables.get("open_kernel_module"))
+    if gpu_info is not None:
+        _check_gpu(name, gpu_info, cuda, branch, target)
+
+    if raw["python_env"] == "conda":
+        arch = machine_arch()
+        if arch not in raw.get("miniforge", {}).get("sha256", {}):
+            raise StackError(
+                f"stack '{name}' has no pinned Miniforge checksum for {arch}: "
+                f"add miniforge.sha256.{arch} to images/stacks.yml"
+            )
+
+    return Stack(
+        name=name,
+        description=raw["description"],
+        framework=raw["framework"],
+        python_env=raw["python_env"],
+        python=python,
+        cuda=cuda,
+        driver_branch=branch,
+        packages=tuple(packages.items()),
+        imports=tuple(raw["imports"]),
+        os=osinfo,
+        gpu=gpu_info,
+        env_size_gib=float(raw["env_size_gib"]),
+        open_kernel_module=open_module,
+        legacy=bool(raw.get("legacy", False)),
+        miniforge=raw.get("miniforge"),
+        overrides=tuple(sorted(variables.items())),
+    )
+
+
+def _check_cuda_driver(name: str, cuda: str, branch: str) -> None:
+    """The branch must reach the CUDA major's minimum driver (minor-version compatibility)."""
+    branches = stacks_data()["driver_branches"]
+    cuda_table = gpus_data()["cuda"]
+    cuda_major = str(_major_minor(cuda)[0])
+    cuda_info = cuda_table.get(cuda_major)
+    if cuda_info is None:
+        raise StackError(
+            f"CUDA {cuda} is not known to gpubake: use CUDA {', '.join(sorted(cuda_table))}.x"
+        )
+    if branch not in branches:
+        raise StackError(
+            f"driver branch {branch} is unknown: choose one of {', '.join(sorted(branches))}"
+        )
+    min_driver = str(cuda_info["min_driver"])
+    if int(branch) < _ver(min_driver).release[0]:
+        newer = sorted((b for b in branches if int(b) >= _ver(min_driver).release[0]), key=int)
+        fix = f"use --var driver_branch={newer[0]} or newer" if newer else "use an older CUDA"
+        raise StackError(
+            f"driver branch {branch} is too old for CUDA {cuda} of stack '{name}' "
+            f"(CUDA {cuda_major}.x needs driver {min_driver} or newer): {fix}"
+        )
+
+
+def _open_module(gpu: Gpu | None, forced: str | None) -> bool:
+    if forced is not None:
+        value = _BOOL.get(forced.lower())
+        if value is None:
+            raise StackError(
+                f"--var open_kernel_module '{forced}' is not true or false: write e.g. "
+                "--var open_kernel_module=false"
+            )
+        if value and gpu is not None and gpu.open_kernel_module == "unsupported":
+            raise StackError(
+                f"the open kernel module does not support {gpu.key} ({gpu.architecture}, "
+                f"{gpu.sm}): drop --var open_kernel_module=true (Turing and newer only)"
+            )
+        if not value and gpu is not None and gpu.open_kernel_module == "required":
+            raise StackError(
+                f"{gpu.key} ({gpu.architecture}) needs the open kernel module: "
+                "drop --var open_kernel_module=false"
+            )
+        return value
+    if gpu is None:
+        return True  # R560+ default; every GPU CUDA 13 supports is Turing or newer
+    return gpu.open_kernel_module != "unsupported"
+
+
+def _check_gpu(name: str, gpu: Gpu, cuda: str, branch: str, target: str) -> None:
+    cuda_major = str(_major_minor(cuda)[0])
+    min_cc = str(gpus_data()["cuda"][cuda_major]["min_cc"])
+    if _major_minor(gpu.compute_capability) < _major_minor(min_cc):
+        fit = [
+            k
+            for k in gpu_names()
+            if _major_minor(str(gpus_data()["gpus"][k]["compute_capability"]))
+            >= _major_minor(min_cc)
+        ]
+        raise StackError(
+            f"GPU {gpu.key} ({gpu.architecture}, {gpu.sm}) is not supported by CUDA {cuda} of "
+            f"stack '{name}' (needs sm_{min_cc.replace('.', '')} or newer): use a GPU such as "
+            f"{fit[0]}, or a stack with an older CUDA"
+        )
+    if gpu.last_driver_branch is not None and int(branch) > gpu.last_driver_branch:
+        raise StackError(
+            f"GPU {gpu.key} ({gpu.architecture}) is supported only up to driver branch "
+            f"{gpu.last_driver_branch}, but stack '{name}' uses {branch}: "
+            f"use --var driver_branch={gpu.last_driver_branch} with a CUDA it supports"
+        )
+    cloud = TARGET_CLOUDS.get(target)
+    if cloud == "gcp" and not gpu.gcp_accelerators:
+        offered = [
+            k for k in gpu_names() if gpus_data()["gpus"][k].get("gcp", {}).get("accelerators")
+        ]
+        raise StackError(f"GPU {gpu.key} is not offered on GCP: choose one of {', '.join(offered)}")
+    if cloud == "aws" and not gpu.aws_instance_families:
+        offered = [
+            k for k in gpu_names() if gpus_data()["gpus"][k].get("aws", {}).get("instance_families")
+        ]
+        raise StackError(f"GPU {gpu.key} is not offered on AWS: choose one of {', '.join(offered)}")

@@ -1,0 +1,75 @@
+# Target `docker`: a container image committed from a container that the
+# container playbook provisions through Ansible's docker connection.
+
+variable "base_image" {
+  type        = string
+  description = "Local image the build starts from (gpubake pulls it or builds one with debootstrap first)."
+}
+
+variable "image_repository" {
+  type        = string
+  description = "Repository of the resulting image, e.g. gpubake/pytorch."
+}
+
+variable "image_tag" {
+  type        = string
+  description = "Tag of the resulting image."
+  default     = "latest"
+  validation {
+    condition     = length(var.image_tag) > 0 && length(var.image_tag) <= 128 && ! contains(["-", "."], substr(var.image_tag, 0, 1))
+    error_message = "A Docker tag is up to 128 letters, digits, '_', '.' and '-', not starting with '.' or '-'."
+  }
+}
+
+variable "container_name" {
+  type        = string
+  description = "Name of the temporary build container (unique per build)."
+}
+
+variable "docker_changes" {
+  type        = list(string)
+  description = "Dockerfile instructions applied at commit: USER, WORKDIR, ENV, LABEL, CMD."
+  default     = []
+}
+
+source "docker" "gpubake" {
+  image         = var.base_image
+  pull          = false
+  commit        = true
+  container_dir = "/tmp/packer-files"
+  run_command   = ["-d", "-i", "-t", "--name", var.container_name, "{{.Image}}", "/bin/sh"]
+  changes       = var.docker_changes
+}
+
+locals {
+  ansible_arguments = concat([
+    "--extra-vars", "@${path.root}/ansible-vars.json",
+    "--extra-vars", "ansible_connection=community.docker.docker ansible_host=${var.container_name}",
+  ], var.ansible_extra_arguments)
+}
+
+build {
+  sources = ["source.docker.gpubake"]
+
+  provisioner "ansible" {
+    command          = var.ansible_playbook_command
+    playbook_file    = "${path.root}/playbooks/container.yml"
+    user             = "root"
+    extra_arguments  = local.ansible_arguments
+    ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
+  }
+
+  # Last: the image counts as built only if gpu-smoke passes in it.
+  provisioner "ansible" {
+    command          = var.ansible_playbook_command
+    playbook_file    = "${path.root}/playbooks/smoke.yml"
+    user             = "root"
+    extra_arguments  = local.ansible_arguments
+    ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
+  }
+
+  post-processor "docker-tag" {
+    repository = var.image_repository
+    tags       = [var.image_tag]
+  }
+}

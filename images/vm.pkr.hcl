@@ -1,0 +1,74 @@
+# VM targets (gcp-image, aws-ami): the variables and the build they share. gpubake
+# renders both clouds' sources and runs Packer with -only=<the target's source>;
+# the provisioners (VM playbook, gpu-smoke, seal + validate) exist once, here.
+
+variable "disk_size_gb" {
+  type        = number
+  description = "Boot disk size in GB (gpubake checks it against what the stack needs)."
+}
+
+variable "image_name" {
+  type        = string
+  description = "Name of the resulting image."
+}
+
+variable "image_labels" {
+  type        = map(string)
+  description = "Labels (GCP) or tags (AWS) of the image and of the build machine: stack, versions, input hash."
+}
+
+variable "max_run_minutes" {
+  type        = number
+  description = "The build VM powers itself off after this many minutes, whatever happens to Packer."
+  default     = 120
+}
+
+variable "ansible_ssh_extra_args" {
+  type        = list(string)
+  description = "Extra ansible-playbook arguments for Packer's SSH proxy (Packer 1.6 needs ssh-rsa allowed)."
+  default     = []
+}
+
+variable "ssh_username" {
+  type        = string
+  description = "User Packer logs in as on the build VM (packer on GCP; admin on Debian, ubuntu on Ubuntu AMIs)."
+}
+
+locals {
+  ansible_arguments = concat(
+    ["--become", "--extra-vars", "@${path.root}/ansible-vars.json"],
+    var.ansible_ssh_extra_args,
+    var.ansible_extra_arguments,
+  )
+}
+
+build {
+  sources = ["source.googlecompute.gpubake", "source.amazon-ebs.gpubake"]
+
+  provisioner "ansible" {
+    command          = var.ansible_playbook_command
+    playbook_file    = "${path.root}/playbooks/vm.yml"
+    user             = var.ssh_username
+    extra_arguments  = local.ansible_arguments
+    ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
+  }
+
+  # Last: the image exists only if gpu-smoke passes on the attached GPU.
+  provisioner "ansible" {
+    command          = var.ansible_playbook_command
+    playbook_file    = "${path.root}/playbooks/smoke.yml"
+    user             = var.ssh_username
+    extra_arguments  = local.ansible_arguments
+    ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
+  }
+
+  # VM images only, after gpu-smoke: remove SSH host keys, machine-id, cloud-init
+  # state and login keys, then validate the bake (fails it if anything is left).
+  provisioner "ansible" {
+    command          = var.ansible_playbook_command
+    playbook_file    = "${path.root}/playbooks/seal.yml"
+    user             = var.ssh_username
+    extra_arguments  = local.ansible_arguments
+    ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
+  }
+}

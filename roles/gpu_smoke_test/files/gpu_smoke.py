@@ -1,0 +1,1 @@
+../../../gpubake/gpu_smoke.py

@@ -1,0 +1,90 @@
+"""Helpers for the Docker Engine tests: run containers that always go away, apply playbooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+_RECAP_RE = re.compile(r"ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
+
+
+def ansible_playbook() -> str:
+    return str(Path(sys.executable).parent / "ansible-playbook")
+
+
+@contextmanager
+def container(engine: Any, image: str, *, user: str = "root") -> Iterator[Any]:
+    """A long-running container of `image` that is removed whatever happens."""
+    name = f"gpubake-test-{uuid.uuid4().hex[:10]}"
+    box = engine.containers.run(
+        image, ["sleep", "infinity"], name=name, user=user, detach=True, entrypoint=[]
+    )
+    try:
+        yield box
+    finally:
+        box.remove(force=True)
+
+
+def apply(
+    box: Any,
+    playbook: Path,
+    extra_vars: Mapping[str, Any],
+    *,
+    timeout: int = 2400,
+) -> tuple[dict[str, int], str]:
+    """ansible-playbook against a container over the docker connection; return the recap."""
+    vars_file = Path(f"/tmp/{box.name}-vars.json")
+    # sorted like the ansible-vars.json gpubake renders for Packer
+    vars_file.write_text(json.dumps(dict(extra_vars), sort_keys=True), encoding="utf-8")
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
+    try:
+        proc = subprocess.run(
+            [
+                ansible_playbook(),
+                "-i",
+                f"{box.name},",
+                "-e",
+                "ansible_connection=community.docker.docker",
+                "-e",
+                f"@{vars_file}",
+                str(playbook),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        vars_file.unlink(missing_ok=True)
+    output = proc.stdout + proc.stderr
+    matches = _RECAP_RE.findall(output)
+    assert proc.returncode == 0 and matches, output[-6000:]
+    ok, changed, unreachable, failed = (int(x) for x in matches[-1])
+    return {"ok": ok, "changed": changed, "unreachable": unreachable, "failed": failed}, output
+
+
+def run_in(box: Any, *cmd: str, user: str = "root") -> tuple[int, str]:
+    result = box.exec_run(list(cmd), user=user, demux=False)
+    return result.exit_code, result.output.decode("utf-8", errors="replace")
+
+
+def base_image(engine: Any) -> str:
+    """The Debian 12 base every build starts from (pulled or debootstrapped as a build would)."""
+    from gpubake import docker_engine, stacks
+
+    ref, _image_id, _note = docker_engine.ensure_base_image(
+        engine, stacks.get_os("debian-12"), None, lambda _msg: None
+    )
+    return ref

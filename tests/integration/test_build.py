@@ -1,0 +1,219 @@
+"""The whole docker target for real: `python build.py --target docker` of the default stack.
+
+One build (module fixture, --force, its own tag, a CA bundle carrying a marker
+certificate); then the image is inspected, run, scanned, re-applied and rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpubake import plan as plan_mod
+from gpubake import stacks
+from tests.integration.helpers import HOST_BUNDLE, ROOT, apply, container, run_in
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+TAG = "itest"
+IMAGE = f"gpubake/pytorch:{TAG}"
+
+
+def build(*args: str, timeout: int = 3600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "build.py"), "--target", "docker", "--tag", TAG, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def marker_bundle(tmp_path_factory) -> tuple[Path, str]:
+    """The host's CA bundle plus a freshly made certificate nobody else has."""
+    work = tmp_path_factory.mktemp("ca")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=gpubake-test-marker",
+            "-keyout",
+            str(work / "k.pem"),
+            "-out",
+            str(work / "marker.pem"),
+        ],
+        capture_output=True,
+        check=True,
+    )
+    marker_pem = (work / "marker.pem").read_text()
+    bundle = work / "bundle.pem"
+    bundle.write_text(HOST_BUNDLE.read_text() + marker_pem)
+    # a line of base64 from the middle of the marker: it occurs in no other file
+    body = [ln for ln in marker_pem.splitlines() if ln and not ln.startswith("-----")]
+    return bundle, body[len(body) // 2]
+
+
+@pytest.fixture(scope="module")
+def built(engine, marker_bundle):
+    bundle, _ = marker_bundle
+    before = {c.id for c in engine.containers.list(all=True)}
+    started = time.monotonic()
+    proc = build("--force", "--ca-bundle", str(bundle))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    image = engine.images.get(IMAGE)
+    return {
+        "proc": proc,
+        "image": image,
+        "seconds": time.monotonic() - started,
+        "containers_before": before,
+    }
+
+
+def test_build_reports_progress_and_success(built):
+    err = built["proc"].stderr
+    assert re.search(r"\[\s*\d+\] python_env : Install the pinned packages", err), err[-3000:]
+    assert f"built {IMAGE}" in err and "gpu-smoke passed in it" in err
+    assert built["proc"].stdout.strip() == IMAGE
+
+
+def test_image_labels_user_and_manifest(engine, built):
+    image = built["image"]
+    config = image.attrs["Config"]
+    labels = config["Labels"]
+    digest = labels[plan_mod.HASH_LABEL]
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    assert labels["org.opencontainers.image.title"] == "gpubake/pytorch"
+    assert labels["io.gpubake.stack"] == "pytorch"
+    assert config["User"] == "gpubake"
+    assert config["Cmd"] == ["/bin/bash"]
+    assert any(e.startswith("PATH=/opt/gpubake/env/bin:") for e in config["Env"])
+    out = engine.containers.run(IMAGE, ["cat", "/etc/gpubake/manifest.json"], remove=True)
+    manifest = json.loads(out)
+    stack = stacks.resolve()
+    assert manifest["input_hash"] == digest
+    assert manifest["stack"] == "pytorch"
+    assert manifest["frameworks"]["torch"] == dict(stack.packages)["torch"]
+    assert manifest["python"].startswith(stack.python + ".")
+    assert manifest["os"]["id"] == "debian" and manifest["os"]["version_id"] == "12"
+    assert "nvidia-cudnn-cu13" in manifest["cuda_libraries"]
+    assert manifest["torch_build"]["cuda"] == stack.cuda
+
+
+def test_container_runs_as_non_root_and_imports_torch(engine, built):
+    code = "import os, torch, torchvision; print(os.getuid(), torch.__version__.split('+')[0])"
+    out = engine.containers.run(IMAGE, ["python", "-c", code], remove=True).decode().split()
+    assert out == ["1000", dict(stacks.resolve().packages)["torch"]]
+
+
+def test_gpu_smoke_cpu_mode_skips_gpu_checks(engine, built):
+    box = engine.containers.run(IMAGE, ["gpu-smoke", "--json"], detach=True)
+    try:
+        assert box.wait(timeout=300)["StatusCode"] == 0
+        report = json.loads(box.logs(stdout=True, stderr=False))
+    finally:
+        box.remove(force=True)
+    by = {c["name"]: c["status"] for c in report["checks"]}
+    assert report["gpu_visible"] is False
+    assert by["torch.import"] == "passed"
+    assert by["torch.train_step_cpu"] == "passed"
+    for name in ("gpu.present", "torch.cuda", "torch.train_step", "perf.matmul", "perf.copy"):
+        assert by[name] == "skipped", name
+    assert not any(
+        s == "passed" for n, s in by.items() if n.startswith(("gpu.", "perf.", "driver."))
+    )
+    # the build's own smoke report is in the image too
+    saved = engine.containers.run(IMAGE, ["cat", "/etc/gpubake/smoke-report.json"], remove=True)
+    assert json.loads(saved)["ok"] is True
+
+
+def test_no_trace_of_the_ca_bundle_or_build_leftovers(engine, built, marker_bundle):
+    _, marker = marker_bundle
+    needle = marker.encode()
+    tail = b""
+    found = False
+    for chunk in engine.images.get(IMAGE).save(chunk_size=8 << 20):
+        window = tail + chunk
+        if needle in window:
+            found = True
+            break
+        tail = window[-len(needle) :]
+    assert not found, "the build-time CA certificate is in a layer of the image"
+    listing = engine.containers.run(
+        IMAGE,
+        [
+            "sh",
+            "-c",
+            "ls -A /run/gpubake-build /root/.cache 2>&1; ls -A /var/lib/apt/lists; "
+            "ls -A /tmp; ls /var/cache/apt/archives/*.deb 2>&1; exit 0",
+        ],
+        user="root",
+        remove=True,
+    ).decode()
+    assert "No such file" in listing.splitlines()[0]  # /run/gpubake-build
+    assert ".deb" not in listing.replace("*.deb", "")
+    assert "torchinductor" not in listing
+    names = [c.name for c in engine.containers.list(all=True)]
+    assert [n for n in names if n.startswith("gpubake-build-")] == []
+
+
+def test_playbook_applied_again_changes_nothing(engine, built):
+    """The container playbook on the built image (root): every role is already converged."""
+    labels = built["image"].attrs["Config"]["Labels"]
+    base = labels["org.opencontainers.image.base.name"]
+    base_id = engine.images.get(base).id
+    again = plan_mod.make_plan(stacks.resolve(), base_image=base, base_image_id=base_id, tag=TAG)
+    assert again.input_hash == labels[plan_mod.HASH_LABEL]
+    with container(engine, IMAGE) as box:
+        recap, output = apply(box, ROOT / "playbooks" / "container.yml", again.ansible_vars)
+        _rc, out = run_in(box, "find", "/var/lib/apt/lists", "-type", "f", "!", "-name", "lock")
+    assert recap["failed"] == 0
+    assert recap["changed"] == 0, output[-5000:]
+    assert out.strip() == "", "a converged image must not need apt lists"
+
+
+def test_identical_build_is_skipped_in_seconds(built):
+    started = time.monotonic()
+    proc = build()
+    seconds = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped: gpubake/pytorch:itest is already built from identical inputs" in proc.stderr
+    assert seconds < 10, seconds
+
+
+def test_failing_build_names_role_and_task_and_leaves_nothing(engine, built):
+    """A pin that does not exist fails in python_env; no image, no container is left."""
+    before = {c.id for c in engine.containers.list(all=True)}
+    images_before = {i.id for i in engine.images.list()}
+    proc = build(
+        "--var",
+        "packages.torchvision=0.0.1",
+        "--tag",
+        "itest-broken",
+        "--ca-bundle",
+        str(HOST_BUNDLE),
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "gpubake: error: build failed in role python_env, task 'Install the pinned packages "
+        "into the environment':"
+    ), last
+    assert "torchvision==0.0.1" in last
+    assert "full log: " in last
+    assert "Traceback" not in proc.stderr
+    assert {c.id for c in engine.containers.list(all=True)} == before
+    assert {i.id for i in engine.images.list()} == images_before

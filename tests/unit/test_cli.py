@@ -1,0 +1,190 @@
+"""The command line: bad input stops before anything starts, with one line and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: int = 120):
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "build.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def containers() -> set[str] | None:
+    try:
+        out = subprocess.run(
+            ["docker", "ps", "-aq", "--no-trunc"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(out.stdout.split()) if out.returncode == 0 else None
+
+
+def no_engine_env(tmp_path: Path) -> dict[str, str]:
+    return {"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+
+
+def fake_bundle(tmp_path: Path) -> str:
+    path = tmp_path / "not-pem.txt"
+    path.write_text("this is not a certificate\n")
+    return str(path)
+
+
+BAD_INPUTS = [
+    (["--gpu", "k80"], "GPU k80 (kepler, sm_37) is not supported by CUDA 13.2"),
+    (["--stack", "nope"], "unknown stack 'nope'"),
+    (["--os", "centos-7"], "unknown OS 'centos-7'"),
+    (["--gpu", "rtx9999"], "unknown GPU 'rtx9999'"),
+    (["--var", "novalue"], "is not KEY=VALUE"),
+    (["--var", "colour=blue"], "--var key 'colour' is unknown"),
+    (["--var", "driver_branch=535"], "driver branch 535 is too old for CUDA 13.2"),
+    (["--stack", "mxnet", "--os", "ubuntu-24.04"], "stack 'mxnet' needs Python"),
+    (
+        ["--stack", "mxnet", "--gpu", "m60", "--var", "open_kernel_module=true"],
+        "the open kernel module does not support m60",
+    ),
+    (["--ca-bundle", "/nonexistent/ca.pem"], "no such file"),
+    (["--ca-bundle", "{not_pem}"], "holds no PEM certificate"),
+    (["--tag", "-bad"], "is not a valid Docker tag"),
+    (["--target", "nowhere"], "Invalid value for '--target'"),
+    (["--frobnicate"], "No such option '--frobnicate'"),
+    (["--var", "packages.torch=latest"], "is not a version number"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_starts_nothing(args, needle, tmp_path):
+    args = [a.replace("{not_pem}", fake_bundle(tmp_path)) for a in args]
+    before = containers()
+    # No engine is reachable through DOCKER_HOST here: had the CLI got as far as starting
+    # anything, it would have failed on the engine instead of on the input.
+    proc = run(*args, env=no_engine_env(tmp_path))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("gpubake: error: ")
+    assert needle in lines[0]
+    assert proc.stdout == ""
+    assert containers() == before
+
+
+def test_unreachable_engine_is_one_line(tmp_path):
+    proc = run("--dry-run", env=no_engine_env(tmp_path))
+    assert proc.returncode == 1
+    expected = "gpubake: error: Docker Engine not reachable: start dockerd"
+    assert proc.stderr.strip().startswith(expected)
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_packer_is_one_line(tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    proc = run("--dry-run", env={"PATH": str(bindir)})
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "gpubake: error: packer not found on PATH: install it (Debian: apt-get install packer)"
+    )
+
+
+@pytest.mark.docker
+def test_missing_base_image_is_one_line(engine, have_packer):
+    before = containers()
+    proc = run("--base-image", "gpubake/does-not-exist:0")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        "gpubake: error: --base-image gpubake/does-not-exist:0: not found locally and cannot be "
+        "pulled: load it first (docker load / docker import) or leave --base-image out"
+    ]
+    assert containers() == before
+
+
+@pytest.mark.docker
+def test_ubuntu_without_a_loadable_base_is_one_line(engine, have_packer):
+    if any("ubuntu:24.04" in image.tags for image in engine.images.list()):
+        pytest.skip("ubuntu:24.04 is present locally")
+    proc = run("--os", "ubuntu-24.04")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    # progress ("pulling ...") may come first; the error is the one last line
+    assert "cannot pull ubuntu:24.04 and gpubake bootstraps only Debian locally" in lines[-1]
+    assert [ln for ln in lines if "error" in ln] == [lines[-1]]
+
+
+def test_help_explains():
+    proc = run("--help")
+    assert proc.returncode == 0
+    for option in (
+        "--target",
+        "--stack",
+        "--gpu",
+        "--os",
+        "--var",
+        "--ca-bundle",
+        "--force",
+        "--dry-run",
+        "--base-image",
+        "--tag",
+        "--json",
+    ):
+        assert option in proc.stdout
+
+
+def test_stacks_lists_every_stack():
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpubake", "stacks", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    data = {s["name"]: s for s in json.loads(proc.stdout)}
+    assert set(data) == {"pytorch", "pytorch-conda", "mxnet"}
+    assert data["pytorch"]["packages"]["torch"] == "2.15.0"
+    text = subprocess.run(
+        [sys.executable, "-m", "gpubake", "stacks"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
+    assert "pytorch (default)" in text
+    ubuntu = subprocess.run(
+        [sys.executable, "-m", "gpubake", "stacks", "--os", "ubuntu-24.04"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
+    assert "mxnet: not available: stack 'mxnet' needs Python" in ubuntu
+
+
+@pytest.mark.docker
+def test_dry_run_json_starts_nothing(engine, have_packer):
+    before = containers()
+    proc = run("--dry-run", "--json", "--gpu", "t4")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["image"] == "gpubake/pytorch:latest"
+    assert plan["stack"]["gpu"]["key"] == "t4"
+    assert len(plan["input_hash"]) == 64
+    assert "packer build -color=false -on-error=cleanup -var-file=" in plan["packer_command"]
+    assert containers() == before

@@ -1,0 +1,188 @@
+"""Cloud and host targets: every bad input stops before anything starts, in one line."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """No cloud settings or credentials; HOME is an empty directory."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GOOGLE_", "CLOUDSDK_"))
+    }
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env["HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def fake_cli(tmp_path: Path, name: str) -> str:
+    """A stand-in for gcloud/aws that must never be reached by these tests."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    tool = bindir / name
+    tool.write_text(f"#!/bin/sh\necho '{name} must not run in this test' >&2\nexit 99\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    return f"{bindir}:{os.environ['PATH']}"
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "build.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def one_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("gpubake: error: ")
+    assert needle in lines[0], lines[0]
+
+
+def test_gcp_needs_a_project(tmp_path):
+    one_error(
+        run(clean_env(tmp_path), "--target", "gcp-image", "--zone", "us-central1-a"),
+        "--project is required for gcp-image",
+    )
+
+
+def test_gcp_needs_a_zone(tmp_path):
+    one_error(
+        run(clean_env(tmp_path), "--target", "gcp-image", "--project", "p"),
+        "--zone is required for gcp-image",
+    )
+
+
+def test_aws_needs_a_region(tmp_path):
+    one_error(run(clean_env(tmp_path), "--target", "aws-ami"), "--region is required for aws-ami")
+
+
+def test_disk_smaller_than_the_stack_needs(tmp_path):
+    proc = run(
+        clean_env(tmp_path), "--target", "aws-ami", "--region", "us-east-1", "--disk-size", "20"
+    )
+    one_error(proc, "--disk-size 20 GB is too small for stack 'pytorch': it needs at least")
+
+
+def test_missing_cloud_cli(tmp_path):
+    # the checks before the cloud CLI need no tool on PATH: an empty PATH hides gcloud/aws
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = clean_env(tmp_path, PATH=str(empty))
+    one_error(
+        run(env, "--target", "gcp-image", "--project", "p", "--zone", "us-central1-a"),
+        "gcloud not found on PATH: install the Google Cloud CLI",
+    )
+    one_error(
+        run(env, "--target", "aws-ami", "--region", "us-east-1"),
+        "aws not found on PATH: install the AWS CLI v2",
+    )
+
+
+def test_missing_gcp_credentials(tmp_path):
+    env = clean_env(tmp_path, PATH=fake_cli(tmp_path, "gcloud"))
+    one_error(
+        run(env, "--target", "gcp-image", "--project", "p", "--zone", "us-central1-a"),
+        "no GCP credentials for Packer: run `gcloud auth application-default login`",
+    )
+
+
+def test_missing_aws_credentials(tmp_path):
+    env = clean_env(tmp_path, PATH=fake_cli(tmp_path, "aws"))
+    one_error(
+        run(env, "--target", "aws-ami", "--region", "us-east-1", "--profile", "team"),
+        "no AWS credentials for profile 'team'",
+    )
+
+
+def test_gpu_the_cloud_does_not_offer(tmp_path):
+    one_error(
+        run(clean_env(tmp_path), "--target", "gcp-image", "--gpu", "a10g"),
+        "GPU a10g is not offered on GCP",
+    )
+    one_error(
+        run(clean_env(tmp_path), "--target", "aws-ami", "--stack", "mxnet", "--gpu", "p100"),
+        "GPU p100 is not offered on AWS",
+    )
+
+
+def test_open_module_forced_on_pre_turing(tmp_path):
+    one_error(
+        run(
+            clean_env(tmp_path),
+            "--target",
+            "aws-ami",
+            "--stack",
+            "mxnet",
+            "--gpu",
+            "v100",
+            "--var",
+            "open_kernel_module=true",
+        ),
+        "the open kernel module does not support v100",
+    )
+
+
+def test_options_of_another_target(tmp_path):
+    one_error(
+        run(clean_env(tmp_path), "--target", "docker", "--project", "p"),
+        "--project applies to --target gcp-image only",
+    )
+    one_error(run(clean_env(tmp_path), "--target", "ssh"), "--target ssh needs --host")
+
+
+def test_unreachable_ssh_host(tmp_path):
+    # port 1 on loopback: nothing listens there, the connection is refused at once
+    proc = run(clean_env(tmp_path), "--target", "ssh", "--host", "root@127.0.0.1:1")
+    one_error(proc, "cannot log in to root@127.0.0.1:1 over ssh:")
+
+
+def test_missing_ssh_key(tmp_path):
+    one_error(
+        run(
+            clean_env(tmp_path),
+            "--target",
+            "ssh",
+            "--host",
+            "root@127.0.0.1:1",
+            "--ssh-key",
+            str(tmp_path / "nokey"),
+        ),
+        "--ssh-key",
+    )
+
+
+def test_cloud_dry_run_prints_the_packer_command(tmp_path, have_packer):
+    proc = run(
+        clean_env(tmp_path),
+        "--target",
+        "gcp-image",
+        "--project",
+        "p",
+        "--zone",
+        "us-central1-a",
+        "--gpu",
+        "l4",
+        "--dry-run",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "g2-standard-8" in proc.stdout
+    assert (
+        "build -color=false -on-error=cleanup -only=googlecompute.gpubake -var-file=<work dir>/gcp"
+        in (proc.stdout)
+    )

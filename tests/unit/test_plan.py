@@ -1,0 +1,137 @@
+"""BuildPlan, the input hash and render(): pure, no engine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from gpubake import hashing
+from gpubake.plan import (
+    HASH_LABEL,
+    PlanError,
+    check_ca_bundle,
+    check_tag,
+    hcl_value,
+    make_plan,
+    render,
+)
+from gpubake.stacks import resolve
+
+
+def _plan(**kwargs):
+    args = {"base_image": "gpubake/base:debian-12", "base_image_id": "sha256:abc"}
+    args.update(kwargs)
+    stack = args.pop("stack", resolve())
+    return make_plan(stack, **args)
+
+
+def test_same_inputs_same_hash():
+    assert _plan().input_hash == _plan().input_hash
+
+
+def test_hash_changes_with_stack_base_and_files(tmp_path):
+    base = _plan().input_hash
+    assert _plan(stack=resolve(variables={"packages.torch": "2.14.1"})).input_hash != base
+    assert _plan(base_image_id="sha256:def").input_hash != base
+    assert _plan(require_gpu=True).input_hash != base
+    # the tag, the CA bundle and verbosity do not change what is built
+    assert _plan(tag="other").input_hash == base
+    assert _plan(verbose=2).input_hash == base
+
+
+def test_hash_covers_role_files(tmp_path, repo_root):
+    copy = tmp_path / "repo"
+    for name in ("roles", "playbooks", "images"):
+        shutil.copytree(repo_root / name, copy / name)
+    shutil.copy(repo_root / "ansible.cfg", copy)
+    files_before = hashing.input_files(copy)
+    before = hashing.input_hash({"a": 1}, base_image_id="x", root=copy)
+    assert any(p.name == "gpu_smoke.py" for p in files_before)  # the symlinked checker counts
+    task = copy / "roles" / "base" / "tasks" / "main.yml"
+    task.write_text(task.read_text() + "\n# changed\n")
+    assert hashing.input_hash({"a": 1}, base_image_id="x", root=copy) != before
+    # READMEs do not change an image
+    readme = copy / "roles" / "base" / "README.md"
+    readme.write_text("changed")
+    assert hashing.input_hash({"a": 1}, base_image_id="x", root=copy) == hashing.input_hash(
+        {"a": 1}, base_image_id="x", root=copy
+    )
+
+
+def test_labels_and_changes():
+    plan = _plan(tag="ci")
+    assert plan.labels[HASH_LABEL] == plan.input_hash
+    assert plan.labels["org.opencontainers.image.title"] == "gpubake/pytorch"
+    assert plan.image_ref == "gpubake/pytorch:ci"
+    changes = plan.packer_vars["docker_changes"]
+    assert "USER gpubake" in changes
+    assert any(c.startswith("ENV PATH=/opt/gpubake/env/bin:") for c in changes)
+    assert f'LABEL {HASH_LABEL}="{plan.input_hash}"' in changes
+
+
+def test_ansible_vars_carry_the_stack_pins():
+    plan = _plan()
+    v = plan.ansible_vars
+    assert v["pytorch_packages"] == {"torch": "2.15.0", "torchvision": "0.29.2"}
+    assert v["python_env_kind"] == "uv"
+    assert v["manifest_build"]["input_hash"] == plan.input_hash
+    assert v["build_ca_bundle"] == ""
+    assert "build_ca_environment" not in v
+    mx = _plan(stack=resolve("mxnet")).ansible_vars
+    assert mx["mxnet_packages"]["mxnet-cu117"] == "1.9.1"
+    conda = _plan(stack=resolve("pytorch-conda")).ansible_vars
+    assert conda["python_env_kind"] == "conda"
+    assert len(conda["python_env_miniforge_sha256"]["x86_64"]) == 64
+
+
+def test_ca_bundle_is_used_at_build_time_only(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    plan = _plan(ca_bundle=check_ca_bundle(bundle))
+    env = plan.ansible_vars["build_ca_environment"]
+    assert env["SSL_CERT_FILE"] == "/run/gpubake-build/ca-bundle.crt"
+    assert plan.input_hash == _plan().input_hash
+    with pytest.raises(PlanError, match="no such file"):
+        check_ca_bundle(tmp_path / "missing.pem")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("hello")
+    with pytest.raises(PlanError, match="holds no PEM certificate"):
+        check_ca_bundle(junk)
+
+
+@pytest.mark.parametrize("tag", ["-x", ".x", "a b", "x" * 129, "ünï"])
+def test_bad_tags(tag):
+    with pytest.raises(PlanError, match="not a valid Docker tag"):
+        check_tag(tag)
+
+
+def test_hcl_value_escapes_templates():
+    assert hcl_value("a ${b} %{c}") == '"a $${b} %%{c}"'
+    assert json.loads(hcl_value(["x", "y"])) == ["x", "y"]
+
+
+def test_render_writes_a_self_contained_tree(tmp_path, have_packer):
+    plan = _plan()
+    var_file = render(plan, tmp_path, with_plugins=False)
+    for name in ("variables.pkr.hcl", "docker.pkr.hcl", "ansible.cfg", "ansible-vars.json"):
+        assert (tmp_path / name).is_file(), name
+    assert not (tmp_path / "plugins.pkr.hcl").exists()
+    smoke = tmp_path / "roles" / "gpu_smoke_test" / "files" / "gpu_smoke.py"
+    assert smoke.is_file() and not smoke.is_symlink()
+    assert (
+        json.loads((tmp_path / "ansible-vars.json").read_text())["gpubake_stack"]["name"]
+        == "pytorch"
+    )
+    out = subprocess.run(
+        [have_packer, "validate", f"-var-file={var_file}", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    with_plugins = tmp_path / "modern"
+    render(plan, with_plugins, with_plugins=True)
+    assert "required_plugins" in (with_plugins / "plugins.pkr.hcl").read_text()

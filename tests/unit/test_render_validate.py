@@ -1,0 +1,127 @@
+"""`packer validate` accepts what gpubake renders, for every target x stack x OS."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+
+import pytest
+
+from gpubake import stacks
+from gpubake.plan import TARGET_FILES, CloudOptions, make_plan, render
+
+COMBOS = list(itertools.product(TARGET_FILES, stacks.stack_names(), stacks.os_names()))
+CLOUD = CloudOptions(project="gpubake-ci", zone="us-central1-a", region="us-east-1")
+
+
+@pytest.mark.parametrize(("target", "stack", "os_key"), COMBOS, ids=["-".join(c) for c in COMBOS])
+def test_every_combination_renders_and_validates(tmp_path, have_packer, target, stack, os_key):
+    gpu = None if target == "docker" else stacks.stacks_data()["default_cloud_gpu"]
+    try:
+        resolved = stacks.resolve(stack, os_key=os_key, gpu=gpu, target=target)
+    except stacks.StackError as exc:
+        # the one impossible combination: MXNet's wheels need Python <= 3.11
+        assert (stack, os_key) == ("mxnet", "ubuntu-24.04"), exc
+        return
+    plan = make_plan(
+        resolved,
+        target=target,
+        base_image=resolved.os.base_image,
+        base_image_id="sha256:ci",
+        cloud=CLOUD,
+        require_gpu=target != "docker",
+    )
+    var_file = render(plan, tmp_path, with_plugins=False)
+    out = subprocess.run(
+        [
+            have_packer,
+            "validate",
+            *([f"-only={plan.packer_only}"] if plan.packer_only else []),
+            f"-var-file={var_file}",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cloud_plans_carry_gpu_leak_guards_and_labels():
+    gcp = make_plan(
+        stacks.resolve(gpu="t4", target="gcp-image"),
+        target="gcp-image",
+        base_image="debian-cloud/debian-12",
+        base_image_id="x",
+        cloud=CLOUD,
+        require_gpu=True,
+    )
+    pv = gcp.packer_vars
+    assert pv["gcp_accelerator_type"] == "nvidia-tesla-t4"
+    assert pv["gcp_machine_type"] == "n1-standard-8"
+    assert pv["gcp_gpu"] is True and pv["preemptible"] is True
+    assert pv["image_labels"]["gpubake-input-hash"] == gcp.input_hash[:40]
+    assert all(
+        ch.islower() or ch.isdigit() or ch in "-_" for v in pv["image_labels"].values() for ch in v
+    )
+    assert gcp.ansible_vars["gpu_smoke_test_args"] == ["--require-gpu"]
+    assert pv["disk_size_gb"] >= 50
+    # a machine type that brings its GPUs takes no accelerator
+    l4 = make_plan(
+        stacks.resolve(gpu="l4", target="gcp-image"),
+        target="gcp-image",
+        base_image="x",
+        base_image_id="x",
+        cloud=CLOUD,
+    )
+    assert l4.packer_vars["gcp_machine_type"] == "g2-standard-8"
+    assert l4.packer_vars["gcp_accelerator_type"] == ""
+    assert l4.packer_vars["gcp_gpu"] is True
+
+    aws = make_plan(
+        stacks.resolve(gpu="h100", target="aws-ami"),
+        target="aws-ami",
+        base_image="x",
+        base_image_id="x",
+        cloud=CLOUD,
+        require_gpu=True,
+    )
+    av = aws.packer_vars
+    assert av["aws_instance_type"] == "p5.48xlarge"
+    assert av["spot"] is True
+    assert av["image_labels"]["gpubake-input-hash"] == aws.input_hash
+    assert aws.ansible_vars["nvidia_driver_fabric_manager"] is True  # p5 has NVSwitch
+    assert aws.ansible_vars["nvidia_driver_open"] is True
+
+    cpu = make_plan(
+        stacks.resolve(target="aws-ami"),
+        target="aws-ami",
+        base_image="x",
+        base_image_id="x",
+        cloud=CloudOptions(region="eu-west-1", gpu_build=False),
+    )
+    assert cpu.packer_vars["aws_instance_type"] == "m6i.xlarge"
+    assert cpu.ansible_vars["gpu_smoke_test_args"] == []
+
+
+def test_packer_1_6_gets_ssh_rsa_for_its_proxy():
+    stack = stacks.resolve(gpu="t4", target="gcp-image")
+    old = make_plan(
+        stack,
+        target="gcp-image",
+        base_image="x",
+        base_image_id="x",
+        cloud=CLOUD,
+        packer_version=(1, 6, 6),
+    )
+    new = make_plan(
+        stack,
+        target="gcp-image",
+        base_image="x",
+        base_image_id="x",
+        cloud=CLOUD,
+        packer_version=(1, 11, 2),
+    )
+    assert "HostKeyAlgorithms=+ssh-rsa" in " ".join(old.packer_vars["ansible_ssh_extra_args"])
+    assert new.packer_vars["ansible_ssh_extra_args"] == []

@@ -1,0 +1,158 @@
+"""Every resolver rule of gpubake.stacks, against the real images/*.yml."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpubake import stacks
+from gpubake.stacks import StackError, parse_vars, resolve
+
+
+def test_default_stack_resolves_to_torch_on_debian():
+    s = resolve()
+    assert s.name == "pytorch"
+    assert s.os.key == "debian-12"
+    assert s.python == "3.11"  # Debian 12's python3
+    assert dict(s.packages)["torch"] == "2.15.0"
+    assert s.python_env == "uv"
+    assert s.requirements[0] == "torch==2.15.0"
+
+
+def test_every_stack_resolves_on_its_default_os():
+    for name in stacks.stack_names():
+        assert resolve(name).name == name
+
+
+def test_uv_stack_takes_the_os_python():
+    assert resolve("pytorch", os_key="ubuntu-24.04").python == "3.12"
+    assert resolve("pytorch", os_key="ubuntu-22.04").python == "3.10"
+
+
+def test_conda_stack_takes_its_own_python_and_override():
+    assert resolve("pytorch-conda").python == "3.12"
+    assert resolve("pytorch-conda", variables={"python": "3.11"}).python == "3.11"
+
+
+def test_resolved_stack_is_frozen():
+    s = resolve()
+    with pytest.raises(AttributeError):
+        s.name = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"name": "nope"}, "unknown stack 'nope': choose one of mxnet, pytorch, pytorch-conda"),
+        ({"os_key": "centos-7"}, "unknown OS 'centos-7'"),
+        ({"gpu": "rtx9999"}, "unknown GPU 'rtx9999'"),
+        ({"gpu": "k80"}, "GPU k80 (kepler, sm_37) is not supported by CUDA 13.2"),
+        ({"gpu": "v100"}, "GPU v100 (volta, sm_70) is not supported by CUDA 13.2"),
+        ({"gpu": "m60"}, "GPU m60 (maxwell, sm_52) is not supported by CUDA 13.2"),
+        ({"variables": {"driver_branch": "535"}}, "driver branch 535 is too old for CUDA 13.2"),
+        ({"variables": {"driver_branch": "999"}}, "driver branch 999 is unknown"),
+        ({"variables": {"driver_branch": "abc"}}, "is not a branch number"),
+        ({"variables": {"cuda": "9.0"}}, "CUDA 9.0 is not known"),
+        ({"variables": {"cuda": "x.y"}}, "is not a version number"),
+        ({"variables": {"python": "3.12"}}, "uses the OS's Python (3.11 on debian-12)"),
+        ({"variables": {"packages.tensorflow": "2.0"}}, "has no package 'tensorflow'"),
+        ({"variables": {"packages.torch": "latest"}}, "is not a version number"),
+        ({"name": "mxnet", "os_key": "ubuntu-24.04"}, "stack 'mxnet' needs Python 3.8"),
+        ({"name": "mxnet", "gpu": "k80"}, "supported only up to driver branch 470"),
+        ({"gpu": "m60", "variables": {"open_kernel_module": "true"}}, "open kernel module"),
+        ({"gpu": "t4", "variables": {"open_kernel_module": "maybe"}}, "is not true or false"),
+        ({"gpu": "a10g", "target": "gcp-image"}, "GPU a10g is not offered on GCP"),
+        ({"name": "mxnet", "gpu": "p100", "target": "aws-ami"}, "GPU p100 is not offered on AWS"),
+    ],
+)
+def test_bad_combinations_are_rejected_with_one_line(kwargs, needle):
+    with pytest.raises(StackError) as exc:
+        resolve(**kwargs)
+    message = str(exc.value)
+    assert needle in message
+    assert "\n" not in message
+    assert ":" in message  # "what is wrong: how to fix it"
+
+
+def test_fix_suggested_for_old_driver_names_a_working_branch():
+    with pytest.raises(StackError) as exc:
+        resolve(variables={"driver_branch": "535"})
+    assert "--var driver_branch=580" in str(exc.value)
+    # and that suggestion does resolve
+    assert resolve(variables={"driver_branch": "580"}).driver_branch == "580"
+
+
+def test_mxnet_fix_names_oses_that_work():
+    with pytest.raises(StackError) as exc:
+        resolve("mxnet", os_key="ubuntu-24.04")
+    message = str(exc.value)
+    for os_key in ("debian-12", "ubuntu-22.04"):
+        assert os_key in message
+        assert resolve("mxnet", os_key=os_key).python in ("3.11", "3.10")
+
+
+def test_kepler_on_legacy_stack_works_with_its_driver_branch():
+    # the fix the error suggests is itself a working combination: CUDA 11.7 runs on
+    # branch 470 through minor-version compatibility (470 >= 450.80.02)
+    s = resolve("mxnet", gpu="k80", variables={"driver_branch": "470"})
+    assert s.driver_branch == "470"
+    assert s.open_kernel_module is False
+
+
+def test_minor_version_compatibility_within_a_major():
+    # 12.8 on 535 (native 12.2) runs; 13.x on 535 does not
+    assert resolve("mxnet", variables={"cuda": "12.8", "driver_branch": "535"}).cuda == "12.8"
+    with pytest.raises(StackError, match=r"CUDA 13.x needs driver 580.0 or newer"):
+        resolve(variables={"driver_branch": "535"})
+
+
+def test_open_module_follows_architecture():
+    assert resolve(gpu="t4").open_kernel_module is True
+    assert resolve(gpu="h100").open_kernel_module is True
+    assert resolve("mxnet", gpu="v100").open_kernel_module is False
+    assert resolve(gpu="t4", variables={"open_kernel_module": "false"}).open_kernel_module is False
+
+
+def test_gpus_on_their_clouds():
+    assert resolve(gpu="t4", target="gcp-image").gpu.gcp_accelerators == ("nvidia-tesla-t4",)
+    assert resolve(gpu="a10g", target="aws-ami").gpu.aws_instance_families == ("g5",)
+
+
+def test_parse_vars():
+    assert parse_vars(["python=3.11", "packages.torch=2.14.1"]) == {
+        "python": "3.11",
+        "packages.torch": "2.14.1",
+    }
+    for bad in ("novalue", "=x", "python=", "colour=blue"):
+        with pytest.raises(StackError):
+            parse_vars([bad])
+
+
+def test_package_override_changes_the_pin():
+    s = resolve(variables={"packages.torch": "2.14.1"})
+    assert dict(s.packages)["torch"] == "2.14.1"
+    assert ("packages.torch", "2.14.1") in s.overrides
+
+
+def test_gpu_data_is_complete():
+    gpus = stacks.gpus_data()["gpus"]
+    for key in ("k80", "m60", "p100", "v100", "t4", "a10g", "l4", "a100", "h100", "h200"):
+        assert key in gpus, key
+        g = gpus[key]
+        assert g["architecture"] in stacks.gpus_data()["architectures"]
+        assert g["expected"]["matmul_tflops"] > 0
+        assert g["expected"]["copy_gbps"] > 0
+        assert g["memory_gib"] > 0
+        # an expected figure is what a card reaches, never more than its datasheet peak
+        peak = g["peak"]
+        peak_flops = peak.get("bf16_tflops") or peak.get("fp16_tflops") or peak["fp32_tflops"]
+        assert g["expected"]["matmul_tflops"] < peak_flops
+        assert g["expected"]["copy_gbps"] < peak["bandwidth_gbps"]
+
+
+def test_to_dict_is_json_ready():
+    import json
+
+    data = resolve(gpu="t4").to_dict()
+    assert json.loads(json.dumps(data))["gpu"]["key"] == "t4"
+    assert data["packages"]["torch"] == "2.15.0"
+    assert data["cuda"] == "13.2"
