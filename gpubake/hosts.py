@@ -1,0 +1,173 @@
+"""Targets `ssh` and `local`: the VM playbook applied straight to a running machine with
+ansible-playbook (no Packer), then gpu-smoke there."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from gpubake import ROOT, GpubakeError, stacks
+from gpubake.packer import Progress
+from gpubake.plan import BuildPlan, ansible_playbook_command
+
+SSH_OPTIONS = [
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "ConnectTimeout=15",
+    "-o",
+    "StrictHostKeyChecking=accept-new",
+]
+
+
+class HostError(GpubakeError):
+    """The host cannot be reached, refused us, or the playbook failed there."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SshLogin:
+    """How to reach a host: USER@HOST[:PORT], an optional key, an optional known_hosts file
+    (host keys are accepted on first use and checked after that)."""
+
+    host: str
+    key: Path | None = None
+    known_hosts: Path | None = None
+
+    def options(self) -> list[str]:
+        opts = list(SSH_OPTIONS)
+        if self.known_hosts is not None:
+            opts += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        return opts
+
+
+def split_host(host: str) -> tuple[str | None, str, int | None]:
+    """USER@HOST[:PORT] -> (user, host, port)."""
+    user, _, rest = host.rpartition("@")
+    name, sep, port = rest.partition(":")
+    if not name or (sep and not port.isdigit()):
+        raise HostError(f"--host '{host}' is not USER@HOST or USER@HOST:PORT")
+    return user or None, name, int(port) if sep else None
+
+
+def ssh_command(login: SshLogin) -> list[str]:
+    user, name, port = split_host(login.host)
+    cmd = ["ssh", *login.options()]
+    if port:
+        cmd += ["-p", str(port)]
+    if login.key:
+        cmd += ["-i", str(login.key), "-o", "IdentitiesOnly=yes"]
+    return [*cmd, f"{user}@{name}" if user else name]
+
+
+def check_ssh(login: SshLogin) -> None:
+    """Reach the host and authenticate before anything is applied; one line if not."""
+    host = login.host
+    if login.key is not None and not login.key.is_file():
+        raise HostError(f"--ssh-key {login.key}: no such file")
+    if login.known_hosts is not None and not login.known_hosts.parent.is_dir():
+        raise HostError(f"--known-hosts {login.known_hosts}: its folder does not exist")
+    try:
+        out = subprocess.run(
+            [*ssh_command(login), "true"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise HostError(f"ssh {host} did not answer in 60 s") from None
+    if out.returncode != 0:
+        last = out.stderr.strip().splitlines()[-1:] or [f"ssh exited with {out.returncode}"]
+        hint = ""
+        if "Host key verification failed" in last[0]:
+            _, name, port = split_host(host)
+            entry = f"[{name}]:{port}" if port else name
+            hint = (
+                f" (the host key differs from the one on record: if the machine was "
+                f"replaced, run `ssh-keygen -R '{entry}'` or pass --known-hosts FILE)"
+            )
+        raise HostError(f"cannot log in to {host} over ssh: {last[0]}{hint}")
+
+
+def inventory(target: str, login: SshLogin | None) -> list[str]:
+    if target == "local" or login is None:
+        return ["-i", "localhost,", "-c", "local"]
+    user, name, port = split_host(login.host)
+    args = ["-i", f"{name},", "--ssh-common-args", " ".join(login.options())]
+    if user:
+        args += ["-u", user]
+    if port:
+        args += ["-e", f"ansible_port={port}"]
+    if login.key:
+        args += ["--private-key", str(login.key)]
+    return args
+
+
+def apply(
+    plan: BuildPlan,
+    *,
+    login: SshLogin | None,
+    on_line: Callable[[str, str | None], None],
+    check: bool = False,
+) -> Progress:
+    """Run playbooks/vm.yml, then playbooks/smoke.yml, on the host."""
+    progress = Progress()
+    env = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
+        ANSIBLE_FORCE_COLOR="0",
+        PYTHONUNBUFFERED="1",
+    )
+    with tempfile.TemporaryDirectory(prefix="gpubake-host-") as tmp:
+        vars_file = Path(tmp) / "ansible-vars.json"
+        vars_file.write_text(json.dumps(dict(plan.ansible_vars)), encoding="utf-8")
+        # check mode installs nothing, so gpu-smoke then runs from gpubake itself (run_smoke)
+        playbooks = ["vm.yml"] if check else ["vm.yml", "smoke.yml"]
+        for book in playbooks:
+            cmd = [
+                ansible_playbook_command(),
+                *inventory(plan.target, login),
+                "--become",
+                "-e",
+                f"@{vars_file}",
+                *(["--check", "--diff"] if check else []),
+                str(ROOT / "playbooks" / book),
+            ]
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                on_line(line.rstrip("\n"), progress.feed(line))
+            if proc.wait() != 0:
+                raise HostError(progress.summary().replace("build failed", f"{book} failed", 1))
+    return progress
+
+
+def run_smoke(login: SshLogin | None, args: list[str]) -> int:
+    """Run gpubake's own gpu_smoke.py on this machine (login None) or over ssh, with the
+    GPU data."""
+    source = ROOT / "gpubake" / "gpu_smoke.py"
+    gpus = json.dumps(stacks.gpus_data())
+    if login is None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+            fh.write(gpus)
+        try:
+            cmd = [sys.executable, str(source), "--gpus-file", fh.name, *args]
+            return subprocess.run(cmd, check=False).returncode
+        finally:
+            Path(fh.name).unlink()
+    quoted = " ".join(shlex.quote(arg) for arg in args)
+    remote = (
+        f'f=$(mktemp) && printf %s {shlex.quote(gpus)} >"$f" && '
+        f'python3 - --gpus-file "$f" {quoted}; rc=$?; rm -f "$f"; exit $rc'
+    )
+    with source.open("rb") as stdin:
+        return subprocess.run([*ssh_command(login), remote], stdin=stdin, check=False).returncode
