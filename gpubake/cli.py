@@ -48,8 +48,9 @@ def _stack_options(func):  # type: ignore[no-untyped-def]
         "variables",
         multiple=True,
         metavar="KEY=VALUE",
-        help="Override a stack value: python, cuda, driver_branch, "
-        "open_kernel_module or packages.<name>. Repeatable.",
+        help="Override a stack value: python, cuda, driver_branch, open_kernel_module, "
+        "driver_source / cuda_source (nvidia: NVIDIA's CUDA repository, the default; distro: "
+        "the OS's own packages) or packages.<name>. Repeatable.",
     )(func)
     func = click.option(
         "--gpu",
@@ -390,7 +391,11 @@ def _apply_host(args: BuildArgs, login: Any, check: bool) -> None:
         elif message:
             click.echo(f"  {_elapsed(started):>7}  {message}", err=True)
 
-    hosts.apply(plan, login=login, on_line=on_line, check=check)
+    def on_done(book: str, progress: Any) -> None:
+        verb = "would change" if check else "changed"
+        _echo(f"{book} on {where}: {progress.changed_summary().replace('changed', verb, 1)}")
+
+    hosts.apply(plan, login=login, on_line=on_line, check=check, on_done=on_done)
     if check:
         _echo("check mode changed nothing; running gpu-smoke from gpubake itself")
         code = hosts.run_smoke(login, ["--require-gpu"])
@@ -421,6 +426,9 @@ def _dry_run_base(
     return osinfo.base_image, "not-yet-available"
 
 
+_SOURCE_NAMES = {"nvidia": "NVIDIA's CUDA repository", "distro": "the OS's packages"}
+
+
 def _print_plan(plan: BuildPlan, packer: Any, as_json: bool) -> None:
     data = plan.to_dict()
     if packer is not None:
@@ -446,6 +454,17 @@ def _print_plan(plan: BuildPlan, packer: Any, as_json: bool) -> None:
         ("environment", f"{s.python_env} at /opt/gpubake/env"),
         ("packages", ", ".join(f"{k}=={v}" for k, v in s.packages)),
         ("cuda", f"{s.cuda} (driver branch {s.driver_branch}+ on the host)"),
+    ]
+    if plan.target != "docker":
+        rows.append(
+            (
+                "driver",
+                f"branch {s.driver_branch}, {'open' if s.open_kernel_module else 'proprietary'} "
+                f"module, from {_SOURCE_NAMES[s.driver_source]}; CUDA toolkit "
+                f"{s.cuda_toolkit} from {_SOURCE_NAMES[s.cuda_source]}",
+            )
+        )
+    rows += [
         ("gpu", s.gpu.key if s.gpu else "any"),
         ("base image", f"{plan.base_image} ({plan.base_image_id[:19]})"),
         ("input hash", plan.input_hash),
@@ -471,7 +490,10 @@ def _print_plan(plan: BuildPlan, packer: Any, as_json: bool) -> None:
                 f"off after {pv['max_run_minutes']} min",
             )
         )
-    rows.append(("packer", f"{data['packer_version']}: {data['packer_command']}"))
+    if packer is not None:
+        rows.append(("packer", f"{data['packer_version']}: {data['packer_command']}"))
+    else:
+        rows.append(("applies", "ansible-playbook playbooks/vm.yml, then playbooks/smoke.yml"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")

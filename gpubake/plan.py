@@ -224,14 +224,17 @@ def _vm_ansible_vars(stack: Stack, target: str) -> dict[str, Any]:
     return {
         "nvidia_driver_branch": stack.driver_branch,
         "nvidia_driver_open": stack.open_kernel_module,
-        "nvidia_driver_source": "nvidia",
+        "nvidia_driver_source": stack.driver_source,
         "nvidia_repo_distro": stack.os.nvidia_repo,
         "nvidia_driver_gpu_architecture": gpu.architecture if gpu else "",
         "nvidia_driver_fabric_manager": fabric,
-        "cuda_version": stack.cuda,
-        "cuda_source": "nvidia",
+        "cuda_version": stack.cuda_toolkit or stack.cuda,
+        "cuda_source": stack.cuda_source,
         "logging_agent_kind": stacks.TARGET_CLOUDS.get(target) or "none",
         "image_cleanup_vm": target in ("gcp-image", "aws-ami"),
+        # Packer reboots image builds itself (vm.pkr.hcl); a host (ssh, local) is rebooted by
+        # the role's handler when the driver changed
+        "nvidia_driver_reboot": target not in ("gcp-image", "aws-ami"),
         # validate.sh fails the bake unless DKMS built the driver for the image's kernel
         "image_cleanup_expect_dkms": ["nvidia"] if target in ("gcp-image", "aws-ami") else [],
     }
@@ -284,6 +287,12 @@ def make_plan(
         "driver_branch": stack.driver_branch,
         "base_image": base_image,
     }
+    if vm:
+        ansible_vars["manifest_build"].update(
+            driver_source=stack.driver_source,
+            cuda_source=stack.cuda_source,
+            cuda_toolkit=stack.cuda_toolkit,
+        )
     ansible_vars["build_ca_bundle"] = str(ca_bundle) if ca_bundle else ""
     if ca_bundle:
         bundle = f"{BUILD_CA_DIR}/ca-bundle.crt"

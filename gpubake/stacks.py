@@ -118,6 +118,9 @@ class Stack:
     legacy: bool = False
     miniforge: Mapping[str, Any] | None = None
     overrides: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    driver_source: str = "nvidia"
+    cuda_source: str = "nvidia"
+    cuda_toolkit: str = ""  # the toolkit the cuda role installs (the OS's with cuda_source=distro)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -187,7 +190,40 @@ def get_os(key: str) -> OsInfo:
 
 
 #: --var keys and what they accept.
-VAR_KEYS = ("python", "cuda", "driver_branch", "open_kernel_module", "packages.<name>")
+VAR_KEYS = (
+    "python",
+    "cuda",
+    "driver_branch",
+    "open_kernel_module",
+    "driver_source",
+    "cuda_source",
+    "packages.<name>",
+)
+#: Where the driver and the CUDA toolkit come from: NVIDIA's CUDA repository or the OS's own
+#: packages (Debian non-free, Ubuntu's -server branches and multiverse).
+SOURCES = ("nvidia", "distro")
+
+
+@dataclass(frozen=True)
+class DistroPackages:
+    """What an OS's own packages give; read from the roles' per-OS variables, which the roles
+    install from, so the fact lives in one place."""
+
+    driver_branches: tuple[str, ...]  # empty: any branch the archive has (Ubuntu)
+    cuda: str
+    open_module: bool  # its open kernel module flavour can be installed
+
+
+def distro_packages(osinfo: OsInfo) -> DistroPackages:
+    distribution, _, version = osinfo.key.partition("-")
+    name = f"{distribution.capitalize()}-{version}.yml"
+    driver = _load(ROOT / "roles" / "nvidia_driver" / "vars" / name)
+    cuda = _load(ROOT / "roles" / "cuda" / "vars" / name)
+    return DistroPackages(
+        tuple(str(b) for b in driver["__nvidia_driver_distro_branches"]),
+        str(cuda["__cuda_distro_version"]),
+        bool(driver["__nvidia_driver_distro_open"]),
+    )
 
 
 def parse_vars(items: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -245,6 +281,13 @@ def resolve(
     branch = variables.get("driver_branch", str(raw["driver_branch"]))
     if not branch.isdigit():
         raise StackError(f"--var driver_branch '{branch}' is not a branch number: write e.g. 580")
+    driver_source, cuda_source = (
+        variables.get(key, "nvidia") for key in ("driver_source", "cuda_source")
+    )
+    for key, value in (("driver_source", driver_source), ("cuda_source", cuda_source)):
+        if value not in SOURCES:
+            raise StackError(f"--var {key}={value}: choose {' or '.join(SOURCES)}")
+    toolkit = _check_sources(name, osinfo, cuda, branch, driver_source, cuda_source)
 
     # Python: uv environments use the OS's python3; conda brings its own.
     if raw["python_env"] == "uv":
@@ -270,6 +313,17 @@ def resolve(
     _check_cuda_driver(name, cuda, branch)
 
     open_module = _open_module(gpu_info, variables.get("open_kernel_module"))
+    if driver_source == "distro" and open_module and not distro_packages(osinfo).open_module:
+        required = gpu_info is not None and gpu_info.open_kernel_module == "required"
+        if required or "open_kernel_module" in variables:
+            fix = "use --var driver_source=nvidia"
+            if not required:
+                fix += " or --var open_kernel_module=false"
+            raise StackError(
+                f"{osinfo.key}'s own open kernel module packages cannot be installed (their "
+                f"versions disagree): {fix}"
+            )
+        open_module = False  # Turing to Hopper work with the proprietary module too
     if gpu_info is not None:
         _check_gpu(name, gpu_info, cuda, branch, target)
 
@@ -298,7 +352,38 @@ def resolve(
         legacy=bool(raw.get("legacy", False)),
         miniforge=raw.get("miniforge"),
         overrides=tuple(sorted(variables.items())),
+        driver_source=driver_source,
+        cuda_source=cuda_source,
+        cuda_toolkit=toolkit,
     )
+
+
+def _check_sources(
+    name: str, osinfo: OsInfo, cuda: str, branch: str, driver_source: str, cuda_source: str
+) -> str:
+    """Check what the OS's packages give against the stack; return the CUDA toolkit version
+    the cuda role installs (the stack's own from NVIDIA, the OS's from distro)."""
+    if driver_source == "nvidia" and cuda_source == "nvidia":
+        return cuda
+    distro = distro_packages(osinfo)
+    if (
+        driver_source == "distro"
+        and distro.driver_branches
+        and branch not in distro.driver_branches
+    ):
+        raise StackError(
+            f"{osinfo.key}'s own packages give driver branch "
+            f"{' or '.join(distro.driver_branches)}, not {branch} (stack '{name}'): use "
+            f"--var driver_branch={distro.driver_branches[-1]} or --var driver_source=nvidia"
+        )
+    if cuda_source == "nvidia":
+        return cuda
+    if _major_minor(distro.cuda)[0] != _major_minor(cuda)[0]:
+        raise StackError(
+            f"{osinfo.key}'s own packages give CUDA toolkit {distro.cuda}, but stack '{name}' "
+            f"is built for CUDA {cuda}: use --var cuda_source=nvidia"
+        )
+    return distro.cuda
 
 
 def _check_cuda_driver(name: str, cuda: str, branch: str) -> None:

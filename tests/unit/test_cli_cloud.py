@@ -167,6 +167,58 @@ def test_missing_ssh_key(tmp_path):
     )
 
 
+def test_known_hosts_goes_with_ssh_only(tmp_path):
+    one_error(
+        run(clean_env(tmp_path), "--target", "local", "--known-hosts", str(tmp_path / "kh")),
+        "--known-hosts applies to --target ssh only",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpubake", "smoke", "--known-hosts", str(tmp_path / "kh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    one_error(proc, "--ssh-key and --known-hosts go with --host")
+
+
+def test_known_hosts_in_a_missing_folder(tmp_path):
+    proc = run(
+        clean_env(tmp_path),
+        "--target",
+        "ssh",
+        "--host",
+        "root@127.0.0.1:1",
+        "--known-hosts",
+        str(tmp_path / "no" / "kh"),
+    )
+    one_error(proc, "its folder does not exist")
+
+
+def test_host_dry_run_names_where_driver_and_toolkit_come_from(tmp_path):
+    proc = run(
+        clean_env(tmp_path),
+        "--target",
+        "ssh",
+        "--host",
+        "root@10.0.0.5",
+        "--stack",
+        "mxnet",
+        "--var",
+        "driver_source=distro",
+        "--var",
+        "cuda_source=distro",
+        "--dry-run",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "driver       branch 535, proprietary module, from the OS's packages; CUDA toolkit "
+        "11.8 from the OS's packages" in proc.stdout
+    )
+    assert "applies      ansible-playbook playbooks/vm.yml, then playbooks/smoke.yml" in proc.stdout
+
+
 def test_cloud_dry_run_prints_the_packer_command(tmp_path, have_packer):
     proc = run(
         clean_env(tmp_path),

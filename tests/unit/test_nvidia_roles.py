@@ -465,16 +465,23 @@ DEBIAN_CASES = {
         "nvidia_driver_branch": "470",
     },
     "distro-580": {"nvidia_driver_source": "distro", "nvidia_driver_branch": "580"},
-    "distro-535": {"nvidia_driver_source": "distro", "nvidia_driver_branch": "535"},
+    "distro-535": {
+        "nvidia_driver_source": "distro",
+        "nvidia_driver_branch": "535",
+        "nvidia_driver_open": False,
+    },
+    "distro-535-open": {"nvidia_driver_source": "distro", "nvidia_driver_branch": "535"},
     "distro-fabric-manager": {
         "nvidia_driver_source": "distro",
         "nvidia_driver_branch": "535",
+        "nvidia_driver_open": False,
         "nvidia_driver_fabric_manager": True,
     },
     "nvidia-fabric-manager": {"nvidia_driver_fabric_manager": True},
     "precompiled-on-debian": {
         "nvidia_driver_source": "distro",
         "nvidia_driver_branch": "535",
+        "nvidia_driver_open": False,
         "nvidia_driver_precompiled": True,
     },
 }
@@ -565,6 +572,12 @@ def test_debian_ships_535_only(refusals):
     assert refusals["distro-535"] == "passed"
     message = refusals["distro-580"]
     assert "535 only" in message and "nvidia_driver_source: nvidia" in message
+
+
+def test_debians_open_module_packages_are_refused_before_apt(refusals):
+    message = refusals["distro-535-open"]
+    assert "open kernel module packages of branch 535 cannot be installed" in message
+    assert "nvidia_driver_open: false" in message
 
 
 def test_fabric_manager_needs_a_source_that_has_it(refusals):

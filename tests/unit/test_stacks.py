@@ -62,6 +62,25 @@ def test_resolved_stack_is_frozen():
         ({"gpu": "t4", "variables": {"open_kernel_module": "maybe"}}, "is not true or false"),
         ({"gpu": "a10g", "target": "gcp-image"}, "GPU a10g is not offered on GCP"),
         ({"name": "mxnet", "gpu": "p100", "target": "aws-ami"}, "GPU p100 is not offered on AWS"),
+        ({"variables": {"driver_source": "runfile"}}, "--var driver_source=runfile: choose nvidia"),
+        (
+            {"variables": {"driver_source": "distro"}},
+            "debian-12's own packages give driver branch 535, not 580 (stack 'pytorch')",
+        ),
+        (
+            {"variables": {"cuda_source": "distro"}},
+            "debian-12's own packages give CUDA toolkit 11.8, but stack 'pytorch' is built for "
+            "CUDA 13.2: use --var cuda_source=nvidia",
+        ),
+        (
+            {"name": "mxnet", "variables": {"driver_source": "distro", "open_kernel_module": "1"}},
+            "debian-12's own open kernel module packages cannot be installed (their versions "
+            "disagree): use --var driver_source=nvidia or --var open_kernel_module=false",
+        ),
+        (
+            {"os_key": "ubuntu-22.04", "variables": {"cuda_source": "distro"}},
+            "ubuntu-22.04's own packages give CUDA toolkit 11.5",
+        ),
     ],
 )
 def test_bad_combinations_are_rejected_with_one_line(kwargs, needle):
@@ -156,3 +175,31 @@ def test_to_dict_is_json_ready():
     assert json.loads(json.dumps(data))["gpu"]["key"] == "t4"
     assert data["packages"]["torch"] == "2.15.0"
     assert data["cuda"] == "13.2"
+
+
+def test_sources_default_to_nvidias_repository():
+    s = resolve()
+    assert (s.driver_source, s.cuda_source, s.cuda_toolkit) == ("nvidia", "nvidia", "13.2")
+
+
+def test_distro_sources_take_the_oss_toolkit_from_the_roles_own_data():
+    s = resolve("mxnet", variables={"driver_source": "distro", "cuda_source": "distro"})
+    assert (s.driver_source, s.cuda_source) == ("distro", "distro")
+    assert s.cuda == "11.7"  # what the framework was built for: labels, driver checks
+    assert s.cuda_toolkit == "11.8"  # what Debian 12 ships, and the cuda role installs
+    # the same fact the cuda role installs from
+    assert stacks.distro_packages(s.os).cuda == "11.8"
+    assert stacks.distro_packages(stacks.get_os("ubuntu-24.04")).cuda == "12.0"
+    # Ubuntu publishes several -server branches: any branch goes
+    ubuntu = resolve(os_key="ubuntu-24.04", variables={"driver_source": "distro"})
+    assert ubuntu.driver_branch == "580"
+
+
+def test_distro_driver_falls_back_to_the_proprietary_module_where_open_cannot_install():
+    distro = {"driver_source": "distro"}
+    assert resolve("mxnet", variables=distro).open_kernel_module is False
+    assert resolve("mxnet", gpu="t4", variables=distro).open_kernel_module is False
+    assert resolve("mxnet", gpu="t4").open_kernel_module is True  # NVIDIA's repository
+    # Ubuntu's open -server packages install
+    ubuntu = resolve(os_key="ubuntu-24.04", gpu="h100", variables=distro)
+    assert ubuntu.open_kernel_module is True
