@@ -116,9 +116,10 @@ def apply(
     login: SshLogin | None,
     on_line: Callable[[str, str | None], None],
     check: bool = False,
-) -> Progress:
-    """Run playbooks/vm.yml, then playbooks/smoke.yml, on the host."""
-    progress = Progress()
+    on_done: Callable[[str, Progress], None] | None = None,
+) -> None:
+    """Run playbooks/vm.yml, then playbooks/smoke.yml, on the host; `on_done(book, progress)`
+    after each playbook that succeeded."""
     env = dict(
         os.environ,
         ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
@@ -131,6 +132,7 @@ def apply(
         # check mode installs nothing, so gpu-smoke then runs from gpubake itself (run_smoke)
         playbooks = ["vm.yml"] if check else ["vm.yml", "smoke.yml"]
         for book in playbooks:
+            progress = Progress()
             cmd = [
                 ansible_playbook_command(),
                 *inventory(plan.target, login),
@@ -148,7 +150,8 @@ def apply(
                 on_line(line.rstrip("\n"), progress.feed(line))
             if proc.wait() != 0:
                 raise HostError(progress.summary().replace("build failed", f"{book} failed", 1))
-    return progress
+            if on_done is not None:
+                on_done(book, progress)
 
 
 def run_smoke(login: SshLogin | None, args: list[str]) -> int:

@@ -22,12 +22,16 @@ from gpubake import GpubakeError
 
 PLUGINS_SINCE = (1, 7, 0)
 _VERSION_RE = re.compile(r"Packer v?(\d+)\.(\d+)\.(\d+)")
-_TASK_RE = re.compile(r"TASK \[(?:(?P<role>[\w.-]+) : )?(?P<task>[^\]]*)\]")
+_TASK_RE = re.compile(r"(?:TASK|RUNNING HANDLER) \[(?:(?P<role>[\w.-]+) : )?(?P<task>[^\]]*)\]")
 _PLAY_RE = re.compile(r"PLAY \[(?P<play>[^\]]*)\]")
 _FATAL_RE = re.compile(r"(fatal|failed): \[[^\]]*\]: FAILED! => (?P<rest>.*)")
 _MSG_RE = re.compile(r"\"msg\": \"(?P<msg>(?:[^\"\\]|\\.)*)\"")
 _ERROR_RE = re.compile(r"^(?:==> [^:]+: )?Build '[^']*' errored(?: after [^:]*)?: (?P<msg>.*)")
 _ANSIBLE_ERROR_RE = re.compile(r"^\[ERROR\]: (?P<msg>.+)")
+_CHANGED_RE = re.compile(r"^changed: \[[^\]]*\]")
+_RECAP_RE = re.compile(
+    r"^\S+\s+: ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+.*failed=(?P<failed>\d+)"
+)
 _PREFIX_RE = re.compile(r"^\s*(?:==> )?[\w.-]+\.[\w.-]+: ")
 
 
@@ -76,6 +80,18 @@ class Progress:
     failed_task: str | None = None
     error: str | None = None
     lines: list[str] = field(default_factory=list)
+    changed_tasks: list[str] = field(default_factory=list)  # "role : task", in order, once each
+    recap: dict[str, int] = field(default_factory=dict)  # the PLAY RECAP counts, summed
+
+    def changed_summary(self) -> str:
+        """'12 tasks ok, 0 changed' from the recap (None seen: from the lines)."""
+        ok, changed = self.recap.get("ok", 0), self.recap.get("changed", 0)
+        text = f"{ok} tasks ok, {changed} changed"
+        if self.changed_tasks:
+            shown = "; ".join(self.changed_tasks[:8])
+            more = f" and {len(self.changed_tasks) - 8} more" if len(self.changed_tasks) > 8 else ""
+            text += f" ({shown}{more})"
+        return text
 
     def feed(self, raw: str) -> str | None:
         """Record one line; return a short progress message when a new step starts."""
@@ -93,6 +109,15 @@ class Progress:
             self.tasks_seen += 1
             where = f"{self.role} : " if self.role else ""
             return f"[{self.tasks_seen:3d}] {where}{self.task}"
+        if _CHANGED_RE.match(line) and self.task is not None:
+            where = f"{self.role} : {self.task}" if self.role else self.task
+            if where not in self.changed_tasks:
+                self.changed_tasks.append(where)
+            return None
+        if m := _RECAP_RE.match(line):
+            for key in ("ok", "changed", "failed"):
+                self.recap[key] = self.recap.get(key, 0) + int(m[key])
+            return None
         if m := _FATAL_RE.search(line):
             self._fail(_failure_text(m["rest"]))
             return None

@@ -143,3 +143,40 @@ def test_richer_failure_line_after_an_ansible_2_19_error_wins():
         'fatal: [default]: FAILED! => {"msg": "non-zero return code", "stderr": "x==0.1"}'
     )
     assert progress.summary().endswith("non-zero return code: x==0.1")
+
+
+RECAP_OUTPUT = """\
+PLAY [Provision a gpubake VM image or host] ******
+TASK [base : Install the base tools] ******
+changed: [10.0.0.5]
+TASK [jupyter : Install JupyterLab] ******
+ok: [10.0.0.5]
+TASK [nvidia_driver : Install the driver packages of branch 535] ******
+changed: [10.0.0.5] => (item=nvidia-kernel-dkms)
+changed: [10.0.0.5] => (item=nvidia-smi)
+RUNNING HANDLER [nvidia_driver : Rebuild the initramfs] ******
+changed: [10.0.0.5]
+PLAY RECAP ******
+10.0.0.5    : ok=41   changed=3    unreachable=0    failed=0    skipped=12   rescued=0
+"""
+
+
+def test_progress_counts_changed_tasks_from_the_recap():
+    progress = Progress()
+    for line in RECAP_OUTPUT.splitlines():
+        progress.feed(line)
+    assert progress.recap == {"ok": 41, "changed": 3, "failed": 0}
+    assert progress.changed_tasks == [
+        "base : Install the base tools",
+        "nvidia_driver : Install the driver packages of branch 535",
+        "nvidia_driver : Rebuild the initramfs",
+    ]
+    assert progress.changed_summary().startswith("41 tasks ok, 3 changed (base : Install")
+
+
+def test_progress_with_nothing_changed():
+    progress = Progress()
+    progress.feed("TASK [base : Install the base tools] ***")
+    progress.feed("ok: [h]")
+    progress.feed("h : ok=7    changed=0    unreachable=0    failed=0    skipped=1")
+    assert progress.changed_summary() == "7 tasks ok, 0 changed"
