@@ -53,8 +53,18 @@ build {
     ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
   }
 
+  # The new driver loads at boot. Packer reboots the VM itself: Ansible's reboot
+  # module cannot reconnect through Packer's SSH proxy, so the playbook runs with
+  # nvidia_driver_reboot=false and gpu-smoke runs after this, on the loaded driver.
+  provisioner "shell" {
+    inline            = ["sudo systemctl reboot"]
+    expect_disconnect = true
+    skip_clean        = true
+  }
+
   # Last: the image exists only if gpu-smoke passes on the attached GPU.
   provisioner "ansible" {
+    pause_before     = "30s"
     command          = var.ansible_playbook_command
     playbook_file    = "${path.root}/playbooks/smoke.yml"
     user             = var.ssh_username

@@ -125,3 +125,25 @@ def test_packer_1_6_gets_ssh_rsa_for_its_proxy():
     )
     assert "HostKeyAlgorithms=+ssh-rsa" in " ".join(old.packer_vars["ansible_ssh_extra_args"])
     assert new.packer_vars["ansible_ssh_extra_args"] == []
+
+
+def test_image_builds_reboot_through_packer_not_ansible(repo_root):
+    """Ansible's reboot module cannot reconnect through Packer's SSH proxy: image builds turn
+    the role's reboot off and Packer reboots between the VM playbook and gpu-smoke."""
+    for target in ("gcp-image", "aws-ami", "ssh"):
+        plan = make_plan(
+            stacks.resolve(target=target),
+            target=target,
+            base_image="x",
+            base_image_id="x",
+            cloud=CLOUD,
+        )
+        assert plan.ansible_vars["nvidia_driver_reboot"] is (target == "ssh")
+    hcl = (repo_root / "images" / "vm.pkr.hcl").read_text(encoding="utf-8")
+    vm, smoke = hcl.index("playbooks/vm.yml"), hcl.index("playbooks/smoke.yml")
+    shell = hcl.index('provisioner "shell"')
+    assert vm < shell < smoke
+    reboot = hcl[shell : hcl.index("}", shell)]
+    assert '"sudo systemctl reboot"' in reboot
+    assert "expect_disconnect = true" in reboot
+    assert 'pause_before     = "30s"' in hcl[shell:smoke]
