@@ -42,6 +42,26 @@ def _echo(message: str) -> None:
     click.echo(f"gpubake: {message}", err=True)
 
 
+def _ssh_options(host_help: str, scope: str):  # type: ignore[no-untyped-def]
+    """--host, --ssh-key and --known-hosts, for `build --target ssh` and `smoke`."""
+    path = click.Path(dir_okay=False, path_type=Path)
+
+    def wrap(func):  # type: ignore[no-untyped-def]
+        func = click.option(
+            "--known-hosts",
+            type=path,
+            metavar="FILE",
+            help=f"{scope}: known_hosts file to use instead of ~/.ssh/known_hosts (host keys "
+            "are accepted on first use and checked after); handy for throwaway VMs.",
+        )(func)
+        func = click.option(
+            "--ssh-key", type=path, metavar="FILE", help=f"{scope}: private key to log in with."
+        )(func)
+        return click.option("--host", metavar="USER@HOST[:PORT]", help=host_help)(func)
+
+    return wrap
+
+
 def _stack_options(func):  # type: ignore[no-untyped-def]
     func = click.option(
         "--var",
@@ -130,20 +150,7 @@ def cli() -> None:
     help="gcp-image / aws-ami: build on a cheap CPU machine; the GPU checks do not run (and "
     "gpubake says so).",
 )
-@click.option("--host", metavar="USER@HOST[:PORT]", help="ssh: the machine to set up.")
-@click.option(
-    "--ssh-key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="ssh: private key to log in with.",
-)
-@click.option(
-    "--known-hosts",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="ssh: ssh known_hosts file to use instead of ~/.ssh/known_hosts (host keys are "
-    "accepted on first use and checked after); handy for throwaway VMs.",
-)
+@_ssh_options("ssh: the machine to set up.", "ssh")
 @click.option(
     "--check",
     "check_mode",
@@ -637,20 +644,7 @@ def render_cmd(
 
 
 @cli.command(name="smoke", context_settings={"ignore_unknown_options": True})
-@click.option("--host", metavar="USER@HOST[:PORT]", help="Run on this host over SSH (python3).")
-@click.option(
-    "--ssh-key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="Private key for --host.",
-)
-@click.option(
-    "--known-hosts",
-    type=click.Path(dir_okay=False, path_type=Path),
-    metavar="FILE",
-    help="--host: ssh known_hosts file to use instead of ~/.ssh/known_hosts (host keys are "
-    "accepted on first use and checked after); handy for throwaway VMs.",
-)
+@_ssh_options("Run on this host over SSH (python3).", "--host")
 @click.argument("smoke_args", nargs=-1, type=click.UNPROCESSED)
 def smoke_cmd(
     host: str | None,

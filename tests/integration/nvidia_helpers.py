@@ -17,8 +17,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,25 +211,6 @@ def task_results(report: Mapping[str, Any], host: str) -> list[tuple[str, dict[s
     return results
 
 
-def slowest(report: Mapping[str, Any], count: int = 8) -> list[tuple[float, str]]:
-    """(seconds, task name) of the slowest tasks of a JSON-callback report."""
-    from datetime import datetime
-
-    def seconds(duration: Mapping[str, str]) -> float:
-        start, end = (
-            datetime.fromisoformat(duration[k].replace("Z", "+00:00")) for k in ("start", "end")
-        )
-        return (end - start).total_seconds()
-
-    timed = [
-        (seconds(task["task"]["duration"]), task["task"]["name"])
-        for play in report.get("plays", [])
-        for task in play.get("tasks", [])
-        if "duration" in task["task"]
-    ]
-    return sorted(timed, reverse=True)[:count]
-
-
 def results_named(report: Mapping[str, Any], host: str, name: str) -> list[dict[str, Any]]:
     return [result for task, result in task_results(report, host) if task == name]
 
@@ -250,89 +230,7 @@ def stats(report: Mapping[str, Any], host: str) -> dict[str, int]:
     return report["stats"][host]
 
 
-# ---- the real Debian 12 convergences, shared by test_nvidia_driver.py and test_cuda.py ---------
-
 PLAYBOOK = Path(__file__).with_name("role_test.yml")
-DRIVER_VARS: dict[str, Any] = {
-    "roles_under_test": ["nvidia_driver"],
-    "nvidia_driver_source": "distro",
-    "nvidia_driver_branch": "535",
-    "nvidia_driver_open": False,
-    "nvidia_driver_gpu_architecture": "turing",
-}
-CUDA_VARS: dict[str, Any] = {
-    "roles_under_test": ["cuda"],
-    "cuda_source": "distro",
-    "cuda_version": "11.8",
-}
-
-
-@dataclass
-class Run:
-    """A Debian 12 container converged twice."""
-
-    box: Any
-    first: dict[str, Any]
-    second: dict[str, Any]
-    first_seconds: float
-    second_seconds: float
-
-
-@dataclass
-class Converged:
-    driver: Run  # DRIVER_VARS: Debian's 535, DKMS-built
-    cuda: Run  # CUDA_VARS: Debian's nvidia-cuda-toolkit 11.8
-    wall_seconds: float
-
-
-_SHARED: dict[str, Any] = {}
-
-
-def _converge_twice(box: Any, variables: Mapping[str, Any]) -> Run:
-    start = time.monotonic()
-    first, _ = apply_json(box, PLAYBOOK, variables)
-    middle = time.monotonic()
-    second, _ = apply_json(box, PLAYBOOK, variables)
-    return Run(box, first, second, middle - start, time.monotonic() - middle)
-
-
-def shared_distro_stack(engine: Any) -> Iterator[Converged]:
-    """Generator for a session fixture. The first asker (test_nvidia_driver.py or test_cuda.py)
-    converges nvidia_driver and cuda from Debian's non-free, each in its own container, both at
-    once: the DKMS build is CPU-bound, the toolkit's install mostly download and unpacking, so
-    together they take little longer than the DKMS build alone. Every asker gets the same
-    containers; they are removed at the end of the session."""
-    if "error" in _SHARED:
-        raise _SHARED["error"]
-    if "value" in _SHARED:
-        yield _SHARED["value"]
-        return
-    from tests.integration.helpers import base_image, container
-
-    image = base_image(engine)
-    with container(engine, image) as driver_box, container(engine, image) as cuda_box:
-        start = time.monotonic()
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            driver = pool.submit(_converge_twice, driver_box, DRIVER_VARS)
-            cuda = pool.submit(_converge_twice, cuda_box, CUDA_VARS)
-            try:
-                value = Converged(driver.result(), cuda.result(), time.monotonic() - start)
-            except BaseException as exc:
-                _SHARED["error"] = exc
-                raise
-        _SHARED["value"] = value
-        for name, run in (("nvidia_driver", value.driver), ("cuda", value.cuda)):
-            print(  # shown with -s
-                f"\n{name} (distro) converged in {run.first_seconds:.0f} s, re-applied in "
-                f"{run.second_seconds:.0f} s; slowest tasks: "
-                + "; ".join(f"{task} {sec:.0f} s" for sec, task in slowest(run.first, 4))
-            )
-        print(f"both, side by side: {value.wall_seconds:.0f} s")
-        try:
-            yield value
-        finally:
-            _SHARED.clear()
-            _SHARED["error"] = RuntimeError("the shared containers were already removed")
 
 
 # ---- a local stand-in for NVIDIA's CUDA repository -----------------------------------------------

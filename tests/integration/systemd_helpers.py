@@ -22,19 +22,24 @@ from tests.integration.helpers import base_image, run_in
 
 SYSTEMD_REPOSITORY = "gpubake/test-systemd"
 _PACKAGES = ("systemd", "systemd-sysv", "dbus", "iproute2", "python3", "python3-apt")
-_INSTALL = (
-    "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
-    f"--no-install-recommends {' '.join(_PACKAGES)} && apt-get clean"
-)
 
 
-def systemd_image(engine: Any) -> str:
-    """The systemd image for the current base image, built when missing (about 20 s)."""
+def _install(extra: tuple[str, ...]) -> str:
+    return (
+        "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+        f"--no-install-recommends {' '.join(_PACKAGES + extra)} && apt-get clean"
+    )
+
+
+def systemd_image(engine: Any, extra: tuple[str, ...] = ()) -> str:
+    """The systemd image (plus `extra` packages) for the current base image, built when
+    missing (about 20 s)."""
     import docker
 
     base = base_image(engine)
     base_id = engine.images.get(base).id.split(":", 1)[1][:12]
-    packages = hashlib.sha256(_INSTALL.encode()).hexdigest()[:8]
+    install = _install(extra)
+    packages = hashlib.sha256(install.encode()).hexdigest()[:8]
     ref = f"{SYSTEMD_REPOSITORY}:{base_id}-{packages}"
     try:
         engine.images.get(ref)
@@ -42,7 +47,7 @@ def systemd_image(engine: Any) -> str:
     except docker.errors.ImageNotFound:
         pass
     builder = engine.containers.run(
-        base, ["sh", "-c", _INSTALL], name=f"gpubake-sdbuild-{uuid.uuid4().hex[:8]}", detach=True
+        base, ["sh", "-c", install], name=f"gpubake-sdbuild-{uuid.uuid4().hex[:8]}", detach=True
     )
     try:
         status = builder.wait(timeout=600)
@@ -54,7 +59,7 @@ def systemd_image(engine: Any) -> str:
     finally:
         builder.remove(force=True)
     for old in engine.images.list(name=SYSTEMD_REPOSITORY):
-        if ref not in old.tags:
+        if not any(t.startswith(f"{SYSTEMD_REPOSITORY}:{base_id}-") for t in old.tags):
             # one still used by a container stays; the next build tries again
             with suppress(docker.errors.APIError):
                 engine.images.remove(old.id, force=False)
@@ -62,10 +67,17 @@ def systemd_image(engine: Any) -> str:
 
 
 @contextmanager
-def systemd_container(engine: Any, image: str, *, boot_timeout: float = 60) -> Iterator[Any]:
+def systemd_container(
+    engine: Any,
+    image: str,
+    *,
+    boot_timeout: float = 60,
+    ports: dict[str, Any] | None = None,
+) -> Iterator[Any]:
     """A booted systemd container (`systemctl is-system-running` says running or degraded)."""
     box = engine.containers.run(
         image,
+        ports=ports or {},
         name=f"gpubake-systemd-{uuid.uuid4().hex[:10]}",
         detach=True,
         cgroupns="host",

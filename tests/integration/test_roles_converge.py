@@ -67,29 +67,3 @@ def test_python_env_gpu_smoke_and_manifest_converge_twice(engine, debian):
         rc, out = run_in(box, "/usr/local/bin/gpu-smoke", "--json", "--framework", "none")
         assert rc == 0, out
         assert json.loads(out)["gpu_visible"] is False
-
-
-@pytest.mark.slow
-def test_mxnet_role_converges_and_its_cuda11_libraries_resolve(engine, debian):
-    """The legacy stack for real: mxnet-cu117 + CUDA 11 wheels; libmxnet.so finds them all
-    except the driver's libcuda.so.1, which gpu-smoke reports as skipped, not passed."""
-    from gpubake import stacks
-
-    mx = dict(stacks.resolve("mxnet").packages)
-    variables = {
-        "roles_under_test": ["build_ca", "python_env", "mxnet", "gpu_smoke_test"],
-        "mxnet_packages": mx,
-        **CA_VARS,
-    }
-    with container(engine, debian) as box:
-        first, _ = apply(box, PLAYBOOK, variables)
-        second, output = apply(box, PLAYBOOK, variables)
-        assert first["changed"] > 0
-        assert second["changed"] == 0, output[-4000:]
-        rc, out = run_in(box, "/usr/local/bin/gpu-smoke", "--json", "--framework", "mxnet")
-        report = json.loads(out)
-        checks = {c["name"]: c for c in report["checks"]}
-        assert checks["mxnet.libs"]["status"] == "passed", checks["mxnet.libs"]
-        assert checks["mxnet.import"]["status"] == "skipped"
-        assert "libcuda.so.1" in checks["mxnet.import"]["detail"]
-        assert rc == 0

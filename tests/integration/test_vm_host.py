@@ -1,0 +1,109 @@
+"""`build.py --target ssh` on a running machine: a Debian 12 container with systemd and sshd,
+reached over real SSH, set up with the VM playbook twice (vm_host.py). The second run must
+change nothing. Driver and CUDA details are checked in test_nvidia_driver.py / test_cuda.py on
+the same host."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from tests.integration.helpers import run_in
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+_SUMMARY = re.compile(
+    r"^gpubake: (?P<book>vm\.yml|smoke\.yml) on (?P<host>\S+): "
+    r"(?P<ok>\d+) tasks ok, (?P<changed>\d+) changed",
+    re.M,
+)
+_RECAP = re.compile(r"^127\.0\.0\.1\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=0\s+failed=0", re.M)
+
+
+def _summaries(output: str) -> dict[str, tuple[int, int]]:
+    return {m["book"]: (int(m["ok"]), int(m["changed"])) for m in _SUMMARY.finditer(output)}
+
+
+def test_first_run_set_the_host_up_over_ssh(vm_host):
+    said = _summaries(vm_host.first.output)
+    assert set(said) == {"vm.yml", "smoke.yml"}
+    assert said["vm.yml"][1] > 20, vm_host.first.output[-3000:]
+    # Ansible's own recap agrees with what gpubake reported
+    recap = _RECAP.findall(vm_host.first.section("vm.yml") + "\n" + vm_host.first.output)
+    assert (str(said["vm.yml"][0]), str(said["vm.yml"][1])) in recap
+    assert f"done on {vm_host.login}" in vm_host.first.output
+
+
+def test_second_run_changed_nothing(vm_host):
+    said = _summaries(vm_host.second.output)
+    assert said["vm.yml"][1] == 0, vm_host.second.output[-6000:]
+    # gpu-smoke ran again and rewrote its report: the one change smoke.yml reports
+    assert said["smoke.yml"][1] == 1
+    assert vm_host.second.section("vm.yml").count("changed: [") == 0
+
+
+def test_a_running_host_keeps_its_tmp_caches_and_apt_lists(vm_host):
+    """image_cleanup is for images: on a machine in use it would wipe the user's files."""
+    rc, lists = run_in(vm_host.box, "sh", "-c", "ls /var/lib/apt/lists | grep -c Packages")
+    assert rc == 0 and int(lists) > 0
+    assert vm_host.first.statuses(
+        "image_cleanup : Empty package lists, package caches and logs"
+    ) in (
+        [],
+        ["skipping"],
+    )
+    rc, _ = run_in(vm_host.box, "test", "-s", "/run/gpubake-build/ca-bundle.crt")
+    assert rc == 0  # kept (tmpfs) so that a second run needs no change
+
+
+def test_it_went_over_ssh_not_a_container_connection(vm_host):
+    # the host's sshd logged logins with our key (Ansible multiplexes its tasks over them)
+    fingerprint = subprocess.run(
+        ["ssh-keygen", "-lf", str(vm_host.key.with_suffix(".pub"))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[1]
+    rc, log = run_in(vm_host.box, "journalctl", "-u", "ssh", "--no-pager", "-o", "cat")
+    assert rc == 0
+    logins = re.findall(r"Accepted publickey for root from 172\.\d+\.\d+\.\d+ .*: (\S+ \S+)", log)
+    assert len(logins) >= 3, log[-2000:]  # at least: the login check, vm.yml, smoke.yml
+    assert set(logins) == {f"ED25519 {fingerprint}"}
+
+
+def test_gpu_smoke_ran_on_the_host_and_skipped_the_gpu(vm_host):
+    section = vm_host.first.section("smoke.yml")
+    assert "gpu-smoke" in section
+    rc, out = run_in(vm_host.box, "/usr/local/bin/gpu-smoke", "--json", "--framework", "mxnet")
+    report = json.loads(out)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert report["gpu_visible"] is False
+    # MXNet's CUDA 11 libraries all resolve, and with Debian's libcuda1 (the driver's user
+    # side) it imports; an array on the GPU needs a GPU: skipped, never passed
+    assert checks["mxnet.libs"]["status"] == "passed", checks["mxnet.libs"]
+    assert checks["mxnet.import"]["status"] == "passed", checks["mxnet.import"]
+    assert "mxnet 1.9.1 (CUDA 11.7)" in checks["mxnet.import"]["detail"]
+    assert checks["mxnet.gpu_array"]["status"] == "skipped", checks["mxnet.gpu_array"]
+    assert rc == 0
+    rc, _ = run_in(vm_host.box, "/usr/local/bin/gpu-smoke", "--require-gpu")
+    assert rc == 1
+
+
+def test_jupyter_serves_on_localhost_only(vm_host):
+    rc, state = run_in(vm_host.box, "systemctl", "is-active", "gpubake-jupyter")
+    assert rc == 0, state
+    rc, listening = run_in(vm_host.box, "ss", "-Hltn", "sport = :8888")
+    assert rc == 0
+    assert [line.split()[3] for line in listening.splitlines()] == ["127.0.0.1:8888"]
+
+
+def test_manifest_records_the_sources(vm_host):
+    rc, out = run_in(vm_host.box, "cat", "/etc/gpubake/manifest.json")
+    assert rc == 0, out
+    manifest = json.loads(out)
+    assert manifest["stack"] == "mxnet"
+    assert manifest["target"] == "ssh"
+    assert (manifest["driver_source"], manifest["cuda_source"]) == ("distro", "distro")
+    assert manifest["cuda_toolkit"] == "11.8"
