@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from tests.integration.helpers import run_in
+from tests.integration.vm_host import build_over_ssh, ssh_host
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 _SUMMARY = re.compile(
@@ -107,3 +108,22 @@ def test_manifest_records_the_sources(vm_host):
     assert manifest["target"] == "ssh"
     assert (manifest["driver_source"], manifest["cuda_source"]) == ("distro", "distro")
     assert manifest["cuda_toolkit"] == "11.8"
+
+
+def test_check_mode_on_a_fresh_host_reports_and_changes_nothing(engine):
+    """`--check` on a machine nothing was applied to yet (as on a GPU host before its first
+    run): the VM playbook in check mode lists what it would add, changes nothing, then
+    gpu-smoke runs from gpubake itself; without a GPU, --require-gpu fails it."""
+    with ssh_host(engine) as (box, login, key, known):
+        _, before = run_in(box, "sh", "-c", "dpkg-query -W | sha256sum; ls /opt /etc/apt/*.d")
+        done = build_over_ssh(login, key, known, "--check", timeout=1800)
+        said = _summaries(done.output.replace("would change", "changed"))
+        assert said["vm.yml"][1] > 5, done.output[-6000:]
+        assert "JupyterLab would be installed and run as gpubake" in done.output
+        assert "The manifest would be written to /etc/gpubake/manifest.json" in done.output
+        assert "check mode changed nothing; running gpu-smoke from gpubake itself" in done.output
+        assert done.returncode == 1
+        assert done.output.rstrip().endswith(f"gpu-smoke failed on {login} (exit 1)")
+        _, after = run_in(box, "sh", "-c", "dpkg-query -W | sha256sum; ls /opt /etc/apt/*.d")
+        assert after == before
+        assert run_in(box, "id", "gpubake")[0] != 0

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,10 @@ class VmHost:
     second: Applied
 
     def build(self, *args: str, timeout: int = 3600) -> Applied:
-        return _build(self.login, self.key, self.known_hosts, *args, timeout=timeout)
+        return build_over_ssh(self.login, self.key, self.known_hosts, *args, timeout=timeout)
 
 
-def _build(login: str, key: Path, known: Path, *args: str, timeout: int) -> Applied:
+def build_over_ssh(login: str, key: Path, known: Path, *args: str, timeout: int) -> Applied:
     cmd = [
         sys.executable,
         "build.py",
@@ -109,16 +110,10 @@ def _build(login: str, key: Path, known: Path, *args: str, timeout: int) -> Appl
     return Applied(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start)
 
 
-_SHARED: dict[str, Any] = {}
-
-
-def shared_vm_host(engine: Any) -> Iterator[VmHost]:
-    """Generator for a session fixture (see the module's docstring)."""
-    if "error" in _SHARED:
-        raise _SHARED["error"]
-    if "value" in _SHARED:
-        yield _SHARED["value"]
-        return
+@contextmanager
+def ssh_host(engine: Any) -> Iterator[tuple[Any, str, Path, Path]]:
+    """A fresh Debian 12 container with systemd and sshd that our key logs in to as root:
+    (container, root@127.0.0.1:PORT, key, known_hosts file)."""
     image = systemd_image(engine, ("openssh-server",))
     with (
         tempfile.TemporaryDirectory(prefix="gpubake-vmhost-") as tmp,
@@ -137,12 +132,25 @@ def shared_vm_host(engine: Any) -> Iterator[VmHost]:
         assert rc == 0, out
         box.reload()
         port = box.attrs["NetworkSettings"]["Ports"]["22/tcp"][0]["HostPort"]
-        login = f"root@127.0.0.1:{port}"
+        yield box, f"root@127.0.0.1:{port}", key, known
+
+
+_SHARED: dict[str, Any] = {}
+
+
+def shared_vm_host(engine: Any) -> Iterator[VmHost]:
+    """Generator for a session fixture (see the module's docstring)."""
+    if "error" in _SHARED:
+        raise _SHARED["error"]
+    if "value" in _SHARED:
+        yield _SHARED["value"]
+        return
+    with ssh_host(engine) as (box, login, key, known):
         args = (*STACK_ARGS, "--ca-bundle", str(HOST_BUNDLE), "-v")
         try:
-            first = _build(login, key, known, *args, timeout=3600)
+            first = build_over_ssh(login, key, known, *args, timeout=3600)
             assert first.returncode == 0, first.output[-12000:]
-            second = _build(login, key, known, *args, timeout=1800)
+            second = build_over_ssh(login, key, known, *args, timeout=1800)
             assert second.returncode == 0, second.output[-12000:]
         except BaseException as exc:
             _SHARED["error"] = exc
