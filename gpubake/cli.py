@@ -293,7 +293,9 @@ def _build_docker(args: BuildArgs, base_image: str | None) -> None:
         _print_plan(plan, packer, args.as_json)
         return
 
-    existing = docker_engine.image_with_hash(engine, plan.image_repository, plan.input_hash)
+    existing = docker_engine.image_with_hash(
+        engine, plan.image_repository, plan.input_hash, plan.image_ref
+    )
     if existing is not None and not args.force:
         if plan.image_ref not in existing.tags:
             existing.tag(plan.image_repository, plan.image_tag)
@@ -311,10 +313,14 @@ def _build_docker(args: BuildArgs, base_image: str | None) -> None:
     )
     for note in plan.notes:
         _echo(note)
+    previous = docker_engine.local_image(engine, plan.image_ref)
     _run_packer(plan, packer, args.verbose)
     image = docker_engine.local_image(engine, plan.image_ref)
     size = f", {image.attrs['Size'] / 1e9:.2f} GB" if image is not None else ""
     _echo(f"built {plan.image_ref}{size} in {_elapsed(started)}; gpu-smoke passed in it")
+    dropped = docker_engine.drop_replaced(engine, previous, image)
+    if dropped:
+        _echo(f"removed {dropped}, the image {plan.image_ref} pointed to before (now untagged)")
     click.echo(plan.image_ref)
 
 

@@ -49,12 +49,39 @@ def local_image(engine: docker.DockerClient, ref: str) -> Image | None:
         raise EngineError(f"cannot inspect image {ref}: {exc.explanation}") from None
 
 
-def image_with_hash(engine: docker.DockerClient, repository: str, digest: str) -> Image | None:
-    """An image of `repository` built from identical inputs, if one exists."""
-    for image in engine.images.list(filters={"label": f"{HASH_LABEL}={digest}"}):
-        if any(tag.rsplit(":", 1)[0] == repository for tag in image.tags):
-            return image
-    return None
+def image_with_hash(
+    engine: docker.DockerClient, repository: str, digest: str, ref: str | None = None
+) -> Image | None:
+    """An image of `repository` built from identical inputs, if one exists; the one tagged
+    `ref` first, so that a skipped build never moves a tag off an image that is already
+    up to date."""
+    found = [
+        image
+        for image in engine.images.list(filters={"label": f"{HASH_LABEL}={digest}"})
+        if any(tag.rsplit(":", 1)[0] == repository for tag in image.tags)
+    ]
+    return next((i for i in found if ref in i.tags), found[0] if found else None)
+
+
+def drop_replaced(engine: docker.DockerClient, previous: Image | None, now: Image | None) -> str:
+    """Remove `previous`, the image a build moved its tag off, when gpubake built it and
+    nothing else uses it (no tag left, no container): a replaced image is several GB.
+    Returns its short id when removed, else ''."""
+    if previous is None or now is None or previous.id == now.id:
+        return ""
+    try:
+        previous.reload()
+    except docker.errors.ImageNotFound:
+        return ""
+    if previous.tags or HASH_LABEL not in (previous.labels or {}):
+        return ""
+    if engine.containers.list(all=True, filters={"ancestor": previous.id}):
+        return ""
+    try:
+        engine.images.remove(previous.id, noprune=False)
+    except docker.errors.APIError:  # in use after all (a child image): leave it
+        return ""
+    return previous.short_id
 
 
 def _pull(engine: docker.DockerClient, ref: str) -> Image | None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from gpubake import docker_engine, stacks
 from gpubake import plan as plan_mod
-from gpubake import stacks
 from tests.integration.helpers import HOST_BUNDLE, ROOT, apply, container, run_in
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -67,9 +67,23 @@ def marker_bundle(tmp_path_factory) -> tuple[Path, str]:
     return bundle, body[len(body) // 2]
 
 
+def placeholder(engine) -> str:
+    """A small gpubake-labelled image under IMAGE's tag, for the build to replace."""
+    if any(IMAGE in i.tags for i in engine.images.list("gpubake/pytorch")):
+        engine.images.remove(IMAGE)  # this module's own tag, from an earlier run
+    _ref, base_id, _note = docker_engine.ensure_base_image(engine, stacks.resolve().os, None, print)
+    box = engine.containers.create(base_id, ["true"])
+    try:
+        label = f"LABEL {plan_mod.HASH_LABEL}=placeholder"
+        return box.commit("gpubake/pytorch", TAG, changes=[label]).id
+    finally:
+        box.remove(force=True)
+
+
 @pytest.fixture(scope="module")
 def built(engine, marker_bundle):
     bundle, _ = marker_bundle
+    replaced = placeholder(engine)
     before = {c.id for c in engine.containers.list(all=True)}
     started = time.monotonic()
     proc = build("--force", "--ca-bundle", str(bundle))
@@ -80,6 +94,7 @@ def built(engine, marker_bundle):
         "image": image,
         "seconds": time.monotonic() - started,
         "containers_before": before,
+        "replaced": replaced,
     }
 
 
@@ -88,6 +103,14 @@ def test_build_reports_progress_and_success(built):
     assert re.search(r"\[\s*\d+\] python_env : Install the pinned packages", err), err[-3000:]
     assert f"built {IMAGE}" in err and "gpu-smoke passed in it" in err
     assert built["proc"].stdout.strip() == IMAGE
+
+
+def test_replaced_image_is_removed(engine, built):
+    """--force moved the tag off the image it named before; that image, untagged, is gone."""
+    replaced = built["replaced"]
+    assert built["image"].id != replaced
+    assert f"removed {replaced[:19]}, the image {IMAGE} pointed to before" in built["proc"].stderr
+    assert replaced not in {i.id for i in engine.images.list(all=True)}
 
 
 def test_image_labels_user_and_manifest(engine, built):
@@ -192,6 +215,26 @@ def test_identical_build_is_skipped_in_seconds(built):
     assert proc.returncode == 0, proc.stderr
     assert "skipped: gpubake/pytorch:itest is already built from identical inputs" in proc.stderr
     assert seconds < 10, seconds
+
+
+def test_skipped_build_keeps_its_tag_on_its_own_image(engine, built):
+    """Two images from identical inputs (a newer copy under another tag): a no-change build
+    of the first tag is skipped and leaves that tag where it was."""
+    box = engine.containers.create(IMAGE, ["true"])
+    try:
+        copy = box.commit(repository="gpubake/pytorch", tag=f"{TAG}-copy")
+    finally:
+        box.remove(force=True)
+    try:
+        assert copy.id != built["image"].id
+        assert copy.labels[plan_mod.HASH_LABEL] == built["image"].labels[plan_mod.HASH_LABEL]
+        proc = build()
+        assert proc.returncode == 0, proc.stderr
+        assert f"image {built['image'].short_id}" in proc.stderr
+        assert engine.images.get(IMAGE).id == built["image"].id
+        assert engine.images.get(f"gpubake/pytorch:{TAG}-copy").id == copy.id
+    finally:
+        engine.images.remove(copy.id, force=True)
 
 
 def test_failing_build_names_role_and_task_and_leaves_nothing(engine, built):
