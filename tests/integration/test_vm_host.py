@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from gpubake import stacks
 from tests.integration.helpers import run_in
 from tests.integration.vm_host import build_over_ssh, ssh_host
 
@@ -112,13 +113,35 @@ def test_manifest_records_the_sources(vm_host):
 
 def test_check_mode_on_a_fresh_host_reports_and_changes_nothing(engine):
     """`--check` on a machine nothing was applied to yet (as on a GPU host before its first
-    run): the VM playbook in check mode lists what it would add, changes nothing, then
-    gpu-smoke runs from gpubake itself; without a GPU, --require-gpu fails it."""
+    run), whose apt lists are empty and whose apt reaches no mirror (as on a fresh container
+    or cloud image, or an offline GPU host): the VM playbook in check mode lists what it
+    would add, changes nothing, then gpu-smoke runs from gpubake itself; without a GPU,
+    --require-gpu fails it."""
     with ssh_host(engine) as (box, login, key, known):
+        rc, out = run_in(
+            box,
+            "sh",
+            "-c",
+            "rm -rf /var/lib/apt/lists/* && "
+            "echo 'Acquire::http::Proxy \"http://127.0.0.1:9\";' >/etc/apt/apt.conf.d/99offline",
+        )
+        assert rc == 0, out
         _, before = run_in(box, "sh", "-c", "dpkg-query -W | sha256sum; ls /opt /etc/apt/*.d")
-        done = build_over_ssh(login, key, known, "--check", timeout=1800)
+        done = build_over_ssh(login, key, known, "--check", "-v", timeout=1800)
         said = _summaries(done.output.replace("would change", "changed"))
         assert said["vm.yml"][1] > 5, done.output[-6000:]
+        # what apt's (empty) lists cannot resolve is reported, package by package
+        unresolved = [
+            m
+            for m in done.said("check mode: would install ")
+            if "apt's lists, which check mode does not refresh, hold no" in m
+        ]
+        assert any("tmux" in m for m in unresolved), unresolved  # base tools
+        assert any("linux-headers-amd64" in m for m in unresolved), unresolved  # the kernel
+        assert done.said("check mode: apt's lists know no linux-image-"), done.output[-6000:]
+        holds = done.said("check mode: /opt/gpubake/env holds none of them; would install ")
+        torch = dict(stacks.resolve().packages)["torch"]
+        assert any(f"torch=={torch}" in m for m in holds), holds
         assert "JupyterLab would be installed and run as gpubake" in done.output
         assert "The manifest would be written to /etc/gpubake/manifest.json" in done.output
         assert "check mode changed nothing; running gpu-smoke from gpubake itself" in done.output
