@@ -134,3 +134,31 @@ def test_loader_finds_the_cuda_libraries(vm_host):
         assert f"\t{soname} " in cache, soname
     ran = vm_host.first.statuses("cuda : Refresh the dynamic loader's cache for CUDA")
     assert ran and ran[0] == "changed"
+
+
+@pytest.mark.slow
+def test_a_toolkit_not_from_the_sources_packages_is_left_alone(vm_host):
+    """A working CUDA 11.8 that cuda-toolkit-11-8 did not install (here Debian's, standing in
+    for a runfile install or a CUDA image's): check mode with cuda_source nvidia leaves it
+    alone, reports it, and would add only cuDNN and NCCL."""
+    box = vm_host.box
+    variables = {
+        "roles_under_test": ["cuda"],
+        "cuda_source": "nvidia",
+        "cuda_version": "11.8",
+        "cuda_home": "/usr/lib/nvidia-cuda-toolkit",
+    }
+    _, before = run_in(box, "sh", "-c", "dpkg-query -W | sha256sum; ls /etc/apt/sources.list.d")
+    report, _ = apply_json(box, PLAYBOOK, variables, check=True)
+    said = messages(report, box.name)
+    (found,) = [m for m in said if m.startswith("CUDA 11.8 (nvidia): ")]
+    assert "nvcc at /usr/lib/nvidia-cuda-toolkit reports release 11.8, V11.8." in found, found
+    assert "installed: none of its packages;" in found, found
+    wanted = "libcudnn9-cuda-11, libcudnn9-dev-cuda-11, libnccl2, libnccl-dev"
+    assert found.endswith(
+        f"the toolkit, not from cuda-toolkit-11-8, is left alone; would add: {wanted}"
+    ), found
+    assert any(f"would install {wanted} (CUDA_HOME" in m for m in said), said
+    assert not any("cuda-toolkit-11-8" in m and "would install" in m for m in said)
+    _, after = run_in(box, "sh", "-c", "dpkg-query -W | sha256sum; ls /etc/apt/sources.list.d")
+    assert after == before
