@@ -88,3 +88,44 @@ def base_image(engine: Any) -> str:
         engine, stacks.get_os("debian-12"), None, lambda _msg: None
     )
     return ref
+
+
+def make_marker_bundle(work: Path) -> tuple[Path, str]:
+    """The host's CA bundle plus a freshly made certificate nobody else has, in `work`:
+    (bundle, a line of base64 from the middle of the marker, which occurs in no other file)."""
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=gpubake-test-marker",
+            "-keyout",
+            str(work / "k.pem"),
+            "-out",
+            str(work / "marker.pem"),
+        ],
+        capture_output=True,
+        check=True,
+    )
+    marker_pem = (work / "marker.pem").read_text()
+    bundle = work / "bundle.pem"
+    bundle.write_text(HOST_BUNDLE.read_text() + marker_pem)
+    body = [ln for ln in marker_pem.splitlines() if ln and not ln.startswith("-----")]
+    return bundle, body[len(body) // 2]
+
+
+def image_holds(image: Any, text: str) -> bool:
+    """Whether `text` occurs anywhere in the image's saved layers and configuration."""
+    needle, tail = text.encode(), b""
+    for chunk in image.save(chunk_size=8 << 20):
+        window = tail + chunk
+        if needle in window:
+            return True
+        tail = window[-len(needle) :]
+    return False

@@ -17,7 +17,15 @@ import pytest
 
 from gpubake import docker_engine, stacks
 from gpubake import plan as plan_mod
-from tests.integration.helpers import HOST_BUNDLE, ROOT, apply, container, run_in
+from tests.integration.helpers import (
+    HOST_BUNDLE,
+    ROOT,
+    apply,
+    container,
+    image_holds,
+    make_marker_bundle,
+    run_in,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 TAG = "itest"
@@ -37,34 +45,7 @@ def build(*args: str, timeout: int = 3600) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def marker_bundle(tmp_path_factory) -> tuple[Path, str]:
-    """The host's CA bundle plus a freshly made certificate nobody else has."""
-    work = tmp_path_factory.mktemp("ca")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=gpubake-test-marker",
-            "-keyout",
-            str(work / "k.pem"),
-            "-out",
-            str(work / "marker.pem"),
-        ],
-        capture_output=True,
-        check=True,
-    )
-    marker_pem = (work / "marker.pem").read_text()
-    bundle = work / "bundle.pem"
-    bundle.write_text(HOST_BUNDLE.read_text() + marker_pem)
-    # a line of base64 from the middle of the marker: it occurs in no other file
-    body = [ln for ln in marker_pem.splitlines() if ln and not ln.startswith("-----")]
-    return bundle, body[len(body) // 2]
+    return make_marker_bundle(tmp_path_factory.mktemp("ca"))
 
 
 def placeholder(engine) -> str:
@@ -165,16 +146,9 @@ def test_gpu_smoke_cpu_mode_skips_gpu_checks(engine, built):
 
 def test_no_trace_of_the_ca_bundle_or_build_leftovers(engine, built, marker_bundle):
     _, marker = marker_bundle
-    needle = marker.encode()
-    tail = b""
-    found = False
-    for chunk in engine.images.get(IMAGE).save(chunk_size=8 << 20):
-        window = tail + chunk
-        if needle in window:
-            found = True
-            break
-        tail = window[-len(needle) :]
-    assert not found, "the build-time CA certificate is in a layer of the image"
+    assert not image_holds(engine.images.get(IMAGE), marker), (
+        "the build-time CA certificate is in a layer of the image"
+    )
     listing = engine.containers.run(
         IMAGE,
         [
