@@ -96,9 +96,15 @@ def check_ssh(login: SshLogin) -> None:
         raise HostError(f"cannot log in to {host} over ssh: {last[0]}{hint}")
 
 
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # ansible.cfg's interpreter_python
+
+
 def inventory(target: str, login: SshLogin | None) -> list[str]:
     if target == "local" or login is None:
-        return ["-i", "localhost,", "-c", "local"]
+        args = ["-i", "localhost,", "-c", "local"]
+        if not SYSTEM_PYTHON.exists():  # a host whose only Python is gpubake's own
+            args += ["-e", f"ansible_python_interpreter={sys.executable}"]
+        return args
     user, name, port = split_host(login.host)
     args = ["-i", f"{name},", "--ssh-common-args", " ".join(login.options())]
     if user:

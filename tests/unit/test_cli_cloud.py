@@ -238,3 +238,19 @@ def test_cloud_dry_run_prints_the_packer_command(tmp_path, have_packer):
         "build -color=false -on-error=cleanup -only=googlecompute.gpubake -var-file=<work dir>/gcp"
         in (proc.stdout)
     )
+
+
+def test_local_target_uses_gpubakes_python_where_the_system_has_none(monkeypatch, tmp_path):
+    from gpubake import hosts
+
+    monkeypatch.setattr(hosts, "SYSTEM_PYTHON", tmp_path / "no-python3")
+    assert hosts.inventory("local", None) == [
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "-e",
+        f"ansible_python_interpreter={sys.executable}",
+    ]
+    monkeypatch.setattr(hosts, "SYSTEM_PYTHON", Path(sys.executable))
+    assert hosts.inventory("local", None) == ["-i", "localhost,", "-c", "local"]
