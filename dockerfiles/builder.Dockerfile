@@ -22,14 +22,21 @@ RUN apt-get update \
       python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY build/builder/ca-bundle.pem /tmp/ca-bundle.pem
-COPY pyproject.toml README.md /opt/gpubake/
-COPY gpubake /opt/gpubake/gpubake
+# the package as a user installs it (not editable): the wheel carries roles, playbooks,
+# images and ansible.cfg as gpubake/_data, so the final image needs no source tree
+COPY pyproject.toml setup.py MANIFEST.in README.md LICENSE CHANGELOG.md galaxy.yml ansible.cfg /tmp/src/
+COPY gpubake /tmp/src/gpubake
+COPY images /tmp/src/images
+COPY meta /tmp/src/meta
+COPY plugins /tmp/src/plugins
+COPY playbooks /tmp/src/playbooks
+COPY roles /tmp/src/roles
 RUN if [ -s /tmp/ca-bundle.pem ]; then export PIP_CERT=/tmp/ca-bundle.pem; fi \
  && python3 -m venv /opt/gpubake/.venv \
- && /opt/gpubake/.venv/bin/pip install --no-cache-dir --disable-pip-version-check -q -e /opt/gpubake \
- && rm -f /tmp/ca-bundle.pem
+ && /opt/gpubake/.venv/bin/pip install --no-cache-dir --disable-pip-version-check -q /tmp/src \
+ && rm -rf /tmp/ca-bundle.pem /tmp/src
 
-# ---- stage 2: the image: Packer and ssh from Debian, the environment, the repository
+# ---- stage 2: the image: Packer and ssh from Debian, and the environment
 FROM ${BASE}
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -37,11 +44,6 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
  && useradd --create-home --uid 1000 --shell /bin/bash gpubake
 COPY --from=env /opt/gpubake/.venv /opt/gpubake/.venv
-COPY build.py ansible.cfg pyproject.toml README.md /opt/gpubake/
-COPY gpubake /opt/gpubake/gpubake
-COPY images /opt/gpubake/images
-COPY playbooks /opt/gpubake/playbooks
-COPY roles /opt/gpubake/roles
 ENV PATH=/opt/gpubake/.venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 LABEL org.opencontainers.image.title="gpubake/builder" \

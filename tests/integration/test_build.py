@@ -1,7 +1,10 @@
-"""The whole docker target for real: `python build.py --target docker` of the default stack.
+"""The whole docker target for real: the default stack built by an installed gpubake.
 
 One build (module fixture, --force, its own tag, a CA bundle carrying a marker
-certificate); then the image is inspected, run, scanned, re-applied and rebuilt.
+certificate) by `gpubake build --target docker` of the wheel installed in a fresh venv
+(tests/wheel.py), run from outside the checkout; then the image is inspected, run,
+scanned, re-applied and rebuilt with `python build.py` of the checkout, which must find
+the wheel's image as built from identical inputs.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ IMAGE = f"gpubake/pytorch:{TAG}"
 
 
 def build(*args: str, timeout: int = 3600) -> subprocess.CompletedProcess[str]:
+    """`python build.py --target docker` from the checkout."""
     return subprocess.run(
         [sys.executable, str(ROOT / "build.py"), "--target", "docker", "--tag", TAG, *args],
         capture_output=True,
@@ -62,12 +66,22 @@ def placeholder(engine) -> str:
 
 
 @pytest.fixture(scope="module")
-def built(engine, marker_bundle):
+def built(engine, marker_bundle, wheel_install):
     bundle, _ = marker_bundle
     replaced = placeholder(engine)
     before = {c.id for c in engine.containers.list(all=True)}
     started = time.monotonic()
-    proc = build("--force", "--ca-bundle", str(bundle))
+    proc = wheel_install.run(
+        "build",
+        "--target",
+        "docker",
+        "--tag",
+        TAG,
+        "--force",
+        "--ca-bundle",
+        str(bundle),
+        timeout=3600,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     image = engine.images.get(IMAGE)
     return {
