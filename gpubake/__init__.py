@@ -1,11 +1,9 @@
 """gpubake: tested GPU deep-learning images from one set of Ansible roles, through Packer."""
 
-from pathlib import Path
-
 __version__ = "0.1.0"
 
-#: The repository (or installed source tree) holding images/, roles/, playbooks/.
-ROOT = Path(__file__).resolve().parent.parent
+# gpubake's data (images/, the collection gpubake.gpu, ansible.cfg) is found through
+# gpubake.resources.data_root(), in a checkout and in an installed wheel alike.
 
 
 class GpubakeError(Exception):

@@ -5,32 +5,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import json
-import os
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
-from gpubake import GpubakeError, __version__, stacks
-from gpubake.plan import (
-    ALL_TARGETS,
-    BuildPlan,
-    CloudOptions,
-    check_ca_bundle,
-    check_tag,
-    make_plan,
-    render,
-)
+from gpubake import GpubakeError, __version__, flow, stacks, targets
 
-TARGETS = ALL_TARGETS
-LOG_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpubake" / "logs"
+TARGETS = targets.NAMES
+
+
+def _only(option: str) -> str:
+    """'gcp-image / aws-ami: ', the targets an option is for, from the registry."""
+    return " / ".join(targets.takers(option)) + ": "
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -38,8 +28,12 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def _echo(message: str) -> None:
-    click.echo(f"gpubake: {message}", err=True)
+def _not_empty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """An option given as "" is a mistake (a shell variable that was not set), not a default."""
+    if isinstance(value, str) and not value.strip():
+        flag = param.opts[0] if param.opts else param.name
+        raise click.BadParameter(f"is empty: give a value, or leave {flag} out", ctx, param)
+    return value
 
 
 def _ssh_options(host_help: str, scope: str):  # type: ignore[no-untyped-def]
@@ -57,7 +51,9 @@ def _ssh_options(host_help: str, scope: str):  # type: ignore[no-untyped-def]
         func = click.option(
             "--ssh-key", type=path, metavar="FILE", help=f"{scope}: private key to log in with."
         )(func)
-        return click.option("--host", metavar="USER@HOST[:PORT]", help=host_help)(func)
+        return click.option(
+            "--host", callback=_not_empty, metavar="USER@HOST[:PORT]", help=host_help
+        )(func)
 
     return wrap
 
@@ -74,6 +70,7 @@ def _stack_options(func):  # type: ignore[no-untyped-def]
     )(func)
     func = click.option(
         "--gpu",
+        callback=_not_empty,
         metavar="MODEL",
         help="GPU model the image is for (see images/gpus.yml), e.g. t4, "
         "a100, h100; checked against the stack's CUDA and driver.",
@@ -81,23 +78,17 @@ def _stack_options(func):  # type: ignore[no-untyped-def]
     func = click.option(
         "--os",
         "os_key",
+        callback=_not_empty,
         metavar="OS",
         help="Operating system: debian-12 (default), ubuntu-22.04, ubuntu-24.04.",
     )(func)
     func = click.option(
         "--stack",
+        callback=_not_empty,
         metavar="NAME",
         help="Stack from images/stacks.yml (default: pytorch); `gpubake stacks` lists them.",
     )(func)
     return func
-
-
-def _resolve(
-    stack: str | None, os_key: str | None, gpu: str | None, variables: Sequence[str], target: str
-) -> stacks.Stack:
-    return stacks.resolve(
-        stack, os_key=os_key, gpu=gpu, variables=stacks.parse_vars(list(variables)), target=target
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,16 +105,16 @@ def cli() -> None:
 @click.option(
     "--target",
     type=click.Choice(TARGETS),
-    default="docker",
+    default=targets.DEFAULT,
     show_default=True,
-    help="docker: a container image in the local Docker Engine. gcp-image / aws-ami: a cloud "
-    "image built on a GPU VM. ssh / local: the VM playbook applied to a running machine.",
+    help=" ".join(f"{t.name}: {t.help}." for t in targets.REGISTRY.values()),
 )
 @_stack_options
 @click.option(
     "--base-image",
+    callback=_not_empty,
     metavar="REF",
-    help="docker: local image to start from. Default: the OS's official image, or a "
+    help=_only("base_image") + "local image to start from. Default: the OS's official image, or a "
     "debootstrap-built Debian when no registry can be reached.",
 )
 @click.option(
@@ -133,21 +124,43 @@ def cli() -> None:
     help="PEM CA bundle to trust during the build only (a TLS-inspecting proxy); "
     "no trace of it is left in the image.",
 )
-@click.option("--tag", default="latest", show_default=True, help="docker: tag of the image.")
-@click.option("--project", metavar="ID", help="gcp-image: GCP project (or GOOGLE_CLOUD_PROJECT).")
-@click.option("--zone", metavar="ZONE", help="gcp-image: zone with the GPU, e.g. us-central1-a.")
-@click.option("--region", metavar="REGION", help="aws-ami: AWS region (or AWS_REGION).")
-@click.option("--profile", metavar="NAME", help="aws-ami: profile from ~/.aws (or AWS_PROFILE).")
+@click.option(
+    "--tag", default="latest", show_default=True, help=_only("base_image") + "tag of the image."
+)
+@click.option(
+    "--project",
+    callback=_not_empty,
+    metavar="ID",
+    help=_only("project") + "GCP project (or GOOGLE_CLOUD_PROJECT).",
+)
+@click.option(
+    "--zone",
+    callback=_not_empty,
+    metavar="ZONE",
+    help=_only("zone") + "zone with the GPU, e.g. us-central1-a.",
+)
+@click.option(
+    "--region",
+    callback=_not_empty,
+    metavar="REGION",
+    help=_only("region") + "AWS region (or AWS_REGION).",
+)
+@click.option(
+    "--profile",
+    callback=_not_empty,
+    metavar="NAME",
+    help=_only("profile") + "profile from ~/.aws (or AWS_PROFILE).",
+)
 @click.option(
     "--disk-size",
     type=click.IntRange(min=10),
     metavar="GB",
-    help="gcp-image / aws-ami: boot disk; checked against what the stack needs.",
+    help=_only("disk_size") + "boot disk; checked against what the stack needs.",
 )
 @click.option(
     "--no-gpu-build",
     is_flag=True,
-    help="gcp-image / aws-ami: build on a cheap CPU machine; the GPU checks do not run (and "
+    help=_only("no_gpu_build") + "build on a cheap CPU machine; the GPU checks do not run (and "
     "gpubake says so).",
 )
 @_ssh_options("ssh: the machine to set up.", "ssh")
@@ -155,7 +168,8 @@ def cli() -> None:
     "--check",
     "check_mode",
     is_flag=True,
-    help="ssh / local: Ansible check mode: report what is present and what would be added, "
+    help=_only("check_mode")
+    + "Ansible check mode: report what is present and what would be added, "
     "change nothing, then run gpu-smoke.",
 )
 @click.option(
@@ -199,351 +213,13 @@ def build(
     disk size, ssh login) runs before anything starts. An identical build (same input
     hash) is skipped unless --force.
     """
-    _check_target_options(target, locals())
-    if target in ("gcp-image", "aws-ami") and gpu is None and not no_gpu_build:
-        gpu = stacks.stacks_data()["default_cloud_gpu"]
-    resolved = _resolve(stack, os_key, gpu, variables, target)
-    check_tag(tag)
-    bundle = check_ca_bundle(ca_bundle)
-    args = BuildArgs(resolved, target, tag, bundle, force, dry_run, as_json, verbose)
-    if target == "docker":
-        _build_docker(args, base_image)
-    elif target in ("gcp-image", "aws-ami"):
-        cloud = CloudOptions(
-            project=project,
-            zone=zone,
-            region=region,
-            profile=profile,
-            disk_size_gb=disk_size,
-            gpu_build=not no_gpu_build,
-        )
-        _build_cloud(args, cloud)
-    else:
-        from gpubake.hosts import SshLogin
-
-        login = SshLogin(host, ssh_key, known_hosts) if host else None
-        _apply_host(args, login, check_mode)
-
-
-#: Options that only some targets take.
-_TARGET_OPTIONS = {
-    "base_image": ("docker",),
-    "project": ("gcp-image",),
-    "zone": ("gcp-image",),
-    "region": ("aws-ami",),
-    "profile": ("aws-ami",),
-    "disk_size": ("gcp-image", "aws-ami"),
-    "no_gpu_build": ("gcp-image", "aws-ami"),
-    "host": ("ssh",),
-    "ssh_key": ("ssh",),
-    "known_hosts": ("ssh",),
-    "check_mode": ("ssh", "local"),
-}
-
-
-def _check_target_options(target: str, given: dict[str, Any]) -> None:
-    for name, targets in _TARGET_OPTIONS.items():
-        if given.get(name) and target not in targets:
-            option = "--" + {"check_mode": "check"}.get(name, name).replace("_", "-")
-            raise click.UsageError(f"{option} applies to --target {' or '.join(targets)} only")
-    if target == "ssh" and not given.get("host"):
-        raise click.UsageError("--target ssh needs --host USER@HOST")
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildArgs:
-    stack: stacks.Stack
-    target: str
-    tag: str
-    bundle: Path | None
-    force: bool
-    dry_run: bool
-    as_json: bool
-    verbose: int
-
-
-def _build_docker(args: BuildArgs, base_image: str | None) -> None:
-    from gpubake import docker_engine
-    from gpubake.packer import Packer
-
-    started = time.monotonic()
-    packer = Packer.detect()
-    engine = docker_engine.client()
-    notes: list[str] = []
-    if args.dry_run:
-        ref, image_id = _dry_run_base(engine, args.stack.os, base_image, notes)
-    else:
-        ref, image_id, note = docker_engine.ensure_base_image(
-            engine, args.stack.os, base_image, _echo
-        )
-        if note:
-            notes.append(note)
-    plan = make_plan(
-        args.stack,
-        target="docker",
-        base_image=ref,
-        base_image_id=image_id,
-        tag=args.tag,
-        ca_bundle=args.bundle,
-        verbose=max(args.verbose - 1, 0),
-        notes=tuple(notes),
-        packer_version=packer.version,
-    )
-    if args.dry_run:
-        _print_plan(plan, packer, args.as_json)
-        return
-
-    existing = docker_engine.image_with_hash(
-        engine, plan.image_repository, plan.input_hash, plan.image_ref
-    )
-    if existing is not None and not args.force:
-        if plan.image_ref not in existing.tags:
-            existing.tag(plan.image_repository, plan.image_tag)
-        _echo(
-            f"skipped: {plan.image_ref} is already built from identical inputs "
-            f"(input hash {plan.input_hash[:12]}, image {existing.short_id}); "
-            "use --force to rebuild"
-        )
-        click.echo(plan.image_ref)
-        return
-
-    _echo(
-        f"building {plan.image_ref}: stack {args.stack.name} on {args.stack.os.key}, "
-        f"base {ref}, Packer {packer.version_text}, input hash {plan.input_hash[:12]}"
-    )
-    for note in plan.notes:
-        _echo(note)
-    previous = docker_engine.local_image(engine, plan.image_ref)
-    _run_packer(plan, packer, args.verbose)
-    image = docker_engine.local_image(engine, plan.image_ref)
-    size = f", {image.attrs['Size'] / 1e9:.2f} GB" if image is not None else ""
-    _echo(f"built {plan.image_ref}{size} in {_elapsed(started)}; gpu-smoke passed in it")
-    dropped = docker_engine.drop_replaced(engine, previous, image)
-    if dropped:
-        _echo(f"removed {dropped}, the image {plan.image_ref} pointed to before (now untagged)")
-    click.echo(plan.image_ref)
-
-
-def _build_cloud(args: BuildArgs, cloud: CloudOptions) -> None:
-    from gpubake import clouds
-    from gpubake.packer import Packer
-
-    started = time.monotonic()
-    cloud = clouds.settle_options(args.target, cloud, os.environ)
-    clouds.check_disk(args.stack, cloud.disk_size_gb)
-    notes = []
-    if not cloud.gpu_build:
-        notes.append("--no-gpu-build: built on a CPU machine; gpu-smoke's GPU checks will not run")
-    source = args.stack.os.gcp if args.target == "gcp-image" else args.stack.os.aws
-    assert source is not None
-    base = "/".join(str(v) for v in source.values())
-    if not args.dry_run:
-        cli = clouds.check_cli(args.target)
-        creds = clouds.check_credentials(args.target, cloud, os.environ)
-        notes.append(f"credentials: {creds}")
-    packer = Packer.detect()
-    plan = make_plan(
-        args.stack,
-        target=args.target,
-        base_image=base,
-        base_image_id=f"latest:{base}",
-        ca_bundle=args.bundle,
-        require_gpu=cloud.gpu_build,
-        verbose=max(args.verbose - 1, 0),
-        notes=tuple(notes),
-        cloud=cloud,
-        packer_version=packer.version,
-    )
-    if args.dry_run:
-        _print_plan(plan, packer, args.as_json)
-        return
-    existing = clouds.find_existing(plan, cloud, cli)
-    if existing and not args.force:
-        _echo(
-            f"skipped: {existing} is already built from identical inputs (input hash "
-            f"{plan.input_hash[:12]}); use --force to rebuild"
-        )
-        click.echo(existing)
-        return
-    _echo(
-        f"building {plan.image_ref}: stack {args.stack.name} on {args.stack.os.key}, "
-        f"Packer {packer.version_text}, input hash {plan.input_hash[:12]}"
-    )
-    for note in plan.notes:
-        _echo(note)
-    _run_packer(plan, packer, args.verbose)
-    _echo(f"built {plan.image_ref} in {_elapsed(started)}; gpu-smoke passed on it")
-    click.echo(plan.image_ref)
-
-
-def _apply_host(args: BuildArgs, login: Any, check: bool) -> None:
-    from gpubake import hosts
-
-    host = login.host if login else None
-    started = time.monotonic()
-    plan = make_plan(
-        args.stack,
-        target=args.target,
-        base_image=host or "localhost",
-        base_image_id=f"host:{host or 'localhost'}",
-        ca_bundle=args.bundle,
-        require_gpu=False,
-        verbose=max(args.verbose - 1, 0),
-    )
-    if args.dry_run:
-        _print_plan(plan, None, args.as_json)
-        return
-    if login is not None:
-        hosts.check_ssh(login)
-    where = host or "this machine"
-    _echo(f"applying the VM playbook{' in check mode' if check else ''} to {where}")
-
-    def on_line(line: str, message: str | None) -> None:
-        if args.verbose or check:
-            click.echo(line, err=True)
-        elif message:
-            click.echo(f"  {_elapsed(started):>7}  {message}", err=True)
-
-    def on_done(book: str, progress: Any) -> None:
-        verb = "would change" if check else "changed"
-        _echo(f"{book} on {where}: {progress.changed_summary().replace('changed', verb, 1)}")
-
-    hosts.apply(plan, login=login, on_line=on_line, check=check, on_done=on_done)
-    if check:
-        _echo("check mode changed nothing; running gpu-smoke from gpubake itself")
-        code = hosts.run_smoke(login, ["--require-gpu"])
-        if code != 0:
-            raise GpubakeError(f"gpu-smoke failed on {where} (exit {code})")
-    _echo(f"done on {where} in {_elapsed(started)}")
-
-
-def _dry_run_base(
-    engine: Any, osinfo: stacks.OsInfo, explicit: str | None, notes: list[str]
-) -> tuple[str, str]:
-    from gpubake import docker_engine
-
-    candidates = [explicit] if explicit else [osinfo.base_image, docker_engine.base_ref(osinfo)]
-    for ref in candidates:
-        image = docker_engine.local_image(engine, ref)
-        if image is not None:
-            return ref, image.id
-    if explicit:
-        raise docker_engine.EngineError(
-            f"--base-image {explicit}: not found locally: load it "
-            "first (docker load / docker import)"
-        )
-    notes.append(
-        f"no local base image: a build would pull {osinfo.base_image} or "
-        f"debootstrap {docker_engine.base_ref(osinfo)}; the input hash will change then"
-    )
-    return osinfo.base_image, "not-yet-available"
-
-
-_SOURCE_NAMES = {"nvidia": "NVIDIA's CUDA repository", "distro": "the OS's packages"}
-
-
-def _print_plan(plan: BuildPlan, packer: Any, as_json: bool) -> None:
-    data = plan.to_dict()
-    if packer is not None:
-        work = Path("<work dir>")
-        data["packer_version"] = packer.version_text
-        data["packer_command"] = " ".join(
-            packer.command(
-                "build", work, work / f"{plan.target}.pkrvars.hcl", only=plan.packer_only
-            )
-        )
-    else:
-        data["packer_version"] = None
-        data["packer_command"] = "(none: applied with ansible-playbook playbooks/vm.yml)"
-    if as_json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
-        return
-    s = plan.stack
-    rows = [
-        ("target", plan.target),
-        ("image", plan.image_ref),
-        ("stack", f"{s.name}: {s.description}"),
-        ("os", f"{s.os.key} (python {s.python})"),
-        ("environment", f"{s.python_env} at /opt/gpubake/env"),
-        ("packages", ", ".join(f"{k}=={v}" for k, v in s.packages)),
-        ("cuda", f"{s.cuda} (driver branch {s.driver_branch}+ on the host)"),
-    ]
-    if plan.target != "docker":
-        rows.append(
-            (
-                "driver",
-                f"branch {s.driver_branch}, {'open' if s.open_kernel_module else 'proprietary'} "
-                f"module, from {_SOURCE_NAMES[s.driver_source]}; CUDA toolkit "
-                f"{s.cuda_toolkit} from {_SOURCE_NAMES[s.cuda_source]}",
-            )
-        )
-    rows += [
-        ("gpu", s.gpu.key if s.gpu else "any"),
-        ("base image", f"{plan.base_image} ({plan.base_image_id[:19]})"),
-        ("input hash", plan.input_hash),
-        ("ca bundle", str(plan.ca_bundle) if plan.ca_bundle else "none"),
-    ]
-    pv = plan.packer_vars
-    if plan.target == "gcp-image":
-        gpu = f" + {pv['gcp_accelerator_type']}" if pv["gcp_accelerator_type"] else ""
-        rows.append(
-            (
-                "build vm",
-                f"{pv['gcp_machine_type']}{gpu} in {pv['gcp_zone']}, "
-                f"{pv['disk_size_gb']} GB, preemptible, "
-                f"off after {pv['max_run_minutes']} min",
-            )
-        )
-    elif plan.target == "aws-ami":
-        rows.append(
-            (
-                "build vm",
-                f"{pv['aws_instance_type']} in {pv['aws_region']}, "
-                f"{pv['disk_size_gb']} GB, spot, terminates on shutdown, "
-                f"off after {pv['max_run_minutes']} min",
-            )
-        )
-    if packer is not None:
-        rows.append(("packer", f"{data['packer_version']}: {data['packer_command']}"))
-    else:
-        rows.append(("applies", "ansible-playbook playbooks/vm.yml, then playbooks/smoke.yml"))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        click.echo(f"{key:<{width}}  {value}")
-    for note in plan.notes:
-        click.echo(f"note: {note}")
-
-
-def _elapsed(started: float) -> str:
-    secs = int(time.monotonic() - started)
-    return f"{secs // 60}m{secs % 60:02d}s"
-
-
-def _run_packer(plan: BuildPlan, packer: Any, verbose: int) -> None:
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    log_path = LOG_DIR / f"{plan.stack.name}-{plan.target}-{stamp}.log"
-    started = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="gpubake-build-") as tmp,
-        log_path.open("w", encoding="utf-8") as log,
-    ):
-        work = Path(tmp)
-        var_file = render(plan, work, with_plugins=packer.needs_plugins)
-        packer.init(work)
-
-        def on_line(line: str, message: str | None) -> None:
-            log.write(line + "\n")
-            log.flush()
-            if verbose:
-                click.echo(line, err=True)
-            elif message:
-                click.echo(f"  {_elapsed(started):>7}  {message}", err=True)
-
-        try:
-            packer.build(work, var_file, on_line, only=plan.packer_only)
-        except GpubakeError as exc:
-            raise GpubakeError(f"{exc} (full log: {log_path})") from None
+    given = dict(locals())
+    try:
+        targets.check_options(target, given)
+    except targets.TargetError as exc:
+        raise click.UsageError(str(exc)) from None
+    fields = {f.name for f in flow.dataclasses.fields(flow.BuildRequest)}
+    flow.build(flow.BuildRequest(**{k: v for k, v in given.items() if k in fields}))
 
 
 @cli.command(name="stacks")
@@ -577,9 +253,17 @@ def stacks_cmd(as_json: bool, os_key: str | None) -> None:
 
 
 @cli.command(name="render")
-@click.option("--target", type=click.Choice(TARGETS), default="docker", show_default=True)
+@click.option(
+    "--target",
+    type=click.Choice(TARGETS),
+    default=targets.DEFAULT,
+    show_default=True,
+    help=f"The target whose Packer files to write: {', '.join(targets.names(packer=True))}.",
+)
 @_stack_options
-@click.option("--base-image", metavar="REF", help="Base image reference to write.")
+@click.option(
+    "--base-image", callback=_not_empty, metavar="REF", help="Base image reference to write."
+)
 @click.option("--tag", default="latest", show_default=True)
 @click.option(
     "--out",
@@ -588,9 +272,13 @@ def stacks_cmd(as_json: bool, os_key: str | None) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory to write into.",
 )
-@click.option("--project", metavar="ID", help="gcp-image: GCP project to write.")
-@click.option("--zone", metavar="ZONE", help="gcp-image: zone to write.")
-@click.option("--region", metavar="REGION", help="aws-ami: region to write.")
+@click.option(
+    "--project", callback=_not_empty, metavar="ID", help=_only("project") + "GCP project to write."
+)
+@click.option("--zone", callback=_not_empty, metavar="ZONE", help=_only("zone") + "zone to write.")
+@click.option(
+    "--region", callback=_not_empty, metavar="REGION", help=_only("region") + "region to write."
+)
 @click.option(
     "--packer-plugins/--no-packer-plugins",
     default=None,
@@ -610,42 +298,27 @@ def render_cmd(
     region: str | None,
     packer_plugins: bool | None,
 ) -> None:
-    """Write the Packer and Ansible inputs, so that `packer build` can be run by hand.
+    """Write the target's Packer and Ansible inputs into a folder in which `packer validate .`
+    and `packer build .` work with no flags: its Packer files, its variables as
+    TARGET.auto.pkrvars.hcl, ansible-vars.json, an ansible.cfg and the collection gpubake.gpu.
 
     Cloud values not given are written as REPLACE-ME placeholders.
     """
-    from gpubake.packer import Packer
-
-    if target in ("ssh", "local"):
-        raise click.UsageError("--target ssh and local use no Packer: nothing to render")
-    if target in ("gcp-image", "aws-ami") and gpu is None:
-        gpu = stacks.stacks_data()["default_cloud_gpu"]
-    resolved = _resolve(stack, os_key, gpu, variables, target)
-    packer = Packer.detect()
-    if packer_plugins is None:
-        packer_plugins = packer.needs_plugins
-    ref = base_image or resolved.os.base_image
-    cloud = CloudOptions(
-        project=project or "REPLACE-ME",
-        zone=zone or "REPLACE-ME",
-        region=region or "REPLACE-ME",
-    )
-    plan = make_plan(
-        resolved,
-        target=target,
-        base_image=ref,
-        base_image_id=f"ref:{ref}",
-        tag=tag,
-        cloud=cloud,
-        require_gpu=target != "docker",
-        packer_version=(1, 7, 0) if packer_plugins else packer.version,
-    )
-    var_file = render(plan, out_dir, with_plugins=packer_plugins)
-    only = f"-only={plan.packer_only} " if plan.packer_only else ""
-    click.echo(
-        f"wrote {out_dir}; run: cd {out_dir} && "
-        f"{'packer init . && ' if packer_plugins else ''}"
-        f"packer build {only}-var-file={var_file.name} ."
+    flow.render_only(
+        flow.RenderRequest(
+            out_dir=out_dir,
+            target=target,
+            stack=stack,
+            os_key=os_key,
+            gpu=gpu,
+            variables=variables,
+            base_image=base_image,
+            tag=tag,
+            project=project,
+            zone=zone,
+            region=region,
+            packer_plugins=packer_plugins,
+        )
     )
 
 
@@ -661,12 +334,11 @@ def smoke_cmd(
     """Run gpu-smoke here or on --host; other arguments go to gpu-smoke (see its --help)."""
     from gpubake import hosts
 
-    login = None
-    if host:
-        login = hosts.SshLogin(host, ssh_key, known_hosts)
-        hosts.check_ssh(login)
-    elif ssh_key or known_hosts:
+    if not host and (ssh_key or known_hosts):
         raise click.UsageError("--ssh-key and --known-hosts go with --host")
+    login = flow.ssh_login(host, ssh_key, known_hosts)
+    if login is not None:
+        hosts.check_ssh(login)
     sys.exit(hosts.run_smoke(login, list(smoke_args)))
 
 

@@ -11,11 +11,10 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from gpubake import GpubakeError
+from gpubake import GpubakeError, targets
 from gpubake.plan import BuildPlan, CloudOptions, required_disk_gb
 from gpubake.stacks import Stack
 
-CLIS = {"gcp-image": "gcloud", "aws-ami": "aws"}
 INSTALL_HINT = {
     "gcloud": "install the Google Cloud CLI (it looks up images already built)",
     "aws": "install the AWS CLI v2 (it looks up AMIs already built)",
@@ -26,31 +25,56 @@ class CloudError(GpubakeError):
     """A cloud option, tool or credential is missing or wrong."""
 
 
+def _first(options: list[tuple[str, str | None]]) -> tuple[str, str | None]:
+    """The first value given, and where it came from (an option or an environment variable)."""
+    for source, value in options:
+        if value is not None:
+            return source, value
+    return options[0][0], None
+
+
 def settle_options(target: str, options: CloudOptions, env: Mapping[str, str]) -> CloudOptions:
-    """Fill project/zone/region from the environment the cloud CLIs use; reject what is missing."""
-    if target == "gcp-image":
-        project = (
-            options.project or env.get("GOOGLE_CLOUD_PROJECT") or env.get("CLOUDSDK_CORE_PROJECT")
+    """Fill project/zone/region from the environment the cloud CLIs use; reject what is missing
+    or malformed (one line naming the option or variable it came from)."""
+    cloud = targets.cloud_of(target)
+    if cloud == "gcp":
+        where, project = _first(
+            [
+                ("--project", options.project),
+                ("GOOGLE_CLOUD_PROJECT", env.get("GOOGLE_CLOUD_PROJECT") or None),
+                ("CLOUDSDK_CORE_PROJECT", env.get("CLOUDSDK_CORE_PROJECT") or None),
+            ]
         )
-        zone = options.zone or env.get("CLOUDSDK_COMPUTE_ZONE")
+        zone_where, zone = _first(
+            [
+                ("--zone", options.zone),
+                ("CLOUDSDK_COMPUTE_ZONE", env.get("CLOUDSDK_COMPUTE_ZONE") or None),
+            ]
+        )
         if not project:
-            raise CloudError("--project is required for gcp-image (or set GOOGLE_CLOUD_PROJECT)")
+            raise CloudError(f"--project is required for {target} (or set GOOGLE_CLOUD_PROJECT)")
         if not zone:
             raise CloudError(
-                "--zone is required for gcp-image: a zone that offers the GPU, e.g. us-central1-a "
-                "(or set CLOUDSDK_COMPUTE_ZONE)"
+                f"--zone is required for {target}: a zone that offers the GPU, e.g. "
+                "us-central1-a (or set CLOUDSDK_COMPUTE_ZONE)"
             )
-        return _replace(options, project=project, zone=zone)
-    if target == "aws-ami":
-        region = options.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        targets.check_gcp_project(project, where)
+        targets.check_gcp_zone(zone, zone_where)
+        return dataclasses.replace(options, project=project, zone=zone)
+    if cloud == "aws":
+        where, region = _first(
+            [
+                ("--region", options.region),
+                ("AWS_REGION", env.get("AWS_REGION") or None),
+                ("AWS_DEFAULT_REGION", env.get("AWS_DEFAULT_REGION") or None),
+            ]
+        )
         if not region:
-            raise CloudError("--region is required for aws-ami (or set AWS_REGION)")
-        return _replace(options, region=region, profile=options.profile or env.get("AWS_PROFILE"))
+            raise CloudError(f"--region is required for {target} (or set AWS_REGION)")
+        targets.check_aws_region(region, where)
+        profile = options.profile or env.get("AWS_PROFILE")
+        return dataclasses.replace(options, region=region, profile=profile)
     return options
-
-
-def _replace(options: CloudOptions, **changes: str | None) -> CloudOptions:
-    return dataclasses.replace(options, **changes)
 
 
 def check_disk(stack: Stack, disk_size_gb: int | None) -> None:
@@ -64,7 +88,8 @@ def check_disk(stack: Stack, disk_size_gb: int | None) -> None:
 
 
 def check_cli(target: str) -> str:
-    name = CLIS[target]
+    name = targets.get(target).lookup_cli
+    assert name is not None, f"{target} looks up no images"
     path = shutil.which(name)
     if not path:
         raise CloudError(f"{name} not found on PATH: {INSTALL_HINT[name]}")
@@ -74,7 +99,7 @@ def check_cli(target: str) -> str:
 def check_credentials(target: str, options: CloudOptions, env: Mapping[str, str]) -> str:
     """Say where Packer's credentials will come from, or why there are none."""
     home = Path(env.get("HOME", str(Path.home())))
-    if target == "gcp-image":
+    if targets.cloud_of(target) == "gcp":
         key = env.get("GOOGLE_APPLICATION_CREDENTIALS")
         if key:
             if not Path(key).is_file():
@@ -119,7 +144,7 @@ def check_credentials(target: str, options: CloudOptions, env: Mapping[str, str]
 
 def lookup_command(plan: BuildPlan, options: CloudOptions, cli: str) -> list[str]:
     """The cloud CLI command that lists images built from the same inputs."""
-    if plan.target == "gcp-image":
+    if targets.cloud_of(plan.target) == "gcp":
         return [
             cli,
             "compute",

@@ -100,8 +100,6 @@ def ensure_base_image(
     osinfo: OsInfo,
     explicit: str | None,
     echo: Echo,
-    *,
-    allow_bootstrap: bool = True,
 ) -> tuple[str, str, str | None]:
     """Find or make the base image; return (ref, image id, note for the user)."""
     if explicit:
@@ -125,8 +123,6 @@ def ensure_base_image(
             f"cannot pull {osinfo.base_image} and gpubake bootstraps only Debian locally: "
             f"load {osinfo.base_image} (docker load) or pass --base-image with a local image"
         )
-    if not allow_bootstrap:
-        raise EngineError(f"no base image for {osinfo.key}: {osinfo.base_image} cannot be pulled")
     ref = base_ref(osinfo)
     note = (
         f"{osinfo.base_image} cannot be pulled (no registry reachable): built {ref} "

@@ -2,37 +2,71 @@
 
 Same inputs never pay twice: the hash is stored as an image label, and a build
 whose hash already exists is skipped.
+
+The files are read from gpubake's data root (resources.data_root(): the repository in a
+checkout, gpubake/_data in an installed wheel) by their paths relative to it, symlinks
+followed, so a checkout and a wheel of the same commit give the same hash.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gpubake import ROOT
+from gpubake.resources import data_root
 
-#: Trees and files (relative to the repository) that shape an image.
-HASHED_TREES = ("roles", "playbooks", "images")
+#: Trees and files (relative to the data root) that shape an image: the roles, the playbooks
+#: that order them, the modules they call, the collection's runtime metadata (plugin routing,
+#: requires_ansible), the Packer templates and stack data, and Ansible's configuration.
+#: galaxy.yml is left out: it describes the collection (authors, tags, version), not an image;
+#: the gpubake version is a label of its own.
+HASHED_TREES = ("roles", "playbooks", "plugins", "meta", "images")
 HASHED_FILES = ("ansible.cfg",)
 _SKIP_PARTS = {"__pycache__", ".pytest_cache", "molecule", "tests"}
 _SKIP_SUFFIXES = {".pyc", ".pyo", ".md"}
 
 
-def input_files(root: Path = ROOT) -> list[Path]:
+def _skipped(rel: Path) -> bool:
+    # hidden entries (editor state, .ansible/ caches) differ between a checkout and a wheel
+    return (
+        bool(_SKIP_PARTS.intersection(rel.parts))
+        or rel.suffix in _SKIP_SUFFIXES
+        or any(part.startswith(".") for part in rel.parts)
+    )
+
+
+def input_files(root: Path | None = None) -> list[Path]:
     """Files that change what a build produces, sorted; symlinks are followed."""
+    root = data_root() if root is None else root
     files: list[Path] = []
     for tree in HASHED_TREES:
         for path in (root / tree).rglob("*"):
-            rel = path.relative_to(root)
-            if _SKIP_PARTS.intersection(rel.parts) or path.suffix in _SKIP_SUFFIXES:
-                continue
-            if path.is_file():
+            if not _skipped(path.relative_to(root)) and path.is_file():
                 files.append(path)
     files.extend(root / name for name in HASHED_FILES if (root / name).is_file())
     return sorted(files)
+
+
+def files_digest(root: Path | None = None, files: Iterable[Path] | None = None) -> str:
+    """sha256 over the input files' relative paths and contents."""
+    root = data_root() if root is None else root
+    digest = hashlib.sha256()
+    for path in input_files(root) if files is None else files:
+        rel = path.relative_to(root).as_posix()
+        digest.update(f"file {rel}\n".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+@functools.cache
+def data_digest() -> str:
+    """files_digest() of the installed data root, once per process (it does not change)."""
+    return files_digest(data_root())
 
 
 def canonical_json(data: Any) -> str:
@@ -44,15 +78,17 @@ def input_hash(
     *,
     base_image_id: str,
     files: Iterable[Path] | None = None,
-    root: Path = ROOT,
+    root: Path | None = None,
+    digest_of_files: str | None = None,
 ) -> str:
-    """sha256 over the files' paths and contents, the resolved plan and the base image id."""
+    """sha256 over the files (their digest), the resolved plan and the base image id."""
+    if digest_of_files is None:
+        if root is None and files is None:
+            digest_of_files = data_digest()
+        else:
+            digest_of_files = files_digest(root, files)
     digest = hashlib.sha256()
-    for path in input_files(root) if files is None else files:
-        rel = path.relative_to(root).as_posix()
-        digest.update(f"file {rel}\n".encode())
-        digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
-        digest.update(b"\n")
+    digest.update(f"files {digest_of_files}\n".encode())
     digest.update(f"plan {canonical_json(resolved)}\n".encode())
     digest.update(f"base {base_image_id}\n".encode())
     return digest.hexdigest()

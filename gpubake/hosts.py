@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -13,9 +12,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from gpubake import ROOT, GpubakeError, stacks
-from gpubake.packer import Progress
-from gpubake.plan import BuildPlan, ansible_playbook_command
+from gpubake import GpubakeError, ansible, stacks
+from gpubake.ansible import Progress
+from gpubake.plan import BuildPlan
+from gpubake.resources import data_root
 
 SSH_OPTIONS = [
     "-o",
@@ -48,11 +48,27 @@ class SshLogin:
 
 
 def split_host(host: str) -> tuple[str | None, str, int | None]:
-    """USER@HOST[:PORT] -> (user, host, port)."""
-    user, _, rest = host.rpartition("@")
-    name, sep, port = rest.partition(":")
-    if not name or (sep and not port.isdigit()):
-        raise HostError(f"--host '{host}' is not USER@HOST or USER@HOST:PORT")
+    """USER@HOST[:PORT] (HOST may be [IPv6]) -> (user, host, port); one line if malformed."""
+    user, at, rest = host.rpartition("@")
+    if rest.startswith("["):  # [2001:db8::1]:2222
+        name, close, tail = rest[1:].partition("]")
+        sep, port = tail[:1], tail[1:]
+        bad_tail = bool(tail) and sep != ":"
+    else:
+        bad_tail = rest.count(":") > 1  # a bare IPv6 address: write it as [ADDRESS]
+        name, sep, port = rest.partition(":")
+        close = "]"
+    usage = "USER@HOST or USER@HOST:PORT"
+    if bad_tail and not rest.startswith("["):
+        raise HostError(f"--host '{host}': write an IPv6 address in brackets, e.g. root@[::1]:22")
+    if not name or not close or bad_tail or any(c.isspace() for c in host):
+        raise HostError(f"--host '{host}' has no host name: write {usage}")
+    if at and not user:
+        raise HostError(
+            f"--host '{host}' has an empty user name: write {usage}, or leave USER@ out"
+        )
+    if sep and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise HostError(f"--host '{host}': port '{port}' is not a number from 1 to 65535")
     return user or None, name, int(port) if sep else None
 
 
@@ -100,7 +116,7 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")  # ansible.cfg's interpreter_python
 
 
 def inventory(target: str, login: SshLogin | None) -> list[str]:
-    if target == "local" or login is None:
+    if login is None:  # local
         args = ["-i", "localhost,", "-c", "local"]
         if not SYSTEM_PYTHON.exists():  # a host whose only Python is gpubake's own
             args += ["-e", f"ansible_python_interpreter={sys.executable}"]
@@ -126,44 +142,33 @@ def apply(
 ) -> None:
     """Run playbooks/vm.yml, then playbooks/smoke.yml, on the host; `on_done(book, progress)`
     after each playbook that succeeded."""
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_FORCE_COLOR="0",
-        PYTHONUNBUFFERED="1",
-    )
     with tempfile.TemporaryDirectory(prefix="gpubake-host-") as tmp:
-        vars_file = Path(tmp) / "ansible-vars.json"
-        vars_file.write_text(json.dumps(dict(plan.ansible_vars)), encoding="utf-8")
+        vars_file = ansible.write_vars(Path(tmp) / "ansible-vars.json", plan.ansible_vars)
         # check mode installs nothing, so gpu-smoke then runs from gpubake itself (run_smoke)
         playbooks = ["vm.yml"] if check else ["vm.yml", "smoke.yml"]
+        args = [
+            *inventory(plan.target, login),
+            "--become",
+            "-e",
+            f"@{vars_file}",
+            *(["--check", "--diff"] if check else []),
+        ]
         for book in playbooks:
-            progress = Progress()
-            cmd = [
-                ansible_playbook_command(),
-                *inventory(plan.target, login),
-                "--become",
-                "-e",
-                f"@{vars_file}",
-                *(["--check", "--diff"] if check else []),
-                str(ROOT / "playbooks" / book),
-            ]
-            proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
-            )
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                on_line(line.rstrip("\n"), progress.feed(line))
-            if proc.wait() != 0:
-                raise HostError(progress.summary().replace("build failed", f"{book} failed", 1))
+            try:
+                progress = ansible.run_playbook(book, args, on_line)
+            except ansible.AnsibleError as exc:
+                raise HostError(str(exc)) from None
             if on_done is not None:
                 on_done(book, progress)
+
+
+SMOKE_SOURCE = Path("roles") / "gpu_smoke_test" / "files" / "gpu_smoke.py"
 
 
 def run_smoke(login: SshLogin | None, args: list[str]) -> int:
     """Run gpubake's own gpu_smoke.py on this machine (login None) or over ssh, with the
     GPU data."""
-    source = ROOT / "gpubake" / "gpu_smoke.py"
+    source = data_root() / SMOKE_SOURCE
     gpus = json.dumps(stacks.gpus_data())
     if login is None:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:

@@ -1,7 +1,11 @@
-"""Stack + target -> BuildPlan: Ansible vars, Packer vars, image name, labels, input hash.
+"""Stack + target + inputs -> BuildPlan: Ansible vars, Packer vars, image name, labels,
+input hash.
 
-`render()` writes everything Packer needs into one directory, so that
-`packer build -var-file=<target>.pkrvars.hcl .` can also be run by hand there.
+Pure: no subprocess, clock, PATH or git lookups here. What comes from the machine (the git
+revision, the time, the Packer version, the base image id, the ansible-playbook to run, a
+build id) is passed in by the caller (gpubake.flow); the input files are read from gpubake's
+data (gpubake.hashing), which does not change while gpubake runs.
+`gpubake.render` writes a plan out for Packer.
 """
 
 from __future__ import annotations
@@ -11,15 +15,12 @@ import json
 import math
 import os
 import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpubake import ROOT, GpubakeError, __version__, stacks
+from gpubake import GpubakeError, __version__, stacks, targets
 from gpubake.hashing import input_hash
 from gpubake.stacks import Stack, stacks_data
 
@@ -28,14 +29,6 @@ DEFAULT_USER = "gpubake"
 BUILD_CA_DIR = "/run/gpubake-build"
 LABEL_PREFIX = "io.gpubake"
 HASH_LABEL = f"{LABEL_PREFIX}.input-hash"
-#: Packer files each target renders (besides variables.pkr.hcl). The VM targets share
-#: vm.pkr.hcl (one build with both clouds' sources) and run with -only=PACKER_ONLY[target].
-_VM_FILES = ("vm.pkr.hcl", "gcp-image.pkr.hcl", "aws-ami.pkr.hcl")
-TARGET_FILES = {"docker": ("docker.pkr.hcl",), "gcp-image": _VM_FILES, "aws-ami": _VM_FILES}
-PACKER_ONLY = {"gcp-image": "googlecompute.gpubake", "aws-ami": "amazon-ebs.gpubake"}
-#: Targets applied straight to a running machine with ansible-playbook (no Packer).
-HOST_TARGETS = ("ssh", "local")
-ALL_TARGETS = (*TARGET_FILES, *HOST_TARGETS)
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -61,8 +54,10 @@ class BuildPlan:
 
     @property
     def packer_only(self) -> str | None:
-        """The source `packer build -only=` selects (None: the template has one build)."""
-        return PACKER_ONLY.get(self.target)
+        """The source `packer build -only=` selects (None: applied without Packer). A render
+        holds this source only; gpubake names it anyway, so its command line says what runs."""
+        target = targets.get(self.target)
+        return target.packer_source if target.is_cloud_image else None
 
     @property
     def image_ref(self) -> str:
@@ -111,26 +106,15 @@ def check_ca_bundle(path: str | os.PathLike[str] | None) -> Path | None:
     return bundle.resolve()
 
 
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _core_ansible_vars(stack: Stack, target: str, require_gpu: bool) -> dict[str, Any]:
     """The Ansible variables that shape the image (and so enter the input hash)."""
     tools = stacks_data()["tools"]
     data: dict[str, Any] = {
         "gpubake_stack": stack.to_dict(),
         "gpubake_target": target,
+        # for the playbooks: which kind of target (container, vm, host) and cloud (gcp, aws, "")
+        "gpubake_target_kind": targets.get(target).kind,
+        "gpubake_cloud": targets.cloud_of(target) or "",
         "python_env_kind": stack.python_env,
         "python_env_prefix": ENV_PREFIX,
         "python_env_python": stack.python,
@@ -160,17 +144,6 @@ def _docker_changes(labels: Mapping[str, str]) -> list[str]:
     ]
     changes += [f"LABEL {key}={json.dumps(value)}" for key, value in sorted(labels.items())]
     return changes
-
-
-def ansible_playbook_command() -> str:
-    """The ansible-playbook of gpubake's own environment, else the one on PATH."""
-    candidate = Path(sys.executable).parent / "ansible-playbook"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("ansible-playbook")
-    if not found:
-        raise PlanError("ansible-playbook not found: install gpubake with pip (it brings ansible)")
-    return found
 
 
 @dataclass(frozen=True)
@@ -213,6 +186,7 @@ def _common_labels(stack: Stack, digest: str) -> dict[str, str]:
 
 
 def _vm_ansible_vars(stack: Stack, target: str) -> dict[str, Any]:
+    cloud_image = targets.get(target)
     gpu = stack.gpu
     fabric = False
     if gpu is not None:
@@ -230,18 +204,18 @@ def _vm_ansible_vars(stack: Stack, target: str) -> dict[str, Any]:
         "nvidia_driver_fabric_manager": fabric,
         "cuda_version": stack.cuda_toolkit or stack.cuda,
         "cuda_source": stack.cuda_source,
-        "logging_agent_kind": stacks.TARGET_CLOUDS.get(target) or "none",
-        "image_cleanup_vm": target in ("gcp-image", "aws-ami"),
+        "logging_agent_kind": cloud_image.cloud if cloud_image.is_cloud_image else "none",
+        "image_cleanup_vm": cloud_image.is_cloud_image,
         # Packer reboots image builds itself (vm.pkr.hcl); a host (ssh, local) is rebooted by
         # the role's handler when the driver changed
-        "nvidia_driver_reboot": target not in ("gcp-image", "aws-ami"),
+        "nvidia_driver_reboot": not cloud_image.is_cloud_image,
         # validate.sh fails the bake unless DKMS built the driver for the image's kernel
-        "image_cleanup_expect_dkms": ["nvidia"] if target in ("gcp-image", "aws-ami") else [],
+        "image_cleanup_expect_dkms": ["nvidia"] if cloud_image.is_cloud_image else [],
     }
 
 
 def _build_machine(stack: Stack, target: str) -> str:
-    cloud = stacks.TARGET_CLOUDS[target]
+    cloud = targets.cloud_of(target)
     if stack.gpu is None or cloud is None:
         return stacks_data()["cpu_build_machines"].get(cloud or "", "")
     raw = stacks.gpus_data()["gpus"][stack.gpu.key][cloud]
@@ -251,7 +225,7 @@ def _build_machine(stack: Stack, target: str) -> str:
 def make_plan(
     stack: Stack,
     *,
-    target: str = "docker",
+    target: str = targets.DEFAULT,
     base_image: str,
     base_image_id: str,
     tag: str = "latest",
@@ -261,19 +235,38 @@ def make_plan(
     notes: tuple[str, ...] = (),
     cloud: CloudOptions | None = None,
     packer_version: tuple[int, int, int] = (1, 6, 6),
+    ansible_playbook: str = "ansible-playbook",
+    created: dt.datetime | None = None,
+    git_revision: str | None = None,
+    build_id: str = "",
 ) -> BuildPlan:
-    if target not in TARGET_FILES and target not in HOST_TARGETS:
-        raise PlanError(f"unknown target '{target}': use one of {', '.join(ALL_TARGETS)}")
+    """The plan of one build. The machine's part comes in as arguments: `packer_version`
+    (Packer 1.6 needs ssh-rsa for its proxy), `ansible_playbook` (the command Packer runs),
+    `created` (image creation label, AMI name stamp; None: left out), `git_revision` (image
+    label; None: left out) and `build_id` (makes the build container's name unique)."""
+    try:
+        kind = targets.get(target)
+    except targets.TargetError as exc:
+        raise PlanError(str(exc)) from None
     check_tag(tag)
     cloud = cloud or CloudOptions()
-    vm = target != "docker"
+    vm = kind.is_vm
     core = _core_ansible_vars(stack, target, require_gpu)
     if vm:
         core.update(_vm_ansible_vars(stack, target))
     digest = input_hash({"target": target, "ansible": core}, base_image_id=base_image_id)
 
     labels, packer_vars, image_ref = _target_specifics(
-        stack, target, digest, base_image, tag, cloud, packer_version
+        stack,
+        target,
+        digest,
+        base_image,
+        tag,
+        cloud,
+        packer_version,
+        created=created,
+        git_revision=git_revision,
+        build_id=build_id,
     )
     repository = f"gpubake/{stack.name}"
 
@@ -309,7 +302,7 @@ def make_plan(
     common = {
         "stack": stack.name,
         "input_hash": digest,
-        "ansible_playbook_command": ansible_playbook_command(),
+        "ansible_playbook_command": ansible_playbook,
         "ansible_extra_arguments": ["-" + "v" * verbose] if verbose else [],
     }
     return BuildPlan(
@@ -322,7 +315,7 @@ def make_plan(
         input_hash=digest,
         labels=labels,
         ansible_vars=ansible_vars,
-        packer_vars={**common, **packer_vars} if target in TARGET_FILES else {},
+        packer_vars={**common, **packer_vars} if kind.uses_packer else {},
         ca_bundle=ca_bundle,
         notes=notes,
         image=image_ref,
@@ -337,18 +330,20 @@ def _target_specifics(
     tag: str,
     cloud: CloudOptions,
     packer_version: tuple[int, int, int],
+    *,
+    created: dt.datetime | None,
+    git_revision: str | None,
+    build_id: str,
 ) -> tuple[dict[str, str], dict[str, Any], str]:
     """(labels, target packer vars, image reference) for one target."""
-    if target == "docker":
+    kind = targets.get(target)
+    if kind.kind == "container":
         repository = f"gpubake/{stack.name}"
         labels = {
             "org.opencontainers.image.title": repository,
             "org.opencontainers.image.description": stack.description,
             # the first pinned package of a stack is its framework
             "org.opencontainers.image.version": f"{stack.framework}-{stack.packages[0][1]}",
-            "org.opencontainers.image.created": dt.datetime.now(dt.UTC).strftime(
-                "%Y-%m-%dT%H:%M:%SZ"
-            ),
             "org.opencontainers.image.vendor": "gpubake",
             "org.opencontainers.image.base.name": base_image,
             f"{LABEL_PREFIX}.stack": stack.name,
@@ -359,18 +354,22 @@ def _target_specifics(
             f"{LABEL_PREFIX}.version": __version__,
             HASH_LABEL: digest,
         }
-        revision = _git_revision()
-        if revision:
-            labels["org.opencontainers.image.revision"] = revision
+        if created is not None:
+            stamp = created.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            labels["org.opencontainers.image.created"] = stamp
+        if git_revision:
+            labels["org.opencontainers.image.revision"] = git_revision
         packer_vars = {
             "base_image": base_image,
             "image_repository": repository,
             "image_tag": tag,
-            "container_name": f"gpubake-build-{digest[:12]}-{os.getpid()}",
+            "container_name": "-".join(
+                part for part in ("gpubake-build", digest[:12], build_id) if part
+            ),
             "docker_changes": _docker_changes(labels),
         }
         return labels, packer_vars, f"{repository}:{tag}"
-    if target in HOST_TARGETS:
+    if not kind.uses_packer:
         return _common_labels(stack, digest), {}, target
     ssh_args = (
         ["--ssh-extra-args", "-o HostKeyAlgorithms=+ssh-rsa -o PubkeyAcceptedKeyTypes=+ssh-rsa"]
@@ -387,7 +386,7 @@ def _target_specifics(
         "ansible_ssh_extra_args": ssh_args,
         "max_run_minutes": cloud.max_run_minutes,
     }
-    if target == "gcp-image":
+    if kind.cloud == "gcp":
         labels = {k: _gcp_label(v) for k, v in _common_labels(stack, digest).items()}
         name = f"gpubake-{stack.name}-{digest[:12]}"
         attach = cloud.gpu_build and gpu is not None and machine.startswith("n1-")
@@ -410,8 +409,9 @@ def _target_specifics(
         return labels, packer_vars, name
     labels = _common_labels(stack, digest)
     labels["gpubake-input-hash"] = digest  # AWS tags hold 256 characters
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
-    name = f"gpubake-{stack.name}-{digest[:12]}-{stamp}"
+    # AMI names are unique per region: a rebuild (--force) gets a new one by its time
+    stamp = created.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S") if created else ""
+    name = "-".join(part for part in ("gpubake", stack.name, digest[:12], stamp) if part)
     packer_vars = {
         "aws_region": cloud.region or "",
         "aws_profile": cloud.profile or "",
@@ -426,38 +426,3 @@ def _target_specifics(
         **common,
     }
     return labels, packer_vars, name
-
-
-def hcl_value(value: Any) -> str:
-    """A Python value as an HCL2 expression (JSON syntax, template sequences escaped)."""
-    text = json.dumps(value, indent=2 if isinstance(value, list | dict) else None)
-    return text.replace("${", "$${").replace("%{", "%%{")
-
-
-def render(plan: BuildPlan, out_dir: Path, *, with_plugins: bool) -> Path:
-    """Write the Packer and Ansible inputs of `plan` into `out_dir`; return the var file."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images = ROOT / "images"
-    if plan.target not in TARGET_FILES:
-        raise PlanError(f"target '{plan.target}' is applied with ansible-playbook, not Packer")
-    names = ["variables.pkr.hcl", *TARGET_FILES[plan.target]]
-    if with_plugins:
-        names.append("plugins.pkr.hcl")
-    for name in names:
-        shutil.copyfile(images / name, out_dir / name)
-    for tree in ("roles", "playbooks"):
-        dest = out_dir / tree
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(
-            ROOT / tree, dest, symlinks=False, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
-    shutil.copyfile(ROOT / "ansible.cfg", out_dir / "ansible.cfg")
-    (out_dir / "ansible-vars.json").write_text(
-        json.dumps(plan.ansible_vars, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
-    var_file = out_dir / f"{plan.target}.pkrvars.hcl"
-    lines = [f"# Written by gpubake {__version__}: {plan.image_ref}, input hash {plan.input_hash}"]
-    lines += [f"{key} = {hcl_value(value)}" for key, value in plan.packer_vars.items()]
-    var_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return var_file

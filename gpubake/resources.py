@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import subprocess
 from importlib import resources
 from pathlib import Path
 
@@ -71,3 +72,21 @@ def ansible_env() -> dict[str, str]:
         "ANSIBLE_CONFIG": str(data_root() / "ansible.cfg"),
         "ANSIBLE_COLLECTIONS_PATH": str(collections_path()),
     }
+
+
+def source_revision() -> str | None:
+    """The git commit of the data root when it is a checkout (an installed wheel has none)."""
+    root = data_root()
+    if not (root / ".git").exists():  # a wheel inside someone's repository is not that repo
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

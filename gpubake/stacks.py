@@ -17,19 +17,8 @@ from typing import Any
 import yaml
 from packaging.version import InvalidVersion, Version
 
-from gpubake import ROOT, GpubakeError
-
-STACKS_FILE = ROOT / "images" / "stacks.yml"
-GPUS_FILE = ROOT / "images" / "gpus.yml"
-
-#: Targets and the cloud each one runs on (None: no cloud).
-TARGET_CLOUDS: dict[str, str | None] = {
-    "docker": None,
-    "gcp-image": "gcp",
-    "aws-ami": "aws",
-    "ssh": None,
-    "local": None,
-}
+from gpubake import GpubakeError, targets
+from gpubake.resources import data_root
 
 #: Keys --var may set, with a parser for each value.
 _BOOL = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -46,11 +35,11 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def stacks_data() -> dict[str, Any]:
-    return _load(STACKS_FILE)
+    return _load(data_root() / "images" / "stacks.yml")
 
 
 def gpus_data() -> dict[str, Any]:
-    return _load(GPUS_FILE)
+    return _load(data_root() / "images" / "gpus.yml")
 
 
 def _ver(text: str) -> Version:
@@ -217,8 +206,8 @@ class DistroPackages:
 def distro_packages(osinfo: OsInfo) -> DistroPackages:
     distribution, _, version = osinfo.key.partition("-")
     name = f"{distribution.capitalize()}-{version}.yml"
-    driver = _load(ROOT / "roles" / "nvidia_driver" / "vars" / name)
-    cuda = _load(ROOT / "roles" / "cuda" / "vars" / name)
+    driver = _load(data_root() / "roles" / "nvidia_driver" / "vars" / name)
+    cuda = _load(data_root() / "roles" / "cuda" / "vars" / name)
     return DistroPackages(
         tuple(str(b) for b in driver["__nvidia_driver_distro_branches"]),
         str(cuda["__cuda_distro_version"]),
@@ -254,10 +243,17 @@ def resolve(
     os_key: str | None = None,
     gpu: str | None = None,
     variables: Mapping[str, str] | None = None,
-    target: str = "docker",
+    target: str = targets.DEFAULT,
 ) -> Stack:
     """Resolve a stack and its overrides into a checked `Stack`."""
     data = stacks_data()
+    for flag, value, what in (
+        ("--stack", name, f"a stack name ({', '.join(stack_names())})"),
+        ("--os", os_key, f"an OS ({', '.join(os_names())})"),
+        ("--gpu", gpu, "a GPU model such as t4 or h100"),
+    ):
+        if value is not None and not value.strip():
+            raise StackError(f"{flag} is empty: give {what}, or leave {flag} out for the default")
     name = name or data["default_stack"]
     raw = data["stacks"].get(name)
     if raw is None:
@@ -455,7 +451,7 @@ def _check_gpu(name: str, gpu: Gpu, cuda: str, branch: str, target: str) -> None
             f"{gpu.last_driver_branch}, but stack '{name}' uses {branch}: "
             f"use --var driver_branch={gpu.last_driver_branch} with a CUDA it supports"
         )
-    cloud = TARGET_CLOUDS.get(target)
+    cloud = targets.cloud_of(target)
     if cloud == "gcp" and not gpu.gcp_accelerators:
         offered = [
             k for k in gpu_names() if gpus_data()["gpus"][k].get("gcp", {}).get("accelerators")

@@ -1,4 +1,4 @@
-# Target `aws-ami`: its variables and source (the build is in vm.pkr.hcl). An AMI
+# Target `aws-ami`: its variables and source (the build is in vm.pkr.hcl, shared). An AMI
 # is built on a GPU instance, so that gpu-smoke runs on the real GPU before the
 # AMI exists. Leak-proof: spot pricing, instance-initiated
 # shutdown terminates, the instance powers itself off after max_run_minutes,

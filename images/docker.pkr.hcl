@@ -53,19 +53,19 @@ build {
 
   provisioner "ansible" {
     command          = var.ansible_playbook_command
-    playbook_file    = "${path.root}/playbooks/container.yml"
+    playbook_file    = "${local.collection}/playbooks/container.yml"
     user             = "root"
     extra_arguments  = local.ansible_arguments
-    ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
+    ansible_env_vars = local.ansible_env_vars
   }
 
   # Last: the image counts as built only if gpu-smoke passes in it.
   provisioner "ansible" {
     command          = var.ansible_playbook_command
-    playbook_file    = "${path.root}/playbooks/smoke.yml"
+    playbook_file    = "${local.collection}/playbooks/smoke.yml"
     user             = "root"
     extra_arguments  = local.ansible_arguments
-    ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
+    ansible_env_vars = local.ansible_env_vars
   }
 
   post-processor "docker-tag" {

@@ -1,4 +1,4 @@
-# Target `gcp-image`: its variables and source (the build is in vm.pkr.hcl). A GCP
+# Target `gcp-image`: its variables and source (the build is in vm.pkr.hcl, shared). A GCP
 # image is built on a VM with the GPU attached, so that gpu-smoke runs on the real
 # GPU before the image exists. Leak-proof: a
 # preemptible (spot) build VM that stops itself after max_run_minutes, labelled

@@ -1,6 +1,8 @@
 # Variables every gpubake target shares. (Validation avoids regex(): Packer
-# 1.6.6 evaluates it wrongly in validation blocks; gpubake checks strictly.) gpubake writes one var file per build
-# (<target>.pkrvars.hcl); `gpubake render` leaves it beside these files.
+# 1.6.6 evaluates it wrongly in validation blocks; gpubake checks strictly.)
+# `gpubake render --target T --out DIR` writes T's Packer files, its variables as
+# T.auto.pkrvars.hcl (Packer loads it by itself), ansible-vars.json, ansible.cfg and
+# the collection gpubake.gpu under collections/: `packer build .` in DIR needs no flags.
 
 variable "stack" {
   type        = string
@@ -30,4 +32,14 @@ variable "ansible_extra_arguments" {
   type        = list(string)
   description = "Extra ansible-playbook arguments, e.g. [\"-v\"]."
   default     = []
+}
+
+locals {
+  # The collection gpubake.gpu as rendered beside these files; its playbooks call the roles
+  # by FQCN, so Ansible is pointed at the collection and at the rendered ansible.cfg.
+  collection = "${path.root}/collections/ansible_collections/gpubake/gpu"
+  ansible_env_vars = [
+    "ANSIBLE_CONFIG=${path.root}/ansible.cfg",
+    "ANSIBLE_COLLECTIONS_PATH=${path.root}/collections",
+  ]
 }

@@ -1,6 +1,7 @@
-# VM targets (gcp-image, aws-ami): the variables and the build they share. gpubake
-# renders both clouds' sources and runs Packer with -only=<the target's source>;
-# the provisioners (VM playbook, gpu-smoke, seal + validate) exist once, here.
+# VM targets (gcp-image, aws-ami): the variables and the build they share; the
+# provisioners (VM playbook, gpu-smoke, seal + validate) exist once, here. Each
+# cloud's source is in its own file (gcp-image.pkr.hcl, aws-ami.pkr.hcl): a render
+# holds one of them, and gpubake writes the `sources` line below with that one only.
 
 variable "disk_size_gb" {
   type        = number
@@ -47,10 +48,10 @@ build {
 
   provisioner "ansible" {
     command          = var.ansible_playbook_command
-    playbook_file    = "${path.root}/playbooks/vm.yml"
+    playbook_file    = "${local.collection}/playbooks/vm.yml"
     user             = var.ssh_username
     extra_arguments  = local.ansible_arguments
-    ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
+    ansible_env_vars = local.ansible_env_vars
   }
 
   # The new driver loads at boot. Packer reboots the VM itself: Ansible's reboot
@@ -66,19 +67,19 @@ build {
   provisioner "ansible" {
     pause_before     = "30s"
     command          = var.ansible_playbook_command
-    playbook_file    = "${path.root}/playbooks/smoke.yml"
+    playbook_file    = "${local.collection}/playbooks/smoke.yml"
     user             = var.ssh_username
     extra_arguments  = local.ansible_arguments
-    ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
+    ansible_env_vars = local.ansible_env_vars
   }
 
   # VM images only, after gpu-smoke: remove SSH host keys, machine-id, cloud-init
   # state and login keys, then validate the bake (fails it if anything is left).
   provisioner "ansible" {
     command          = var.ansible_playbook_command
-    playbook_file    = "${path.root}/playbooks/seal.yml"
+    playbook_file    = "${local.collection}/playbooks/seal.yml"
     user             = var.ssh_username
     extra_arguments  = local.ansible_arguments
-    ansible_env_vars = ["ANSIBLE_CONFIG=${path.root}/ansible.cfg"]
+    ansible_env_vars = local.ansible_env_vars
   }
 }

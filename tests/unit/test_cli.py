@@ -66,6 +66,41 @@ BAD_INPUTS = [
     (["--target", "nowhere"], "Invalid value for '--target'"),
     (["--frobnicate"], "No such option '--frobnicate'"),
     (["--var", "packages.torch=latest"], "is not a version number"),
+    # malformed cloud and host values: refused before any tool, credential or login is tried
+    *(
+        (["--target", "gcp-image", "--project", bad, "--zone", "us-central1-a"], needle)
+        for bad, needle in (
+            ("My_Project", "--project 'My_Project' is not a GCP project id"),
+            ("abcde", "is not a GCP project id: 6 to 30"),  # too short
+            ("a" * 31, "is not a GCP project id"),  # too long
+            ("1project", "is not a GCP project id"),  # starts with a digit
+            ("my-project-", "is not a GCP project id"),  # ends with a hyphen
+        )
+    ),
+    (
+        ["--target", "gcp-image", "--project", "my-project-1", "--zone", "us-central1"],
+        "--zone 'us-central1' is not a GCP zone: write region and zone letter, e.g. us-central1-a",
+    ),
+    (
+        ["--target", "gcp-image", "--project", "my-project-1", "--zone", "central-a"],
+        "is not a GCP zone",
+    ),
+    (["--target", "aws-ami", "--region", "us-east"], "--region 'us-east' is not an AWS region"),
+    (["--target", "aws-ami", "--region", "US-EAST-1"], "is not an AWS region"),
+    (["--target", "ssh", "--host", "user@"], "--host 'user@' has no host name"),
+    (["--target", "ssh", "--host", "@"], "--host '@' has no host name"),
+    (["--target", "ssh", "--host", ":22"], "--host ':22' has no host name"),
+    (["--target", "ssh", "--host", "root@10.0.0.5:0"], "port '0' is not a number from 1 to 65535"),
+    (["--target", "ssh", "--host", "root@10.0.0.5:65536"], "is not a number from 1 to 65535"),
+    (["--target", "ssh", "--host", "root@10.0.0.5:ssh"], "is not a number from 1 to 65535"),
+    (["--target", "ssh", "--host", "::1"], "write an IPv6 address in brackets"),
+    # empty values are mistakes (an unset shell variable), not "use the default"
+    (["--stack", ""], "Invalid value for '--stack': is empty"),
+    (["--gpu", ""], "Invalid value for '--gpu': is empty"),
+    (["--base-image", ""], "Invalid value for '--base-image': is empty"),
+    (["--os", " "], "Invalid value for '--os': is empty"),
+    (["--target", "ssh", "--host", ""], "Invalid value for '--host': is empty"),
+    (["--target", "aws-ami", "--region", ""], "Invalid value for '--region': is empty"),
 ]
 
 
@@ -84,6 +119,36 @@ def test_bad_input_is_one_line_and_starts_nothing(args, needle, tmp_path):
     assert needle in lines[0]
     assert proc.stdout == ""
     assert containers() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["render", "--target", "gcp-image", "--project", "x", "--out", "{out}"], "project id"),
+        (["render", "--target", "aws-ami", "--region", "nowhere", "--out", "{out}"], "region"),
+        (["render", "--target", "ssh", "--out", "{out}"], "--target ssh uses no Packer"),
+        (["render", "--stack", "", "--out", "{out}"], "'--stack': is empty"),
+        (["smoke", "--host", "user@"], "--host 'user@' has no host name"),
+        (["smoke", "--host", "h:99999"], "is not a number from 1 to 65535"),
+    ],
+)
+def test_render_and_smoke_refuse_bad_input(args, needle, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpubake", *[a.replace("{out}", str(out)) for a in args]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("gpubake: error: ")
+    assert needle in lines[0]
+    assert not out.exists()
 
 
 def test_unreachable_engine_is_one_line(tmp_path):

@@ -33,6 +33,10 @@ def fake_cli(tmp_path: Path, name: str) -> str:
     return f"{bindir}:{os.environ['PATH']}"
 
 
+#: A well-formed GCP project id (6-30 characters): gpubake refuses others before anything.
+PROJECT = "my-project-1"
+
+
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "build.py"), *args],
@@ -85,7 +89,7 @@ def test_missing_cloud_cli(tmp_path):
     empty.mkdir()
     env = clean_env(tmp_path, PATH=str(empty))
     one_error(
-        run(env, "--target", "gcp-image", "--project", "p", "--zone", "us-central1-a"),
+        run(env, "--target", "gcp-image", "--project", PROJECT, "--zone", "us-central1-a"),
         "gcloud not found on PATH: install the Google Cloud CLI",
     )
     one_error(
@@ -97,7 +101,7 @@ def test_missing_cloud_cli(tmp_path):
 def test_missing_gcp_credentials(tmp_path):
     env = clean_env(tmp_path, PATH=fake_cli(tmp_path, "gcloud"))
     one_error(
-        run(env, "--target", "gcp-image", "--project", "p", "--zone", "us-central1-a"),
+        run(env, "--target", "gcp-image", "--project", PROJECT, "--zone", "us-central1-a"),
         "no GCP credentials for Packer: run `gcloud auth application-default login`",
     )
 
@@ -225,7 +229,7 @@ def test_cloud_dry_run_prints_the_packer_command(tmp_path, have_packer):
         "--target",
         "gcp-image",
         "--project",
-        "p",
+        PROJECT,
         "--zone",
         "us-central1-a",
         "--gpu",

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gpubake.packer import Packer, PackerError, Progress, needs_plugins, parse_version
+from gpubake.ansible import Progress
+from gpubake.packer import Packer, PackerError, needs_plugins, parse_version
 
 
 @pytest.mark.parametrize(

@@ -8,16 +8,15 @@ import subprocess
 
 import pytest
 
-from gpubake import hashing
+from gpubake import ansible, hashing, resources
 from gpubake.plan import (
     HASH_LABEL,
     PlanError,
     check_ca_bundle,
     check_tag,
-    hcl_value,
     make_plan,
-    render,
 )
+from gpubake.render import COLLECTION_DIR, hcl_value, render
 from gpubake.stacks import resolve
 
 
@@ -114,12 +113,12 @@ def test_hcl_value_escapes_templates():
 
 
 def test_render_writes_a_self_contained_tree(tmp_path, have_packer):
-    plan = _plan()
+    plan = _plan(ansible_playbook=ansible.playbook_command())
     var_file = render(plan, tmp_path, with_plugins=False)
     for name in ("variables.pkr.hcl", "docker.pkr.hcl", "ansible.cfg", "ansible-vars.json"):
         assert (tmp_path / name).is_file(), name
     assert not (tmp_path / "plugins.pkr.hcl").exists()
-    smoke = tmp_path / "roles" / "gpu_smoke_test" / "files" / "gpu_smoke.py"
+    smoke = tmp_path / COLLECTION_DIR / "roles" / "gpu_smoke_test" / "files" / "gpu_smoke.py"
     assert smoke.is_file() and not smoke.is_symlink()
     assert (
         json.loads((tmp_path / "ansible-vars.json").read_text())["gpubake_stack"]["name"]
@@ -135,3 +134,39 @@ def test_render_writes_a_self_contained_tree(tmp_path, have_packer):
     with_plugins = tmp_path / "modern"
     render(plan, with_plugins, with_plugins=True)
     assert "required_plugins" in (with_plugins / "plugins.pkr.hcl").read_text()
+
+
+def test_hash_is_the_same_for_a_checkout_and_a_wheel(tmp_path):
+    """A wheel carries the data as copies (setup.py: symlinks followed, caches left out) under
+    another root; the input files hash the same, by relative path and content."""
+    root = resources.data_root()
+    wheel = tmp_path / "site-packages" / "gpubake" / "_data"
+    wheel.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo")
+    for item in resources.DATA_ITEMS:
+        if (root / item).is_dir():
+            shutil.copytree(root / item, wheel / item, ignore=ignore)
+        else:
+            shutil.copyfile(root / item, wheel / item)
+    (wheel / "roles" / "base" / "__pycache__").mkdir(exist_ok=True)
+    (wheel / "roles" / "base" / "__pycache__" / "x.pyc").write_bytes(b"junk")
+    assert hashing.files_digest(wheel) == hashing.files_digest(root)
+    rel = {p.relative_to(root).parts[0] for p in hashing.input_files(root)}
+    assert {"roles", "playbooks", "images", "ansible.cfg"} <= rel
+    assert "galaxy.yml" not in rel
+
+
+def test_plan_is_pure_its_machine_inputs_are_arguments():
+    import datetime as dt
+
+    bare = _plan()
+    assert "org.opencontainers.image.created" not in bare.labels
+    assert "org.opencontainers.image.revision" not in bare.labels
+    assert bare.packer_vars["container_name"] == f"gpubake-build-{bare.input_hash[:12]}"
+    when = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
+    full = _plan(created=when, git_revision="abc123", build_id="42", ansible_playbook="/x/ap")
+    assert full.labels["org.opencontainers.image.created"] == "2026-12-01T12:00:00Z"
+    assert full.labels["org.opencontainers.image.revision"] == "abc123"
+    assert full.packer_vars["container_name"].endswith("-42")
+    assert full.packer_vars["ansible_playbook_command"] == "/x/ap"
+    assert full.input_hash == bare.input_hash  # none of them shapes the image

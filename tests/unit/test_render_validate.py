@@ -1,4 +1,5 @@
-"""`packer validate` accepts what gpubake renders, for every target x stack x OS."""
+"""`packer validate .` accepts what gpubake renders, with no flags, for every target x stack x
+OS; a render holds only its target's files, and they are `packer fmt` clean."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import subprocess
 
 import pytest
 
-from gpubake import stacks
-from gpubake.plan import TARGET_FILES, CloudOptions, make_plan, render
+from gpubake import ansible, stacks, targets
+from gpubake.plan import CloudOptions, make_plan
+from gpubake.render import COLLECTION_DIR, render
 
-COMBOS = list(itertools.product(TARGET_FILES, stacks.stack_names(), stacks.os_names()))
+COMBOS = list(
+    itertools.product(targets.names(packer=True), stacks.stack_names(), stacks.os_names())
+)
 CLOUD = CloudOptions(project="gpubake-ci", zone="us-central1-a", region="us-east-1")
 
 
@@ -30,22 +34,52 @@ def test_every_combination_renders_and_validates(tmp_path, have_packer, target, 
         base_image_id="sha256:ci",
         cloud=CLOUD,
         require_gpu=target != "docker",
+        ansible_playbook=ansible.playbook_command(),
     )
     var_file = render(plan, tmp_path, with_plugins=False)
+    assert var_file.name == f"{target}.auto.pkrvars.hcl"
+    written = sorted(p.name for p in tmp_path.glob("*.pkr*.hcl"))
+    assert written == sorted(
+        ["variables.pkr.hcl", *targets.get(target).packer_files, var_file.name]
+    )
+    # no flags: the variables are auto-loaded, and the folder holds one source and one build
     out = subprocess.run(
-        [
-            have_packer,
-            "validate",
-            *([f"-only={plan.packer_only}"] if plan.packer_only else []),
-            f"-var-file={var_file}",
-            str(tmp_path),
-        ],
+        [have_packer, "validate", "."],
         capture_output=True,
         text=True,
         check=False,
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+    fmt = subprocess.run(
+        [have_packer, "fmt", "-check", "."], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_a_render_is_usable_by_hand(tmp_path):
+    """Only the target's source; the collection and a config that finds it, beside the files."""
+    plan = make_plan(
+        stacks.resolve(gpu="t4", target="aws-ami"),
+        target="aws-ami",
+        base_image="x",
+        base_image_id="x",
+        cloud=CLOUD,
+    )
+    (tmp_path / "gcp-image.pkr.hcl").write_text("# left by an earlier render\n")
+    render(plan, tmp_path, with_plugins=False)
+    assert not (tmp_path / "gcp-image.pkr.hcl").exists()
+    hcl = "".join(p.read_text() for p in tmp_path.glob("*.pkr.hcl"))
+    assert "googlecompute" not in hcl
+    assert 'sources = ["source.amazon-ebs.gpubake"]' in hcl
+    cfg = (tmp_path / "ansible.cfg").read_text()
+    assert "\ncollections_path = collections\n" in cfg
+    assert cfg.index("collections_path") > cfg.index("[defaults]")
+    collection = tmp_path / COLLECTION_DIR
+    for item in ("galaxy.yml", "roles", "playbooks", "plugins", "meta"):
+        assert (collection / item).exists(), item
+    assert (collection / "playbooks" / "vm.yml").is_file()
+    assert not list(collection.rglob("__pycache__"))
 
 
 def test_cloud_plans_carry_gpu_leak_guards_and_labels():

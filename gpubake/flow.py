@@ -1,0 +1,507 @@
+"""The build flow behind `gpubake build` and `gpubake render`: check everything that can be
+checked here, gather what the plan takes from this machine, plan, then run Packer (image
+targets) or ansible-playbook (host targets), reporting progress on stderr.
+
+gpubake.cli parses the command line into a `BuildRequest`; this module does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gpubake import GpubakeError, resources, stacks, targets
+from gpubake.plan import BuildPlan, CloudOptions, check_ca_bundle, check_tag, make_plan
+from gpubake.render import render, var_file_name
+
+LOG_DIR = resources.cache_dir() / "logs"
+
+
+def echo(message: str) -> None:
+    click.echo(f"gpubake: {message}", err=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildRequest:
+    """What `gpubake build` was asked for, as parsed from the command line."""
+
+    target: str = targets.DEFAULT
+    stack: str | None = None
+    os_key: str | None = None
+    gpu: str | None = None
+    variables: tuple[str, ...] = ()
+    base_image: str | None = None
+    ca_bundle: Path | None = None
+    tag: str = "latest"
+    project: str | None = None
+    zone: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    disk_size: int | None = None
+    no_gpu_build: bool = False
+    host: str | None = None
+    ssh_key: Path | None = None
+    known_hosts: Path | None = None
+    check_mode: bool = False
+    force: bool = False
+    dry_run: bool = False
+    as_json: bool = False
+    verbose: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """A request after its stack resolved and its options were checked."""
+
+    stack: stacks.Stack
+    target: targets.Target
+    request: BuildRequest
+    bundle: Path | None
+
+    @property
+    def ansible_verbosity(self) -> int:
+        return max(self.request.verbose - 1, 0)
+
+
+def machine_inputs(packer: Any | None) -> dict[str, Any]:
+    """What a plan takes from this machine (gpubake.plan is pure): the Packer version, the
+    ansible-playbook to run, the time, the git revision of gpubake's data, a build id."""
+    from gpubake import ansible
+
+    inputs: dict[str, Any] = {
+        "ansible_playbook": ansible.playbook_command(),
+        "created": dt.datetime.now(dt.UTC),
+        "git_revision": resources.source_revision(),
+        "build_id": str(os.getpid()),
+    }
+    if packer is not None:
+        inputs["packer_version"] = packer.version
+    return inputs
+
+
+def resolve_stack(
+    stack: str | None,
+    os_key: str | None,
+    gpu: str | None,
+    variables: Sequence[str],
+    target: targets.Target,
+    *,
+    gpu_build: bool = True,
+) -> stacks.Stack:
+    if target.is_cloud_image and gpu is None and gpu_build:
+        gpu = stacks.stacks_data()["default_cloud_gpu"]
+    return stacks.resolve(
+        stack,
+        os_key=os_key,
+        gpu=gpu,
+        variables=stacks.parse_vars(list(variables)),
+        target=target.name,
+    )
+
+
+def build(request: BuildRequest) -> None:
+    """Build an image (or set up a host) as `request` asks; every local check comes first."""
+    target = targets.get(request.target)
+    resolved = resolve_stack(
+        request.stack,
+        request.os_key,
+        request.gpu,
+        request.variables,
+        target,
+        gpu_build=not request.no_gpu_build,
+    )
+    check_tag(request.tag)
+    run = _Run(resolved, target, request, check_ca_bundle(request.ca_bundle))
+    if target.kind == "container":
+        _build_container(run)
+    elif target.kind == "vm":
+        _build_cloud_image(run)
+    else:
+        _apply_host(run)
+
+
+def _build_container(run: _Run) -> None:
+    from gpubake import docker_engine
+    from gpubake.packer import Packer
+
+    req = run.request
+    started = time.monotonic()
+    packer = Packer.detect()
+    engine = docker_engine.client()
+    notes: list[str] = []
+    if req.dry_run:
+        ref, image_id = _dry_run_base(engine, run.stack.os, req.base_image, notes)
+    else:
+        ref, image_id, note = docker_engine.ensure_base_image(
+            engine, run.stack.os, req.base_image, echo
+        )
+        if note:
+            notes.append(note)
+    plan = make_plan(
+        run.stack,
+        target=run.target.name,
+        base_image=ref,
+        base_image_id=image_id,
+        tag=req.tag,
+        ca_bundle=run.bundle,
+        verbose=run.ansible_verbosity,
+        notes=tuple(notes),
+        **machine_inputs(packer),
+    )
+    if req.dry_run:
+        print_plan(plan, packer, req.as_json)
+        return
+
+    existing = docker_engine.image_with_hash(
+        engine, plan.image_repository, plan.input_hash, plan.image_ref
+    )
+    if existing is not None and not req.force:
+        if plan.image_ref not in existing.tags:
+            existing.tag(plan.image_repository, plan.image_tag)
+        echo(
+            f"skipped: {plan.image_ref} is already built from identical inputs "
+            f"(input hash {plan.input_hash[:12]}, image {existing.short_id}); "
+            "use --force to rebuild"
+        )
+        click.echo(plan.image_ref)
+        return
+
+    echo(
+        f"building {plan.image_ref}: stack {run.stack.name} on {run.stack.os.key}, "
+        f"base {ref}, Packer {packer.version_text}, input hash {plan.input_hash[:12]}"
+    )
+    for note in plan.notes:
+        echo(note)
+    previous = docker_engine.local_image(engine, plan.image_ref)
+    run_packer(plan, packer, req.verbose)
+    image = docker_engine.local_image(engine, plan.image_ref)
+    size = f", {image.attrs['Size'] / 1e9:.2f} GB" if image is not None else ""
+    echo(f"built {plan.image_ref}{size} in {elapsed(started)}; gpu-smoke passed in it")
+    dropped = docker_engine.drop_replaced(engine, previous, image)
+    if dropped:
+        echo(f"removed {dropped}, the image {plan.image_ref} pointed to before (now untagged)")
+    click.echo(plan.image_ref)
+
+
+def _build_cloud_image(run: _Run) -> None:
+    from gpubake import clouds
+    from gpubake.packer import Packer
+
+    req = run.request
+    started = time.monotonic()
+    cloud = CloudOptions(
+        project=req.project,
+        zone=req.zone,
+        region=req.region,
+        profile=req.profile,
+        disk_size_gb=req.disk_size,
+        gpu_build=not req.no_gpu_build,
+    )
+    cloud = clouds.settle_options(run.target.name, cloud, os.environ)
+    clouds.check_disk(run.stack, cloud.disk_size_gb)
+    notes = []
+    if not cloud.gpu_build:
+        notes.append("--no-gpu-build: built on a CPU machine; gpu-smoke's GPU checks will not run")
+    assert run.target.cloud is not None
+    source = getattr(run.stack.os, run.target.cloud)
+    assert source is not None
+    base = "/".join(str(v) for v in source.values())
+    cli = ""
+    if not req.dry_run:
+        cli = clouds.check_cli(run.target.name)
+        creds = clouds.check_credentials(run.target.name, cloud, os.environ)
+        notes.append(f"credentials: {creds}")
+    packer = Packer.detect()
+    plan = make_plan(
+        run.stack,
+        target=run.target.name,
+        base_image=base,
+        base_image_id=f"latest:{base}",
+        ca_bundle=run.bundle,
+        require_gpu=cloud.gpu_build,
+        verbose=run.ansible_verbosity,
+        notes=tuple(notes),
+        cloud=cloud,
+        **machine_inputs(packer),
+    )
+    if req.dry_run:
+        print_plan(plan, packer, req.as_json)
+        return
+    existing = clouds.find_existing(plan, cloud, cli)
+    if existing and not req.force:
+        echo(
+            f"skipped: {existing} is already built from identical inputs (input hash "
+            f"{plan.input_hash[:12]}); use --force to rebuild"
+        )
+        click.echo(existing)
+        return
+    echo(
+        f"building {plan.image_ref}: stack {run.stack.name} on {run.stack.os.key}, "
+        f"Packer {packer.version_text}, input hash {plan.input_hash[:12]}"
+    )
+    for note in plan.notes:
+        echo(note)
+    run_packer(plan, packer, req.verbose)
+    echo(f"built {plan.image_ref} in {elapsed(started)}; gpu-smoke passed on it")
+    click.echo(plan.image_ref)
+
+
+def ssh_login(host: str | None, ssh_key: Path | None, known_hosts: Path | None) -> Any:
+    """The SshLogin for --host (checked for form here: nothing is contacted), or None."""
+    from gpubake import hosts
+
+    if host is None:
+        return None
+    hosts.split_host(host)
+    return hosts.SshLogin(host, ssh_key, known_hosts)
+
+
+def _apply_host(run: _Run) -> None:
+    from gpubake import hosts
+
+    req = run.request
+    login = ssh_login(req.host, req.ssh_key, req.known_hosts)
+    host = login.host if login else None
+    started = time.monotonic()
+    inputs = machine_inputs(None)
+    plan = make_plan(
+        run.stack,
+        target=run.target.name,
+        base_image=host or "localhost",
+        base_image_id=f"host:{host or 'localhost'}",
+        ca_bundle=run.bundle,
+        require_gpu=False,
+        verbose=run.ansible_verbosity,
+        **inputs,
+    )
+    if req.dry_run:
+        print_plan(plan, None, req.as_json)
+        return
+    if login is not None:
+        hosts.check_ssh(login)
+    where = host or "this machine"
+    check = req.check_mode
+    echo(f"applying the VM playbook{' in check mode' if check else ''} to {where}")
+
+    def on_line(line: str, message: str | None) -> None:
+        if req.verbose or check:
+            click.echo(line, err=True)
+        elif message:
+            click.echo(f"  {elapsed(started):>7}  {message}", err=True)
+
+    def on_done(book: str, progress: Any) -> None:
+        verb = "would change" if check else "changed"
+        echo(f"{book} on {where}: {progress.changed_summary().replace('changed', verb, 1)}")
+
+    hosts.apply(plan, login=login, on_line=on_line, check=check, on_done=on_done)
+    if check:
+        echo("check mode changed nothing; running gpu-smoke from gpubake itself")
+        code = hosts.run_smoke(login, ["--require-gpu"])
+        if code != 0:
+            raise GpubakeError(f"gpu-smoke failed on {where} (exit {code})")
+    echo(f"done on {where} in {elapsed(started)}")
+
+
+def _dry_run_base(
+    engine: Any, osinfo: stacks.OsInfo, explicit: str | None, notes: list[str]
+) -> tuple[str, str]:
+    from gpubake import docker_engine
+
+    candidates = [explicit] if explicit else [osinfo.base_image, docker_engine.base_ref(osinfo)]
+    for ref in candidates:
+        image = docker_engine.local_image(engine, ref)
+        if image is not None:
+            return ref, image.id
+    if explicit:
+        raise docker_engine.EngineError(
+            f"--base-image {explicit}: not found locally: load it "
+            "first (docker load / docker import)"
+        )
+    notes.append(
+        f"no local base image: a build would pull {osinfo.base_image} or "
+        f"debootstrap {docker_engine.base_ref(osinfo)}; the input hash will change then"
+    )
+    return osinfo.base_image, "not-yet-available"
+
+
+_SOURCE_NAMES = {"nvidia": "NVIDIA's CUDA repository", "distro": "the OS's packages"}
+
+
+def print_plan(plan: BuildPlan, packer: Any, as_json: bool) -> None:
+    data = plan.to_dict()
+    if packer is not None:
+        work = Path("<work dir>")
+        data["packer_version"] = packer.version_text
+        data["packer_command"] = " ".join(
+            packer.command("build", work, work / var_file_name(plan.target), only=plan.packer_only)
+        )
+    else:
+        data["packer_version"] = None
+        data["packer_command"] = "(none: applied with ansible-playbook playbooks/vm.yml)"
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    s = plan.stack
+    target = targets.get(plan.target)
+    rows = [
+        ("target", plan.target),
+        ("image", plan.image_ref),
+        ("stack", f"{s.name}: {s.description}"),
+        ("os", f"{s.os.key} (python {s.python})"),
+        ("environment", f"{s.python_env} at /opt/gpubake/env"),
+        ("packages", ", ".join(f"{k}=={v}" for k, v in s.packages)),
+        ("cuda", f"{s.cuda} (driver branch {s.driver_branch}+ on the host)"),
+    ]
+    if target.is_vm:
+        rows.append(
+            (
+                "driver",
+                f"branch {s.driver_branch}, {'open' if s.open_kernel_module else 'proprietary'} "
+                f"module, from {_SOURCE_NAMES[s.driver_source]}; CUDA toolkit "
+                f"{s.cuda_toolkit} from {_SOURCE_NAMES[s.cuda_source]}",
+            )
+        )
+    rows += [
+        ("gpu", s.gpu.key if s.gpu else "any"),
+        ("base image", f"{plan.base_image} ({plan.base_image_id[:19]})"),
+        ("input hash", plan.input_hash),
+        ("ca bundle", str(plan.ca_bundle) if plan.ca_bundle else "none"),
+    ]
+    pv = plan.packer_vars
+    if target.cloud == "gcp":
+        gpu = f" + {pv['gcp_accelerator_type']}" if pv["gcp_accelerator_type"] else ""
+        rows.append(
+            (
+                "build vm",
+                f"{pv['gcp_machine_type']}{gpu} in {pv['gcp_zone']}, "
+                f"{pv['disk_size_gb']} GB, preemptible, "
+                f"off after {pv['max_run_minutes']} min",
+            )
+        )
+    elif target.cloud == "aws":
+        rows.append(
+            (
+                "build vm",
+                f"{pv['aws_instance_type']} in {pv['aws_region']}, "
+                f"{pv['disk_size_gb']} GB, spot, terminates on shutdown, "
+                f"off after {pv['max_run_minutes']} min",
+            )
+        )
+    if packer is not None:
+        rows.append(("packer", f"{data['packer_version']}: {data['packer_command']}"))
+    else:
+        rows.append(("applies", "ansible-playbook playbooks/vm.yml, then playbooks/smoke.yml"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+    for note in plan.notes:
+        click.echo(f"note: {note}")
+
+
+def elapsed(started: float) -> str:
+    secs = int(time.monotonic() - started)
+    return f"{secs // 60}m{secs % 60:02d}s"
+
+
+def run_packer(plan: BuildPlan, packer: Any, verbose: int) -> None:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    log_path = LOG_DIR / f"{plan.stack.name}-{plan.target}-{stamp}.log"
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="gpubake-build-") as tmp,
+        log_path.open("w", encoding="utf-8") as log,
+    ):
+        work = Path(tmp)
+        var_file = render(plan, work, with_plugins=packer.needs_plugins)
+        packer.init(work)
+
+        def on_line(line: str, message: str | None) -> None:
+            log.write(line + "\n")
+            log.flush()
+            if verbose:
+                click.echo(line, err=True)
+            elif message:
+                click.echo(f"  {elapsed(started):>7}  {message}", err=True)
+
+        try:
+            packer.build(work, var_file, on_line, only=plan.packer_only)
+        except GpubakeError as exc:
+            raise GpubakeError(f"{exc} (full log: {log_path})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderRequest:
+    """What `gpubake render` was asked for."""
+
+    out_dir: Path
+    target: str = targets.DEFAULT
+    stack: str | None = None
+    os_key: str | None = None
+    gpu: str | None = None
+    variables: tuple[str, ...] = ()
+    base_image: str | None = None
+    tag: str = "latest"
+    project: str | None = None
+    zone: str | None = None
+    region: str | None = None
+    packer_plugins: bool | None = None
+
+
+PLACEHOLDER = "REPLACE-ME"
+
+
+def render_only(request: RenderRequest, say: Callable[[str], None] = click.echo) -> Path:
+    """Write the target's Packer and Ansible inputs into request.out_dir, for `packer build .`
+    by hand; cloud values not given are written as REPLACE-ME placeholders."""
+    from gpubake.packer import Packer
+
+    target = targets.get(request.target)
+    if not target.uses_packer:
+        raise targets.TargetError(
+            f"--target {target.name} uses no Packer (it is applied with ansible-playbook): "
+            f"nothing to render; use one of {', '.join(targets.names(packer=True))}"
+        )
+    for value, check in (
+        (request.project, targets.check_gcp_project),
+        (request.zone, targets.check_gcp_zone),
+        (request.region, targets.check_aws_region),
+    ):
+        if value is not None:
+            check(value)
+    resolved = resolve_stack(request.stack, request.os_key, request.gpu, request.variables, target)
+    check_tag(request.tag)
+    packer = Packer.detect()
+    plugins = packer.needs_plugins if request.packer_plugins is None else request.packer_plugins
+    ref = request.base_image or resolved.os.base_image
+    cloud = CloudOptions(
+        project=request.project or PLACEHOLDER,
+        zone=request.zone or PLACEHOLDER,
+        region=request.region or PLACEHOLDER,
+    )
+    inputs = machine_inputs(packer)
+    if plugins:
+        inputs["packer_version"] = max(packer.version, (1, 7, 0))
+    plan = make_plan(
+        resolved,
+        target=target.name,
+        base_image=ref,
+        base_image_id=f"ref:{ref}",
+        tag=request.tag,
+        cloud=cloud,
+        require_gpu=target.is_cloud_image,
+        **inputs,
+    )
+    out = request.out_dir
+    render(plan, out, with_plugins=plugins)
+    say(f"wrote {out}; run: cd {out} && {'packer init . && ' if plugins else ''}packer build .")
+    return out
