@@ -309,8 +309,8 @@ def test_unknown_model_passes_with_figures_and_says_so(capsys, gpus_json):
 
 
 def test_pre_ampere_unknown_card_defaults_to_fp16():
-    assert gs.Smoke._default_dtype(None, gpu(compute_capability="7.5"), 0) == "fp16"
-    assert gs.Smoke._default_dtype(None, gpu(compute_capability="8.0"), 0) == "bf16"
+    assert gs.PerfChecks._default_dtype(None, gpu(compute_capability="7.5"), 0) == "fp16"
+    assert gs.PerfChecks._default_dtype(None, gpu(compute_capability="8.0"), 0) == "bf16"
 
 
 def test_missing_gpus_file_skips_perf_without_measuring(capsys, tmp_path):

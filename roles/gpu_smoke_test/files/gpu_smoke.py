@@ -603,10 +603,35 @@ class MxnetAdapter:
         return float((a + 1).sum())
 
 
+# --------------------------------------------------------------------------- check names
+
+# Every check gpu-smoke reports, by group; the report lists them in this order.
+FRAMEWORK = "framework"
+GPU_PRESENT, GPU_COUNT, DRIVER_VERSION = "gpu.present", "gpu.count", "driver.version"
+GPU_MODEL, GPU_ECC, GPU_ROW_REMAP = "gpu.model", "gpu.ecc", "gpu.row_remap"
+GPU_THROTTLE, GPU_PCIE, CUDA_COMPAT = "gpu.throttle", "gpu.pcie", "driver.cuda_compat"
+DRIVER_CHECKS = (GPU_PRESENT, GPU_COUNT, DRIVER_VERSION, GPU_MODEL, GPU_ECC, GPU_ROW_REMAP,
+                 GPU_THROTTLE, GPU_PCIE, CUDA_COMPAT)  # fmt: skip
+TORCH_IMPORT, TORCH_CUDA, TORCH_CUDNN, TORCH_NCCL = (
+    "torch.import", "torch.cuda", "torch.cudnn", "torch.nccl"
+)  # fmt: skip
+TORCH_TRAIN_CPU, TORCH_TRAIN_GPU = "torch.train_step_cpu", "torch.train_step"
+TORCH_ALLREDUCE = "torch.allreduce"
+TORCH_CHECKS = (TORCH_IMPORT, TORCH_CUDA, TORCH_CUDNN, TORCH_NCCL, TORCH_TRAIN_CPU,
+                TORCH_TRAIN_GPU, TORCH_ALLREDUCE)  # fmt: skip
+MXNET_IMPORT, MXNET_LIBS, MXNET_GPU_ARRAY = "mxnet.import", "mxnet.libs", "mxnet.gpu_array"
+MXNET_CHECKS = (MXNET_LIBS, MXNET_IMPORT, MXNET_GPU_ARRAY)
+PERF_MATMUL, PERF_COPY = "perf.matmul", "perf.copy"
+PERF_CHECKS = (PERF_MATMUL, PERF_COPY)
+
+
 # --------------------------------------------------------------------------- the checks
 
 
 class Smoke:
+    """One run of gpu-smoke: the state the check groups share (what was found, the checks so
+    far) and the order they run in: driver, then the framework's (torch or mxnet), then perf."""
+
     def __init__(self, opts: argparse.Namespace, probe: Probe, fw: Any, env: dict[str, str]):
         self.opts, self.probe, self.fw, self.env = opts, probe, fw, env
         self.checks: list[Check] = []
@@ -622,6 +647,7 @@ class Smoke:
         self.driver = Driver(ok=False)
         self.fw_cuda: str | None = None
         self.torch_gpu_ok = False
+        self.driver_group = DriverChecks(self)
 
     def add(self, name: str, status: str, detail: str = "", **numbers: Any) -> Check:
         check = Check(name, status, detail, **numbers)
@@ -642,82 +668,97 @@ class Smoke:
         return bool(self.gpus)
 
     def run(self) -> None:
-        self.driver_checks()
+        self.driver_group.run()
         if self.fw is None:
             if self.opts.framework == "auto":
-                self.add("framework", SKIPPED, "no deep-learning framework found (torch, mxnet)")
-            self.cuda_compat()
+                self.add(FRAMEWORK, SKIPPED, "no deep-learning framework found (torch, mxnet)")
+            self.driver_group.cuda_compat()
         elif self.fw.name == "torch":
-            self.torch_checks()
+            TorchChecks(self).run()
         else:
-            self.mxnet_checks()
-        self.perf_checks()
+            MxnetChecks(self).run()
+        PerfChecks(self).run()
 
-    # ---- driver side
-    def driver_checks(self) -> None:
+
+class DriverChecks:
+    """Driver side: GPUs present and healthy (ECC, row remaps, clocks, PCIe), the driver's
+    version, and the driver's CUDA against the framework's build (CUDA_COMPAT)."""
+
+    def __init__(self, smoke: Smoke) -> None:
+        self.s = smoke
+
+    def run(self) -> None:
         try:
-            self.driver = self.probe.driver_info()
-            all_gpus = self.probe.gpus() if self.driver.ok else []
+            self.s.driver = self.s.probe.driver_info()
+            all_gpus = self.s.probe.gpus() if self.s.driver.ok else []
         except Exception as exc:
-            self.driver = Driver(ok=False, reason=f"GPU query failed: {type(exc).__name__}: {exc}")
+            self.s.driver = Driver(
+                ok=False, reason=f"GPU query failed: {type(exc).__name__}: {exc}"
+            )
             all_gpus = []
-        self.versions["driver"], self.versions["cuda_driver"] = (
-            self.driver.version,
-            self.driver.cuda,
+        self.s.versions["driver"], self.s.versions["cuda_driver"] = (
+            self.s.driver.version,
+            self.s.driver.cuda,
         )
-        self.gpus, why = visible_gpus(all_gpus, self.env)
-        if not why and not self.gpus:
-            why = self.driver.reason if not self.driver.ok else "the NVIDIA driver reports no GPUs"
-        self.why_no_gpu = f"no NVIDIA GPU visible: {why}" if not self.gpus else ""
-        if self.visible:
-            names = ", ".join(sorted({g.name for g in self.gpus}))
-            self.add("gpu.present", PASSED, f"{len(self.gpus)} GPU(s): {names}")
+        self.s.gpus, why = visible_gpus(all_gpus, self.s.env)
+        if not why and not self.s.gpus:
+            why = (
+                self.s.driver.reason
+                if not self.s.driver.ok
+                else "the NVIDIA driver reports no GPUs"
+            )
+        self.s.why_no_gpu = f"no NVIDIA GPU visible: {why}" if not self.s.gpus else ""
+        if self.s.visible:
+            names = ", ".join(sorted({g.name for g in self.s.gpus}))
+            self.s.add(GPU_PRESENT, PASSED, f"{len(self.s.gpus)} GPU(s): {names}")
         else:
-            self.add("gpu.present", FAILED if self.opts.require_gpu else SKIPPED, self.why_no_gpu)
-        if self.opts.expect_gpus is not None:
-            n, want = len(self.gpus), self.opts.expect_gpus
-            if not self.visible and not self.opts.require_gpu and want > 0:
-                self.add("gpu.count", SKIPPED, NO_GPU)
+            self.s.add(
+                GPU_PRESENT, FAILED if self.s.opts.require_gpu else SKIPPED, self.s.why_no_gpu
+            )
+        if self.s.opts.expect_gpus is not None:
+            n, want = len(self.s.gpus), self.s.opts.expect_gpus
+            if not self.s.visible and not self.s.opts.require_gpu and want > 0:
+                self.s.add(GPU_COUNT, SKIPPED, NO_GPU)
             else:
                 ok = n == want
-                self.add("gpu.count", PASSED if ok else FAILED, f"{n} visible, {want} expected")
-        if self.driver.ok:
-            self.add(
-                "driver.version",
+                self.s.add(GPU_COUNT, PASSED if ok else FAILED, f"{n} visible, {want} expected")
+        if self.s.driver.ok:
+            self.s.add(
+                DRIVER_VERSION,
                 PASSED,
-                f"{self.driver.version} (CUDA {self.driver.cuda}) via {self.driver.source}",
+                f"{self.s.driver.version} (CUDA {self.s.driver.cuda}) via {self.s.driver.source}",
             )
         else:
-            self.add("driver.version", SKIPPED, f"no NVIDIA driver: {self.driver.reason}")
-        if not self.visible:
-            for name in ("gpu.model", "gpu.ecc", "gpu.row_remap", "gpu.throttle", "gpu.pcie"):
-                self.add(name, SKIPPED, NO_GPU)
+            self.s.add(DRIVER_VERSION, SKIPPED, f"no NVIDIA driver: {self.s.driver.reason}")
+        if not self.s.visible:
+            for name in (GPU_MODEL, GPU_ECC, GPU_ROW_REMAP, GPU_THROTTLE, GPU_PCIE):
+                self.s.add(name, SKIPPED, NO_GPU)
             return
-        self.guard("gpu.model", self._models)
-        self.per_gpu("gpu.ecc", self._ecc)
-        self.per_gpu("gpu.row_remap", self._remap)
-        self.per_gpu("gpu.throttle", self._throttle)
-        self.per_gpu("gpu.pcie", self._pcie)
+        self.s.guard(GPU_MODEL, self._models)
+        self.per_gpu(GPU_ECC, self._ecc)
+        self.per_gpu(GPU_ROW_REMAP, self._remap)
+        self.per_gpu(GPU_THROTTLE, self._throttle)
+        self.per_gpu(GPU_PCIE, self._pcie)
 
     def _models(self) -> None:
         parts = []
-        for g in self.gpus:
-            g.model_key = match_model(g.name, self.models) if self.models else None
+        for g in self.s.gpus:
+            g.model_key = match_model(g.name, self.s.models) if self.s.models else None
             mem = f", {g.memory_mib} MiB" if g.memory_mib else ""
             parts.append(f"{g.index}: {g.name} ({g.model_key or 'unknown model'}{mem})")
-        self.add("gpu.model", PASSED, "; ".join(parts))
+        self.s.add(GPU_MODEL, PASSED, "; ".join(parts))
 
     def per_gpu(self, name: str, fn: Callable[[Gpu], tuple[str, str]]) -> None:
         """Fold one (status, detail) per GPU into one check: any failed -> failed, all skipped
         -> skipped, else passed."""
         try:
-            results = [(g, *fn(g)) for g in self.gpus]
+            results = [(g, *fn(g)) for g in self.s.gpus]
         except Exception as exc:
-            self.add(name, FAILED, f"{type(exc).__name__}: {exc}")
+            self.s.add(name, FAILED, f"{type(exc).__name__}: {exc}")
             return
         statuses = {s for _, s, _ in results}
         status = FAILED if FAILED in statuses else PASSED if PASSED in statuses else SKIPPED
-        self.add(name, status, "; ".join(f"GPU {g.index}: {d}" for g, _, d in results))
+        self.s.add(name, status, "; ".join(f"GPU {g.index}: {d}" for g, _, d in results))
 
     @staticmethod
     def _ecc(g: Gpu) -> tuple[str, str]:
@@ -759,255 +800,274 @@ class Smoke:
         return (FAILED, f"PCIe link width 0: {link}") if g.pcie_width == 0 else (PASSED, link)
 
     def cuda_compat(self) -> None:
-        name = "driver.cuda_compat"
-        if not self.fw_cuda:
-            fw = self.fw.name if self.fw else "none"
-            self.add(name, SKIPPED, f"no framework CUDA build to compare (framework: {fw})")
-        elif not self.driver.ok:
-            self.add(name, SKIPPED, f"no NVIDIA driver: {self.driver.reason}")
-        elif not self.driver.cuda:
-            self.add(name, SKIPPED, "the driver's CUDA version is unknown")
+        name = CUDA_COMPAT
+        if not self.s.fw_cuda:
+            fw = self.s.fw.name if self.s.fw else "none"
+            self.s.add(name, SKIPPED, f"no framework CUDA build to compare (framework: {fw})")
+        elif not self.s.driver.ok:
+            self.s.add(name, SKIPPED, f"no NVIDIA driver: {self.s.driver.reason}")
+        elif not self.s.driver.cuda:
+            self.s.add(name, SKIPPED, "the driver's CUDA version is unknown")
         else:
-            drv, fw = self.driver.cuda, self.fw_cuda
+            drv, fw = self.s.driver.cuda, self.s.fw_cuda
             detail = (
-                f"driver {self.driver.version} supports CUDA {drv}, "
-                f"{self.fw.name} built for CUDA {fw}"
+                f"driver {self.s.driver.version} supports CUDA {drv}, "
+                f"{self.s.fw.name} built for CUDA {fw}"
             )
             ok = _version_tuple(drv)[:2] >= _version_tuple(fw)[:2]
             if not ok:
                 ok, why = self._minor_compat(drv, fw)
                 detail = f"{detail}: {why}"
-            self.add(name, PASSED if ok else FAILED, detail)
+            self.s.add(name, PASSED if ok else FAILED, detail)
 
     def _minor_compat(self, drv: str, fw: str) -> tuple[bool, str]:
         """CUDA minor-version compatibility: same major and the major's minimum driver."""
         major = str(_version_tuple(fw)[0])
-        minimum = (self.cuda_table.get(major) or {}).get("min_driver")
+        minimum = (self.s.cuda_table.get(major) or {}).get("min_driver")
         if _version_tuple(drv)[0] != _version_tuple(fw)[0] or not minimum:
             return False, "driver too old"
-        if _version_tuple(self.driver.version or "0") >= _version_tuple(str(minimum)):
+        if _version_tuple(self.s.driver.version or "0") >= _version_tuple(str(minimum)):
             return True, (
                 f"runs through CUDA minor-version compatibility (CUDA {major}.x needs "
                 f"driver >= {minimum})"
             )
         return False, f"driver too old (CUDA {major}.x needs driver >= {minimum})"
 
-    # ---- torch
-    def torch_checks(self) -> None:
-        fw = self.fw
+
+class TorchChecks:
+    """torch: import, CUDA devices, cuDNN, NCCL, a training step on the CPU and on each GPU,
+    an all-reduce over the GPUs."""
+
+    def __init__(self, smoke: Smoke) -> None:
+        self.s = smoke
+
+    def run(self) -> None:
+        fw = self.s.fw
         try:
             info = fw.import_info()
         except Exception as exc:
             why = "not installed" if isinstance(exc, ModuleNotFoundError) else f"{exc}"
-            self.add("torch.import", FAILED, f"torch did not import: {type(exc).__name__}: {why}")
-            self.cuda_compat()
-            for name in ("torch.cuda", "torch.train_step_cpu", "torch.train_step"):
-                self.add(name, SKIPPED, "torch did not import")
+            self.s.add(TORCH_IMPORT, FAILED, f"torch did not import: {type(exc).__name__}: {why}")
+            self.s.driver_group.cuda_compat()
+            for name in (TORCH_CUDA, TORCH_TRAIN_CPU, TORCH_TRAIN_GPU):
+                self.s.add(name, SKIPPED, "torch did not import")
             return
-        self.versions["torch"], self.versions["torch_cuda"] = info["version"], info.get("cuda")
-        self.fw_cuda = info.get("cuda")
-        build = f"CUDA {self.fw_cuda}" if self.fw_cuda else "CPU-only build"
-        self.add("torch.import", PASSED, f"torch {info['version']} ({build})")
-        self.cuda_compat()
-        self.guard("torch.cuda", self._torch_cuda)
-        self.guard("torch.cudnn", self._torch_cudnn, soft=not self.visible)
-        self.guard("torch.nccl", self._torch_nccl, soft=not self.visible)
-        self.guard("torch.train_step_cpu", lambda: self._train(["cpu"], "torch.train_step_cpu"))
-        if not self.visible:
-            for name in ("torch.train_step", "torch.allreduce"):
-                self.add(name, SKIPPED, NO_GPU)
+        self.s.versions["torch"], self.s.versions["torch_cuda"] = info["version"], info.get("cuda")
+        self.s.fw_cuda = info.get("cuda")
+        build = f"CUDA {self.s.fw_cuda}" if self.s.fw_cuda else "CPU-only build"
+        self.s.add(TORCH_IMPORT, PASSED, f"torch {info['version']} ({build})")
+        self.s.driver_group.cuda_compat()
+        self.s.guard(TORCH_CUDA, self._torch_cuda)
+        self.s.guard(TORCH_CUDNN, self._torch_cudnn, soft=not self.s.visible)
+        self.s.guard(TORCH_NCCL, self._torch_nccl, soft=not self.s.visible)
+        self.s.guard(TORCH_TRAIN_CPU, lambda: self._train(["cpu"], TORCH_TRAIN_CPU))
+        if not self.s.visible:
+            for name in (TORCH_TRAIN_GPU, TORCH_ALLREDUCE):
+                self.s.add(name, SKIPPED, NO_GPU)
             return
-        if not self.torch_gpu_ok:
-            for name in ("torch.train_step", "torch.allreduce"):
-                self.add(name, SKIPPED, "torch cannot use the GPU (see torch.cuda)")
+        if not self.s.torch_gpu_ok:
+            for name in (TORCH_TRAIN_GPU, TORCH_ALLREDUCE):
+                self.s.add(name, SKIPPED, "torch cannot use the GPU (see torch.cuda)")
             return
-        devices = [f"cuda:{i}" for i in range(len(self.gpus))]
-        self.guard("torch.train_step", lambda: self._train(devices, "torch.train_step"))
-        if len(self.gpus) < 2:
-            self.add("torch.allreduce", SKIPPED, "single GPU")
+        devices = [f"cuda:{i}" for i in range(len(self.s.gpus))]
+        self.s.guard(TORCH_TRAIN_GPU, lambda: self._train(devices, TORCH_TRAIN_GPU))
+        if len(self.s.gpus) < 2:
+            self.s.add(TORCH_ALLREDUCE, SKIPPED, "single GPU")
         else:
-            self.guard("torch.allreduce", self._allreduce)
+            self.s.guard(TORCH_ALLREDUCE, self._allreduce)
 
     def _torch_cuda(self) -> None:
-        info = self.fw.cuda_info()
-        n, want = info["count"], len(self.gpus)
-        if not self.visible:
+        info = self.s.fw.cuda_info()
+        n, want = info["count"], len(self.s.gpus)
+        if not self.s.visible:
             if n:
-                self.add("torch.cuda", FAILED, f"torch sees {n} GPU(s) but {self.why_no_gpu}")
+                self.s.add(TORCH_CUDA, FAILED, f"torch sees {n} GPU(s) but {self.s.why_no_gpu}")
             else:
-                self.add("torch.cuda", SKIPPED, NO_GPU)
+                self.s.add(TORCH_CUDA, SKIPPED, NO_GPU)
             return
-        self.torch_gpu_ok = bool(info["available"]) and n > 0
-        ok = self.torch_gpu_ok and n == want
+        self.s.torch_gpu_ok = bool(info["available"]) and n > 0
+        ok = self.s.torch_gpu_ok and n == want
         detail = f"torch.cuda.is_available()={info['available']}, {n} device(s), {want} visible"
-        if not self.fw_cuda:
+        if not self.s.fw_cuda:
             detail += "; torch is a CPU-only build"
-        self.add("torch.cuda", PASSED if ok else FAILED, detail)
+        self.s.add(TORCH_CUDA, PASSED if ok else FAILED, detail)
 
     def _torch_cudnn(self) -> None:
-        info = self.fw.cudnn_info()
-        self.versions["cudnn"] = info["version"]
+        info = self.s.fw.cudnn_info()
+        self.s.versions["cudnn"] = info["version"]
         found = info["available"] and info["version"]
-        if not self.visible:  # the library may load, but nothing ran on a GPU
-            self.add("torch.cudnn", SKIPPED, NO_GPU + (f" (cuDNN {found} found)" if found else ""))
+        if not self.s.visible:  # the library may load, but nothing ran on a GPU
+            self.s.add(TORCH_CUDNN, SKIPPED, NO_GPU + (f" (cuDNN {found} found)" if found else ""))
         elif found:
-            self.add("torch.cudnn", PASSED, f"cuDNN {info['version']}")
+            self.s.add(TORCH_CUDNN, PASSED, f"cuDNN {info['version']}")
         else:
-            self.add("torch.cudnn", FAILED, "cuDNN not available to torch")
+            self.s.add(TORCH_CUDNN, FAILED, "cuDNN not available to torch")
 
     def _torch_nccl(self) -> None:
-        if not self.fw_cuda:
-            status = FAILED if self.visible else SKIPPED
-            self.add("torch.nccl", status, "torch is a CPU-only build (no NCCL)")
+        if not self.s.fw_cuda:
+            status = FAILED if self.s.visible else SKIPPED
+            self.s.add(TORCH_NCCL, status, "torch is a CPU-only build (no NCCL)")
             return
-        info = self.fw.nccl_info()
-        self.versions["nccl"] = info["version"]
+        info = self.s.fw.nccl_info()
+        self.s.versions["nccl"] = info["version"]
         ok = info["distributed"]
         detail = f"NCCL {info['version']}, torch.distributed NCCL backend "
         detail += "available" if ok else "MISSING"
-        if not self.visible:
-            self.add("torch.nccl", SKIPPED, f"{NO_GPU} ({detail})")
+        if not self.s.visible:
+            self.s.add(TORCH_NCCL, SKIPPED, f"{NO_GPU} ({detail})")
         else:
-            self.add("torch.nccl", PASSED if ok else FAILED, detail)
+            self.s.add(TORCH_NCCL, PASSED if ok else FAILED, detail)
 
     def _train(self, devices: list[str], name: str) -> None:
-        losses = [self.fw.train_step(d) for d in devices]
+        losses = [self.s.fw.train_step(d) for d in devices]
         bad = [
             d for d, pair in zip(devices, losses, strict=True) if not all(map(math.isfinite, pair))
         ]
         shown = ", ".join(
             f"{d} loss {a:.3f} -> {b:.3f}" for d, (a, b) in zip(devices, losses, strict=True)
         )
-        self.add(name, FAILED if bad else PASSED, ("non-finite loss: " if bad else "") + shown)
+        self.s.add(name, FAILED if bad else PASSED, ("non-finite loss: " if bad else "") + shown)
 
     def _allreduce(self) -> None:
-        n = len(self.gpus)
-        values, want = self.fw.allreduce(n), n * (n + 1) / 2
+        n = len(self.s.gpus)
+        values, want = self.s.fw.allreduce(n), n * (n + 1) / 2
         ok = all(v == want for v in values)
         detail = f"NCCL all-reduce over {n} GPUs: sum {'=' if ok else '!='} {want:g}"
-        self.add("torch.allreduce", PASSED if ok else FAILED, detail + ("" if ok else f" {values}"))
+        self.s.add(TORCH_ALLREDUCE, PASSED if ok else FAILED, detail + ("" if ok else f" {values}"))
 
-    # ---- mxnet
-    def mxnet_checks(self) -> None:
-        fw = self.fw
+
+class MxnetChecks:
+    """MXNet (legacy): its libraries resolve, import, an array on npx.gpu()."""
+
+    def __init__(self, smoke: Smoke) -> None:
+        self.s = smoke
+
+    def run(self) -> None:
+        fw = self.s.fw
         if not fw.installed():
-            self.add("mxnet.import", FAILED, "mxnet not installed")
-            self.cuda_compat()
+            self.s.add(MXNET_IMPORT, FAILED, "mxnet not installed")
+            self.s.driver_group.cuda_compat()
             return
         has_cuda, cuda_err = fw.libcuda()
         lib = fw.library()
         if lib is None:
-            self.add("mxnet.libs", SKIPPED, "libmxnet.so not found in the mxnet package")
+            self.s.add(MXNET_LIBS, SKIPPED, "libmxnet.so not found in the mxnet package")
         else:
 
             def libs() -> None:
                 missing = [m for m in fw.missing_libs(lib) if has_cuda or m != "libcuda.so.1"]
                 note = "" if has_cuda else " (libcuda.so.1 comes with the NVIDIA driver)"
                 if missing:
-                    self.add(
-                        "mxnet.libs", FAILED, f"{lib.name} cannot resolve: {', '.join(missing)}"
+                    self.s.add(
+                        MXNET_LIBS, FAILED, f"{lib.name} cannot resolve: {', '.join(missing)}"
                     )
                 else:
-                    self.add("mxnet.libs", PASSED, f"all libraries of {lib.name} resolve{note}")
+                    self.s.add(MXNET_LIBS, PASSED, f"all libraries of {lib.name} resolve{note}")
 
-            self.guard("mxnet.libs", libs)
-        self.fw_cuda = fw.built_cuda()
+            self.s.guard(MXNET_LIBS, libs)
+        self.s.fw_cuda = fw.built_cuda()
         if not has_cuda:
-            self.add(
-                "mxnet.import",
+            self.s.add(
+                MXNET_IMPORT,
                 SKIPPED,
                 "libcuda.so.1 (NVIDIA driver) not present; mxnet-cu1xx cannot load without it",
             )
-            self.cuda_compat()
-            self.add("mxnet.gpu_array", SKIPPED, NO_GPU if not self.visible else cuda_err)
+            self.s.driver_group.cuda_compat()
+            self.s.add(MXNET_GPU_ARRAY, SKIPPED, NO_GPU if not self.s.visible else cuda_err)
             return
         try:
             info = fw.import_info()
         except Exception as exc:
-            self.add("mxnet.import", FAILED, f"{type(exc).__name__}: {str(exc).strip()[:300]}")
-            self.cuda_compat()
-            self.add("mxnet.gpu_array", SKIPPED, "mxnet did not import")
+            self.s.add(MXNET_IMPORT, FAILED, f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+            self.s.driver_group.cuda_compat()
+            self.s.add(MXNET_GPU_ARRAY, SKIPPED, "mxnet did not import")
             return
-        self.versions["mxnet"] = info["version"]
-        self.fw_cuda = info.get("cuda") or self.fw_cuda
-        self.add("mxnet.import", PASSED, f"mxnet {info['version']} (CUDA {self.fw_cuda})")
-        self.cuda_compat()
-        if not self.visible:
-            self.add("mxnet.gpu_array", SKIPPED, NO_GPU)
+        self.s.versions["mxnet"] = info["version"]
+        self.s.fw_cuda = info.get("cuda") or self.s.fw_cuda
+        self.s.add(MXNET_IMPORT, PASSED, f"mxnet {info['version']} (CUDA {self.s.fw_cuda})")
+        self.s.driver_group.cuda_compat()
+        if not self.s.visible:
+            self.s.add(MXNET_GPU_ARRAY, SKIPPED, NO_GPU)
             return
 
         def gpu_array() -> None:
             total, want = fw.gpu_array_sum(), 1024 * 1024
             ok = total == want
-            self.add(
-                "mxnet.gpu_array",
+            self.s.add(
+                MXNET_GPU_ARRAY,
                 PASSED if ok else FAILED,
                 f"(zeros(1024, 1024) + 1).sum() on npx.gpu() = {total:g}, want {want}",
             )
 
-        self.guard("mxnet.gpu_array", gpu_array)
+        self.s.guard(MXNET_GPU_ARRAY, gpu_array)
 
-    # ---- performance
-    def perf_checks(self) -> None:
-        names = ("perf.matmul", "perf.copy")
-        models = self.models
+
+class PerfChecks:
+    """Performance: a bf16/fp16 matmul and a device-to-device copy, against the expected
+    figures of the GPU model (images/gpus.yml)."""
+
+    def __init__(self, smoke: Smoke) -> None:
+        self.s = smoke
+
+    def run(self) -> None:
+        names = (PERF_MATMUL, PERF_COPY)
+        models = self.s.models
         skip = ""
-        if self.opts.skip_perf:
+        if self.s.opts.skip_perf:
             skip = "--skip-perf"
-        elif not self.visible:
+        elif not self.s.visible:
             skip = NO_GPU
-        elif self.fw is None or self.fw.name != "torch":
-            skip = (
-                f"performance checks need torch (framework: {self.fw.name if self.fw else 'none'})"
-            )
-        elif not self.torch_gpu_ok:
+        elif self.s.fw is None or self.s.fw.name != "torch":
+            fw = self.s.fw.name if self.s.fw else "none"
+            skip = f"performance checks need torch (framework: {fw})"
+        elif not self.s.torch_gpu_ok:
             skip = "torch cannot use the GPU (see torch.cuda)"
         elif models is None:
             for name in names:
-                self.add(name, FAILED if self.models_broken else SKIPPED, self.models_why)
+                self.s.add(name, FAILED if self.s.models_broken else SKIPPED, self.s.models_why)
             return
         if skip:
             for name in names:
-                self.add(name, SKIPPED, skip)
+                self.s.add(name, SKIPPED, skip)
             return
-        self.guard("perf.matmul", lambda: self._perf(models, "perf.matmul"))
-        self.guard("perf.copy", lambda: self._perf(models, "perf.copy"))
+        self.s.guard(PERF_MATMUL, lambda: self._perf(models, PERF_MATMUL))
+        self.s.guard(PERF_COPY, lambda: self._perf(models, PERF_COPY))
 
     def _perf(self, models: dict[str, Any], name: str) -> None:
         rows = []  # (gpu, ok, detail, measured, expected)
-        for pos, g in enumerate(self.gpus):  # torch renumbers visible GPUs from 0
+        for pos, g in enumerate(self.s.gpus):  # torch renumbers visible GPUs from 0
             key = g.model_key if g.model_key is not None else match_model(g.name, models)
             exp = ((models.get(key) or {}).get("expected") or {}) if key else {}
             label = f"{key} ({g.name})" if key else g.name
-            free = self.fw.free_memory(pos)
-            if name == "perf.matmul":
+            free = self.s.fw.free_memory(pos)
+            if name == PERF_MATMUL:
                 dtype = exp.get("matmul_dtype") or self._default_dtype(g, pos)
                 size = 4 if dtype == "fp32" else 2
                 n = 8192
                 while n > 1024 and 3 * n * n * size > free // 2:
                     n //= 2
-                measured, unit = self.fw.matmul_tflops(dtype, n, pos), "TFLOP/s"
+                measured, unit = self.s.fw.matmul_tflops(dtype, n, pos), "TFLOP/s"
                 figure, want = f"{dtype} matmul", exp.get("matmul_tflops")
                 if n != 8192:
                     figure += f" ({n}^3)"
             else:
                 nbytes = max(min(2 << 30, free // 4) // (1 << 20), 1) << 20
-                measured, unit = self.fw.copy_gbps(nbytes, pos), "GB/s"
+                measured, unit = self.s.fw.copy_gbps(nbytes, pos), "GB/s"
                 figure, want = f"d2d copy {nbytes >> 20} MiB", exp.get("copy_gbps")
-            ok, detail = judge(figure, unit, measured, want, self.opts.threshold, label)
+            ok, detail = judge(figure, unit, measured, want, self.s.opts.threshold, label)
             rows.append((g, ok, detail, measured, want, unit))
         worst = min(rows, key=lambda r: (r[1], r[3] / r[4] if r[4] else math.inf))
         many = len(rows) > 1
         detail = "; ".join(f"GPU {g.index}: {d}" if many else d for g, _, d, *_ in rows)
         status = PASSED if all(r[1] for r in rows) else FAILED
-        self.add(name, status, detail, value=round(worst[3], 1), expected=worst[4], unit=worst[5])
+        self.s.add(name, status, detail, value=round(worst[3], 1), expected=worst[4], unit=worst[5])
 
     def _default_dtype(self, g: Gpu, pos: int) -> str:
-        cc = _version_tuple(g.compute_capability) or tuple(self.fw.capability(pos))
+        cc = _version_tuple(g.compute_capability) or tuple(self.s.fw.capability(pos))
         return "bf16" if cc >= (8, 0) else "fp16"
 
 
-# --------------------------------------------------------------------------- cli
+# --------------------------------------------------------------------------- report and cli
 
 
 def pick_framework(choice: str) -> Any:
