@@ -11,25 +11,63 @@ from __future__ import annotations
 from ansible.module_utils.basic import AnsibleModule
 
 DOCUMENTATION = r"""
-module: gpubake_dpkg_facts
-short_description: The installed Debian packages, read with dpkg-query
+---
+module: dpkg_facts
+short_description: The installed Debian packages as package facts, read with dpkg-query
+version_added: "0.1.0"
 description:
-  - Sets C(ansible_facts.packages) as M(ansible.builtin.package_facts) with C(manager=apt)
-    does (name to a list of name, version, arch, source), from dpkg's database. Needs no
-    python3-apt.
+  - Sets C(ansible_facts.packages) in the shape M(ansible.builtin.package_facts) with
+    C(manager=apt) gives (package name to a list of its installed instances, each with
+    C(name), C(version), C(arch) and C(source)), read from dpkg's database with C(dpkg-query).
+  - Needs no python3-apt, so hosts that lack the bindings (many container images, any host
+    in check mode, where nothing may be installed) still get their package facts.
+  - A package counts as installed unless dpkg records it as not installed or with its
+    configuration files only (C(rc)); held and half-configured packages count.
+author:
+  - gpubake
 options: {}
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  facts:
+    support: full
+requirements:
+  - dpkg-query on the managed host (Debian, Ubuntu)
+seealso:
+  - module: ansible.builtin.package_facts
+notes:
+  - gpubake's roles gather these facts themselves (role C(gpubake.gpu.common)) when
+    C(ansible_facts.packages) is undefined, and again after installing a package.
 """
 
 EXAMPLES = r"""
 - name: Gather the installed packages
-  gpubake_dpkg_facts:
+  gpubake.gpu.dpkg_facts:
+
+- name: Say which git is installed
+  ansible.builtin.debug:
+    msg: "git {{ ansible_facts['packages']['git'][0]['version'] }}"
+  when: "'git' in ansible_facts['packages']"
 """
 
 RETURN = r"""
 ansible_facts:
-  description: C(packages), package name to a list of installed instances.
+  description: Facts set on the host.
   returned: always
-  type: dict
+  type: complex
+  contains:
+    packages:
+      description: Package name to a list of its installed instances (one per architecture).
+      returned: always
+      type: dict
+      sample:
+        git:
+          - name: git
+            version: "1:2.39.5-0+deb12u2"
+            arch: amd64
+            source: apt
 """
 
 

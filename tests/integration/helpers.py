@@ -18,6 +18,13 @@ HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 _RECAP_RE = re.compile(r"ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 
 
+def ansible_env(**extra: str) -> dict[str, str]:
+    """os.environ plus gpubake's ansible.cfg and the collection gpubake.gpu (the checkout)."""
+    from gpubake import resources
+
+    return {**os.environ, **resources.ansible_env(), **extra}
+
+
 def ansible_playbook() -> str:
     return str(Path(sys.executable).parent / "ansible-playbook")
 
@@ -46,7 +53,7 @@ def apply(
     vars_file = Path(f"/tmp/{box.name}-vars.json")
     # sorted like the ansible-vars.json gpubake renders for Packer
     vars_file.write_text(json.dumps(dict(extra_vars), sort_keys=True), encoding="utf-8")
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0")
+    env = ansible_env(ANSIBLE_FORCE_COLOR="0")
     try:
         proc = subprocess.run(
             [

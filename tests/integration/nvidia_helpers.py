@@ -30,13 +30,15 @@ HOST_KERNEL = os.uname().release
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_FORCE_COLOR="0",
-        ANSIBLE_NOCOLOR="1",
+    from gpubake import resources
+
+    return {
+        **os.environ,
+        **resources.ansible_env(),
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_NOCOLOR": "1",
         **extra,
-    )
+    }
 
 
 def _facts(distribution: str, version: str, release: str, arch: str = "x86_64") -> dict[str, Any]:
@@ -87,7 +89,7 @@ def render(
         {
             "name": f"Load {role}'s variables",
             "ansible.builtin.include_role": {
-                "name": role,
+                "name": f"gpubake.gpu.{role}",
                 "tasks_from": "vars.yml",
                 "public": True,
             },

@@ -9,7 +9,6 @@ systemd. The install from the unreachable repositories runs only where they answ
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.helpers import ROOT, ansible_playbook, apply, run_in
+from tests.integration.helpers import ROOT, ansible_env, ansible_playbook, apply, run_in
 from tests.integration.systemd_helpers import systemd_container, systemd_image
 from tests.integration.test_roles_converge import CA_VARS
 
@@ -63,11 +62,14 @@ def box(engine):
 
 
 def playbook(tmp_path: Path, steps: list[tuple[str, str, dict]]) -> Path:
-    """A play that bootstraps as the real ones do, then includes (role, tasks_from, vars)."""
+    """A play that includes (role, tasks_from, vars) by FQCN; the roles bootstrap themselves."""
     tasks = [
         {
             "name": f"{role} {tasks_from} {json.dumps(variables)}",
-            "ansible.builtin.include_role": {"name": role, "tasks_from": tasks_from},
+            "ansible.builtin.include_role": {
+                "name": f"gpubake.gpu.{role}",
+                "tasks_from": tasks_from,
+            },
             "vars": variables,
         }
         for role, tasks_from, variables in steps
@@ -76,12 +78,6 @@ def playbook(tmp_path: Path, steps: list[tuple[str, str, dict]]) -> Path:
         "name": "Roles under test",
         "hosts": "all",
         "gather_facts": False,
-        "pre_tasks": [
-            {
-                "name": "Bootstrap",
-                "ansible.builtin.import_tasks": str(ROOT / "playbooks/tasks/bootstrap.yml"),
-            }
-        ],
         "tasks": tasks,
     }
     path = tmp_path / "play.yml"
@@ -106,7 +102,7 @@ def check_mode(box, play: Path) -> str:
         timeout=600,
         cwd=ROOT,
         check=False,
-        env=dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_FORCE_COLOR="0"),
+        env=ansible_env(ANSIBLE_FORCE_COLOR="0"),
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]

@@ -14,7 +14,15 @@ import pytest
 
 from gpubake import stacks
 from gpubake.plan import make_plan
-from tests.integration.helpers import ROOT, ansible_playbook, apply, base_image, container, run_in
+from tests.integration.helpers import (
+    ROOT,
+    ansible_env,
+    ansible_playbook,
+    apply,
+    base_image,
+    container,
+    run_in,
+)
 
 pytestmark = pytest.mark.docker
 PLAYBOOK = Path(__file__).with_name("role_test.yml")
@@ -75,7 +83,7 @@ def test_conda_path_in_check_mode(engine):
             timeout=900,
             cwd=ROOT,
             check=False,
-            env=dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg")),
+            env=ansible_env(),
         )
         rc, _ = run_in(box, "test", "-e", "/opt/miniforge")
     vars_file.unlink()

@@ -1,4 +1,4 @@
-"""playbooks/library/gpubake_dpkg_facts.py: dpkg's database in package_facts' shape."""
+"""plugins/modules/dpkg_facts.py (gpubake.gpu.dpkg_facts): dpkg's database in package_facts' shape."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location(
-    "gpubake_dpkg_facts", ROOT / "playbooks/library/gpubake_dpkg_facts.py"
-)
+SPEC = importlib.util.spec_from_file_location("dpkg_facts", ROOT / "plugins/modules/dpkg_facts.py")
 assert SPEC is not None and SPEC.loader is not None
 facts = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(facts)

@@ -118,20 +118,56 @@ def test_fingerprints_live_in_the_roles_defaults_only():
     ],
 )
 def test_a_key_is_trusted_only_when_every_primary_key_is_pinned(role, seen, trusted):
+    """The one trust rule (role common) with each role's own pins."""
     prefix = "logging_agent_gcp" if role == "logging_agent" else role
-    result = render(role, f"{{{{ __{prefix}_key_trusted }}}}", **{f"__{prefix}_key_seen": seen})
+    pins = _yaml(ROLES / role / "defaults/main.yml")[f"{prefix}_key_fingerprints"]
+    result = render(
+        "common",
+        "{{ __common_repo_key_trusted }}",
+        common_repo_key_fingerprints=pins,
+        __common_repo_key_seen=seen,
+    )
     assert result is trusted
 
 
 def test_pins_written_in_lower_case_or_with_spaces_still_match():
     spaced = " ".join(NVIDIA_KEY[i : i + 4] for i in range(0, 40, 4)).lower()
     result = render(
-        "nvidia_container_toolkit",
-        "{{ __nvidia_container_toolkit_key_trusted }}",
-        nvidia_container_toolkit_key_fingerprints=[spaced],
-        __nvidia_container_toolkit_key_seen=[NVIDIA_KEY],
+        "common",
+        "{{ __common_repo_key_trusted }}",
+        common_repo_key_fingerprints=[spaced],
+        __common_repo_key_seen=[NVIDIA_KEY],
     )
     assert result is True
+
+
+@pytest.mark.parametrize(
+    ("keyring", "armored"),
+    [
+        ("/usr/share/keyrings/cloud.google.asc", True),
+        ("/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg", False),
+    ],
+)
+def test_keyring_is_armored_only_when_named_asc(keyring, armored):
+    assert render("common", "{{ __common_repo_armored }}", common_repo_keyring=keyring) is armored
+
+
+def test_the_three_repositories_pin_their_keys_through_the_one_copy():
+    for role, tasks in (
+        ("gcsfuse", "install.yml"),
+        ("logging_agent", "gcp.yml"),
+        ("nvidia_container_toolkit", "install.yml"),
+    ):
+        steps = _yaml(ROLES / role / "tasks" / tasks)
+        uses = [
+            t["vars"]
+            for t in steps
+            if t.get("ansible.builtin.include_role", {}).get("tasks_from") == "signed_repo.yml"
+        ]
+        assert len(uses) == 1, role
+        prefix = "logging_agent_gcp" if role == "logging_agent" else role
+        assert uses[0]["common_repo_key_fingerprints"] == f"{{{{ {prefix}_key_fingerprints }}}}"
+        assert uses[0]["common_repo_key_variable"] == f"{prefix}_key_fingerprints"
 
 
 @pytest.fixture(scope="module")
@@ -181,20 +217,20 @@ def _bash(script: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("role", ["nvidia_container_toolkit", "gcsfuse", "logging_agent"])
-def test_fingerprint_script_prints_primary_keys_only(role, test_key, tmp_path):
-    prefix = "logging_agent_gcp" if role == "logging_agent" else role
-    script = _yaml(ROLES / role / "vars/main.yml")[f"__{prefix}_fingerprints_script"]
-    out = _bash(script, GPUBAKE_KEY=test_key["path"])
+SCRIPT = ROLES / "common" / "files" / "key_fingerprints.sh"
+
+
+def test_fingerprint_script_prints_primary_keys_only(test_key, tmp_path):
+    out = _bash(f'sh {SCRIPT} "$GPUBAKE_KEY"', GPUBAKE_KEY=test_key["path"])
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [test_key["primary"]], "the subkey must not be listed"
-    missing = _bash(script, GPUBAKE_KEY=str(tmp_path / "none.gpg"))
+    missing = _bash(f'sh {SCRIPT} "$GPUBAKE_KEY"', GPUBAKE_KEY=str(tmp_path / "none.gpg"))
     assert (missing.returncode, missing.stdout) == (0, "")
     assert not (tmp_path / ".gnupg").exists()
 
 
 def test_dearmor_step_writes_a_binary_keyring_with_the_same_key(test_key, tmp_path):
-    tasks = _yaml(ROLES / "nvidia_container_toolkit/tasks/fetch_key.yml")
+    tasks = _yaml(ROLES / "common/tasks/signed_repo.yml")
     block = next(t for t in tasks if "block" in t)["block"]
     dearmor = next(t for t in block if t["name"].startswith("Dearmor"))
     keyring = tmp_path / "nvidia-container-toolkit-keyring.gpg"
@@ -206,10 +242,7 @@ def test_dearmor_step_writes_a_binary_keyring_with_the_same_key(test_key, tmp_pa
     assert out.returncode == 0, out.stderr
     assert not keyring.read_bytes().startswith(b"-----BEGIN")
     assert oct(keyring.stat().st_mode & 0o777) == "0o644"
-    script = _yaml(ROLES / "nvidia_container_toolkit/vars/main.yml")[
-        "__nvidia_container_toolkit_fingerprints_script"
-    ]
-    assert _bash(script, GPUBAKE_KEY=str(keyring)).stdout.split() == [test_key["primary"]]
+    assert _bash(f"sh {SCRIPT} {keyring}").stdout.split() == [test_key["primary"]]
 
 
 # ---------------------------------------------------------------- nvidia_container_toolkit

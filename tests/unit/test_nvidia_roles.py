@@ -464,6 +464,18 @@ DEBIAN_CASES = {
         "nvidia_driver_gpu_architecture": "kepler",
         "nvidia_driver_branch": "470",
     },
+    # the facts as gpubake passes them from gpus.yml win over the file
+    "passed-open-unsupported": {
+        "nvidia_driver_open": True,
+        "nvidia_driver_gpu_architecture": "turing",
+        "nvidia_driver_gpu_open_kernel_module": "unsupported",
+    },
+    "passed-last-branch": {
+        "nvidia_driver_open": False,
+        "nvidia_driver_gpu_architecture": "turing",
+        "nvidia_driver_gpu_last_branch": 535,
+        "nvidia_driver_branch": "580",
+    },
     "distro-580": {"nvidia_driver_source": "distro", "nvidia_driver_branch": "580"},
     "distro-535": {
         "nvidia_driver_source": "distro",
@@ -496,6 +508,7 @@ UBUNTU_CASES = {
 
 
 CHECKS = ROLES / "nvidia_driver" / "tasks" / "checks.yml"
+GPUS_FILE = ROLES / "gpu_smoke_test" / "files" / "gpus.yml"
 
 
 def _case_tasks(cases: dict[str, dict], host: str) -> list[dict]:
@@ -510,7 +523,8 @@ def _case_tasks(cases: dict[str, dict], host: str) -> list[dict]:
                     {
                         "name": f"Checks for {name}",
                         "ansible.builtin.include_tasks": str(CHECKS),
-                        "vars": case_vars,
+                        # outside the role there is no role_path to find gpus.yml by
+                        "vars": {**case_vars, "__nvidia_driver_gpus_file": str(GPUS_FILE)},
                     },
                     {
                         "name": f"Passed {name}",
@@ -560,6 +574,20 @@ def test_workable_requests_pass(refusals, case):
     assert refusals[case] == "passed"
 
 
+def test_architecture_facts_passed_in_win_over_gpus_yml(refusals):
+    assert "nvidia_driver_open: false" in refusals["passed-open-unsupported"]
+    assert "up to driver branch 535, not 580" in refusals["passed-last-branch"]
+
+
+def test_no_architecture_fact_is_copied_into_the_role():
+    text = " ".join(
+        p.read_text() for p in (ROLES / "nvidia_driver").rglob("*.yml") if "tasks" in p.parts
+    )
+    text += (ROLES / "nvidia_driver" / "vars" / "main.yml").read_text()
+    for copied in ("[kepler", "blackwell]", "470"):
+        assert copied not in text, copied
+
+
 def test_proprietary_module_refused_on_blackwell(refusals):
     assert "nvidia_driver_open: true" in refusals["proprietary-blackwell"]
 
@@ -593,7 +621,8 @@ def test_precompiled_modules_are_ubuntus(refusals):
 
 # ---- the fingerprint check itself ----------------------------------------------------------------
 
-SCRIPT = ROLES / "nvidia_repo" / "files" / "key_fingerprints.sh"
+# the one fingerprint script every signed repository uses (role common, tasks/signed_repo.yml)
+SCRIPT = ROLES / "common" / "files" / "key_fingerprints.sh"
 
 
 def _gpg(home: Path, *args: str) -> str:

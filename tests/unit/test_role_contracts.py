@@ -62,9 +62,79 @@ def test_smoke_role_ships_the_one_copy_of_the_checker_and_gpu_data():
     assert (files / "gpus.yml").resolve() == (ROOT / "images" / "gpus.yml").resolve()
 
 
-def test_container_playbook_orders_roles():
-    play = _yaml(ROOT / "playbooks" / "container.yml")[0]
-    names = [r["role"] for r in play["roles"]]
+def _stack_order() -> list[tuple[str, str]]:
+    """(role, condition) in the order role stack imports them: the one list of roles."""
+    tasks = _yaml(ROOT / "roles" / "stack" / "tasks" / "main.yml")
+    return [
+        (t["ansible.builtin.import_role"]["name"].removeprefix("gpubake.gpu."), t.get("when", ""))
+        for t in tasks
+    ]
+
+
+def test_the_role_order_is_written_once():
+    for book in ("container.yml", "vm.yml"):
+        (play,) = _yaml(ROOT / "playbooks" / book)
+        assert [r["role"] for r in play["roles"]] == ["gpubake.gpu.stack"], book
+        assert play["hosts"] == "{{ gpubake_hosts | default('all') }}", book
+        assert "pre_tasks" not in play, f"{book}: the roles gather what they need themselves"
+    names = [name for name, _ in _stack_order()]
+    assert names[:2] == ["build_ca", "base"]
     assert names[-3:] == ["gpu_smoke_test", "manifest", "image_cleanup"]
     assert names.index("python_env") < names.index("pytorch") < names.index("gpu_smoke_test")
-    assert names[0] == "build_ca"
+    assert names.index("base") < names.index("nvidia_driver") < names.index("cuda")
+    assert names.index("cuda") < names.index("python_env")
+    assert sorted(names) == sorted(set(names))
+    assert set(names) | {"common", "stack", "nvidia_repo"} == set(ROLES)  # nvidia_repo: included
+    for name, when in _stack_order():
+        if name in ("nvidia_driver", "cuda", "jupyter", "gcsfuse", "logging_agent"):
+            assert "stack_kind == 'vm'" in when, name
+
+
+@pytest.mark.parametrize("role", [r for r in ROLES if r not in ("common", "stack")])
+def test_every_role_brings_its_own_facts(role):
+    meta = _yaml(ROOT / "roles" / role / "meta" / "main.yml")
+    assert {"role": "gpubake.gpu.common"} in meta["dependencies"], role
+    assert _yaml(ROOT / "roles" / "common" / "meta" / "main.yml")["allow_duplicates"] is True
+
+
+def test_siblings_are_named_by_fqcn():
+    for path in sorted((ROOT / "roles").glob("*/tasks/*.yml")) + sorted(
+        (ROOT / "playbooks").glob("*.yml")
+    ):
+        for task in _yaml(path) or []:
+            for key in ("ansible.builtin.include_role", "ansible.builtin.import_role"):
+                if key in task:
+                    name = task[key]["name"]
+                    assert name.startswith("gpubake.gpu."), f"{path}: {name}"
+
+
+def test_one_copy_of_the_apt_fallback_and_the_package_facts():
+    found = {
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "roles").rglob("*")
+        if p.is_file() and "python3-apt must be installed" in p.read_text(errors="ignore")
+    }
+    assert found == {"roles/common/vars/main.yml"}
+    gathers = {
+        str(p.relative_to(ROOT))
+        for p in [*(ROOT / "roles").rglob("*.yml"), *(ROOT / "playbooks").rglob("*.yml")]
+        if "package_facts:" in p.read_text() or "gpubake.gpu.dpkg_facts:" in p.read_text()
+    }
+    assert gathers == {"roles/common/tasks/packages.yml"}
+
+
+def test_nothing_reboots_unless_asked():
+    defaults = _yaml(ROOT / "roles" / "nvidia_driver" / "defaults" / "main.yml")
+    assert defaults["nvidia_driver_reboot"] is False
+    for path in (ROOT / "roles").rglob("*.yml"):
+        if "ansible.builtin.reboot" in path.read_text():
+            assert path == ROOT / "roles" / "nvidia_driver" / "handlers" / "main.yml", path
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_readme_example_uses_the_role_by_fqcn(role):
+    readme = (ROOT / "roles" / role / "README.md").read_text(encoding="utf-8")
+    assert f"gpubake.gpu.{role}" in readme, (
+        f"{role}: README has no example naming gpubake.gpu.{role}"
+    )
+    assert "```yaml" in readme, f"{role}: README has no example playbook"
