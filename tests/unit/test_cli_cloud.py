@@ -258,3 +258,17 @@ def test_local_target_uses_gpubakes_python_where_the_system_has_none(monkeypatch
     ]
     monkeypatch.setattr(hosts, "SYSTEM_PYTHON", Path(sys.executable))
     assert hosts.inventory("local", None) == ["-i", "localhost,", "-c", "local"]
+
+
+def test_host_runs_find_the_collection_from_any_directory(tmp_path, monkeypatch):
+    """ssh/local run ansible-playbook with gpubake's config and collection path: the
+    playbooks' FQCN roles (gpubake.gpu.<role>) resolve wherever gpubake is run from."""
+    from gpubake import ansible, resources
+
+    monkeypatch.chdir(tmp_path)
+    env = ansible.run_env()
+    link = Path(env["ANSIBLE_COLLECTIONS_PATH"]) / "ansible_collections" / "gpubake" / "gpu"
+    assert link.resolve() == resources.data_root().resolve()
+    assert env["ANSIBLE_CONFIG"] == str(resources.data_root() / "ansible.cfg")
+    for book in ("vm.yml", "smoke.yml"):  # raises AnsibleError naming the failure if not
+        ansible.run_playbook(book, ["--syntax-check", "-i", "localhost,"], lambda ln, _: None)
