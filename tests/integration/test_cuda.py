@@ -67,10 +67,12 @@ def test_check_mode_plans_toolkit_cudnn_and_nccl_from_nvidia(nvidia_check):
         "libnccl-dev (CUDA_HOME /usr/local/cuda-13.2)"
     ) in messages(report, host)
     (profile,) = results_named(
-        report, host, "cuda : Put nvcc on login shells' PATH and set CUDA_HOME"
+        report, host, "gpubake.gpu.cuda : Put nvcc on login shells' PATH and set CUDA_HOME"
     )
     assert "export CUDA_HOME=/usr/local/cuda-13.2" in _after(profile).splitlines()
-    (ld,) = results_named(report, host, "cuda : Name the CUDA libraries to the dynamic loader")
+    (ld,) = results_named(
+        report, host, "gpubake.gpu.cuda : Name the CUDA libraries to the dynamic loader"
+    )
     assert _after(ld).splitlines()[1:] == ["/usr/local/cuda-13.2/lib64"]
     assert written == {
         "/etc/profile.d/gpubake-cuda.sh": False,
@@ -96,7 +98,7 @@ def test_a_cuda_debian_does_not_ship_stops_before_installing(engine, debian):
 
 @pytest.mark.slow
 def test_cuda_toolkit_installed_first_and_left_as_is_second(vm_host):
-    title = "cuda : Install the CUDA toolkit 11.8"
+    title = "gpubake.gpu.common : Install nvidia-cuda-toolkit"  # role common's one apt install
     assert vm_host.first.statuses(title) == ["changed"]
     assert vm_host.second.statuses(title) in (["ok"], ["skipping"])
 
@@ -132,7 +134,7 @@ def test_loader_finds_the_cuda_libraries(vm_host):
     rc, cache = run_in(box, "ldconfig", "-p")
     for soname in ("libcudart.so.11.0", "libcublas.so.11", "libcuda.so.1"):
         assert f"\t{soname} " in cache, soname
-    ran = vm_host.first.statuses("cuda : Refresh the dynamic loader's cache for CUDA")
+    ran = vm_host.first.statuses("gpubake.gpu.cuda : Refresh the dynamic loader's cache for CUDA")
     assert ran and ran[0] == "changed"
 
 

@@ -124,7 +124,9 @@ def test_check_mode_shows_the_exact_pinned_apt_entry(nvidia_check):
     report, host, untouched, _held = nvidia_check
     assert stats(report, host)["failures"] == 0
     (entry,) = results_named(
-        report, host, "nvidia_repo : Write the repository entry (only the pinned key may sign it)"
+        report,
+        host,
+        "gpubake.gpu.nvidia_repo : Write the repository entry (only the pinned key may sign it)",
     )
     assert entry["changed"] is True
     written = _after(entry).splitlines()
@@ -164,7 +166,10 @@ def test_check_mode_plans_the_driver_for_the_images_kernel(nvidia_check):
         for m in said
     ), said
     (install_kernel,) = results_named(
-        report, host, "nvidia_driver : Install the image kernel and its headers, flavour amd64"
+        report,
+        host,
+        # role common's one apt install, for the kernel packages
+        "gpubake.gpu.common : Install linux-image-amd64, linux-headers-amd64",
     )
     assert install_kernel["changed"] is True
     would_hold = [
@@ -177,7 +182,7 @@ def test_check_mode_plans_the_driver_for_the_images_kernel(nvidia_check):
     ]
     assert f"check mode: would hold {', '.join(would_hold)} (not installed yet)" in said
     (blacklist,) = results_named(
-        report, host, "nvidia_driver : Keep unattended-upgrades from moving them"
+        report, host, "gpubake.gpu.nvidia_driver : Keep unattended-upgrades from moving them"
     )
     assert r'    "^nvidia\-open\-580$";' in _after(blacklist).splitlines()
     assert held.strip() == "", "check mode must hold nothing"
@@ -186,7 +191,9 @@ def test_check_mode_plans_the_driver_for_the_images_kernel(nvidia_check):
 
 def test_check_mode_never_reboots_a_container(nvidia_check):
     report, host, *_ = nvidia_check
-    reboots = results_named(report, host, "nvidia_driver : Reboot to load the NVIDIA driver")
+    reboots = results_named(
+        report, host, "gpubake.gpu.nvidia_driver : Reboot to load the NVIDIA driver"
+    )
     assert reboots, "the handler must have been notified"
     assert all(r.get("skipped") for r in reboots)
 
@@ -342,7 +349,7 @@ def test_a_driver_no_package_owns_is_detected_and_left_alone(bootstrapped):
     assert "580.95.05 from nvidia-smi (/usr/local/bin/nvidia-smi, owned by no package)" in found
     assert "Leaving it alone; not adding: nvidia-open-580, kernel linux-image-amd64" in found
     assert "Fabric Manager nvidia-fabricmanager-580" in found
-    (install,) = results_named(report, host, "nvidia_driver : Install the driver")
+    (install,) = results_named(report, host, "gpubake.gpu.nvidia_driver : Install the driver")
     assert install.get("skipped") is True
     assert not _exists(box, LIST_FILE) and not _exists(box, "/boot/vmlinuz")
     assert run_in(box, "dpkg-query", "-W", "linux-image-amd64")[0] != 0
@@ -370,7 +377,11 @@ def _image_kernel(box) -> str:
 
 @pytest.mark.slow
 def test_distro_driver_installed_first_and_left_as_is_second(vm_host):
-    title = "nvidia_driver : Install the driver packages of branch 535"
+    # role common's one apt install, for the driver packages (tasks/packages.yml)
+    title = (
+        "gpubake.gpu.common : Install nvidia-kernel-dkms, nvidia-smi, libcuda1, "
+        "nvidia-persistenced, firmware-nvidia-gsp"
+    )
     assert vm_host.first.statuses(title) == ["changed"]
     assert vm_host.second.statuses(title) in (["ok"], ["skipping"])
 
@@ -456,7 +467,7 @@ def test_kernel_headers_and_driver_held_together(vm_host):
 
 @pytest.mark.slow
 def test_no_reboot_in_a_container(vm_host):
-    reboots = vm_host.first.statuses("nvidia_driver : Reboot to load the NVIDIA driver")
+    reboots = vm_host.first.statuses("gpubake.gpu.nvidia_driver : Reboot to load the NVIDIA driver")
     assert reboots and set(reboots) == {"skipping"}
     rc, boots = run_in(vm_host.box, "journalctl", "--list-boots", "--no-pager", "-q")
     assert rc == 0

@@ -51,7 +51,7 @@ def test_a_running_host_keeps_its_tmp_caches_and_apt_lists(vm_host):
     rc, lists = run_in(vm_host.box, "sh", "-c", "ls /var/lib/apt/lists | grep -c Packages")
     assert rc == 0 and int(lists) > 0
     assert vm_host.first.statuses(
-        "image_cleanup : Empty package lists, package caches and logs"
+        "gpubake.gpu.image_cleanup : Empty package lists, package caches and logs"
     ) in (
         [],
         ["skipping"],
