@@ -1,4 +1,4 @@
-"""plugins/modules/dpkg_facts.py (gpubake.gpu.dpkg_facts): dpkg's database in package_facts' shape."""
+"""plugins/modules/dpkg_facts.py (gpubake.gpu.dpkg_facts): dpkg's database, package_facts' shape."""
 
 from __future__ import annotations
 
