@@ -189,6 +189,8 @@ def _vm_ansible_vars(stack: Stack, target: str) -> dict[str, Any]:
     cloud_image = targets.get(target)
     gpu = stack.gpu
     fabric = False
+    # the architecture's facts from gpus.yml (their one copy), for the driver role's checks
+    arch = stacks.gpus_data()["architectures"][gpu.architecture] if gpu else {}
     if gpu is not None:
         nvswitch = stacks.gpus_data()["gpus"][gpu.key].get("nvswitch", {})
         machine = _build_machine(stack, target)
@@ -201,6 +203,8 @@ def _vm_ansible_vars(stack: Stack, target: str) -> dict[str, Any]:
         "nvidia_driver_source": stack.driver_source,
         "nvidia_repo_distro": stack.os.nvidia_repo,
         "nvidia_driver_gpu_architecture": gpu.architecture if gpu else "",
+        "nvidia_driver_gpu_open_kernel_module": arch.get("open_kernel_module", ""),
+        "nvidia_driver_gpu_last_branch": arch.get("last_driver_branch", 0),
         "nvidia_driver_fabric_manager": fabric,
         "cuda_version": stack.cuda_toolkit or stack.cuda,
         "cuda_source": stack.cuda_source,

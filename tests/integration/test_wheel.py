@@ -36,7 +36,7 @@ def test_stacks_from_the_wheel(wheel_install):
 
 
 def test_dry_run_json_from_the_wheel_matches_the_checkout(wheel_install):
-    args = ("build", "--dry-run", "--json", "--base-image", "debian:12")
+    args = ("build", "--dry-run", "--json")
     proc = wheel_install.run(*args)
     assert proc.returncode == 0, proc.stderr
     from_wheel = json.loads(proc.stdout)
