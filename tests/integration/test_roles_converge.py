@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import HOST_BUNDLE, apply, base_image, container, run_in
+from tests.integration.helpers import HOST_BUNDLE, apply, base_image, container
 
 pytestmark = pytest.mark.docker
 PLAYBOOK = Path(__file__).with_name("role_test.yml")
@@ -37,33 +36,8 @@ def converge_twice(engine, image, roles):
     assert second["failed"] == 0
 
 
-@pytest.mark.parametrize(
-    "roles",
-    [["build_ca"], ["build_ca", "base"], ["base", "image_cleanup"]],
-    ids=lambda r: "+".join(r),
-)
+# build_ca, base, python_env, gpu_smoke_test and manifest converge twice, by FQCN from a
+# consumer's playbook, in test_collection_consumer.py
+@pytest.mark.parametrize("roles", [["base", "image_cleanup"]], ids=lambda r: "+".join(r))
 def test_light_roles_converge_twice(engine, debian, roles):
     converge_twice(engine, debian, roles)
-
-
-def test_python_env_gpu_smoke_and_manifest_converge_twice(engine, debian):
-    variables = {
-        "roles_under_test": ["build_ca", "python_env", "gpu_smoke_test", "manifest"],
-        **CA_VARS,
-        "manifest_build": {"stack": "test"},
-    }
-    with container(engine, debian) as box:
-        first, _ = apply(box, PLAYBOOK, variables)
-        second, output = apply(box, PLAYBOOK, variables)
-        assert first["changed"] > 0
-        assert second["changed"] == 0, output[-4000:]
-        rc, out = run_in(box, "/usr/local/bin/uv", "--version")
-        assert rc == 0 and out.startswith("uv 0.13.9"), out
-        rc, out = run_in(box, "cat", "/etc/gpubake/manifest.json")
-        manifest = json.loads(out)
-        assert manifest["stack"] == "test"
-        assert manifest["python"].startswith("3.11")
-        assert manifest["python_prefix"] == "/opt/gpubake/env"
-        rc, out = run_in(box, "/usr/local/bin/gpu-smoke", "--json", "--framework", "none")
-        assert rc == 0, out
-        assert json.loads(out)["gpu_visible"] is False
