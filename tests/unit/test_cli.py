@@ -104,6 +104,16 @@ BAD_INPUTS = [
 ]
 
 
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    """A refusal as users must see it: non-zero exit, one `gpubake: error:` line, no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("gpubake: error: ")
+    assert needle in lines[0]
+
+
 @pytest.mark.parametrize(("args", "needle"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_and_starts_nothing(args, needle, tmp_path):
     args = [a.replace("{not_pem}", fake_bundle(tmp_path)) for a in args]
@@ -111,12 +121,7 @@ def test_bad_input_is_one_line_and_starts_nothing(args, needle, tmp_path):
     # No engine is reachable through DOCKER_HOST here: had the CLI got as far as starting
     # anything, it would have failed on the engine instead of on the input.
     proc = run(*args, env=no_engine_env(tmp_path))
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("gpubake: error: ")
-    assert needle in lines[0]
+    assert_one_line_error(proc, needle)
     assert proc.stdout == ""
     assert containers() == before
 
@@ -142,12 +147,7 @@ def test_render_and_smoke_refuse_bad_input(args, needle, tmp_path):
         cwd=tmp_path,
         check=False,
     )
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("gpubake: error: ")
-    assert needle in lines[0]
+    assert_one_line_error(proc, needle)
     assert not out.exists()
 
 
