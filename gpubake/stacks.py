@@ -82,6 +82,7 @@ class OsInfo:
     python: str
     base_image: str
     nvidia_repo: str
+    glibc: str = ""
     debootstrap: Mapping[str, str] | None = None
     gcp: Mapping[str, str] | None = None
     aws: Mapping[str, str] | None = None
@@ -110,9 +111,16 @@ class Stack:
     driver_source: str = "nvidia"
     cuda_source: str = "nvidia"
     cuda_toolkit: str = ""  # the toolkit the cuda role installs (the OS's with cuda_source=distro)
+    # derived stacks (`from:`): the resolved parent, the roles added, the container settings
+    parent: Stack | None = None
+    roles: tuple[str, ...] = ()
+    container: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = dataclasses.asdict(dataclasses.replace(self, parent=None))
+        data["parent"] = self.parent.name if self.parent else None
+        data["roles"] = list(self.roles)
+        data["container"] = dict(self.container)
         data["packages"] = dict(self.packages)
         data["overrides"] = dict(self.overrides)
         data["imports"] = list(self.imports)
@@ -127,6 +135,45 @@ class Stack:
     @property
     def requirements(self) -> list[str]:
         return [f"{name}=={version}" for name, version in self.packages]
+
+    @property
+    def lineage(self) -> tuple[Stack, ...]:
+        """The stacks this one is built on, from the root to itself."""
+        return (*self.parent.lineage, self) if self.parent else (self,)
+
+
+#: Keys a derived stack adds to its parent's (lists and mappings) instead of replacing.
+_ADDED_KEYS = ("packages", "imports", "roles", "container")
+
+
+def raw_stack(name: str) -> dict[str, Any]:
+    """A stack's entry of stacks.yml with its `from:` parents merged in: `packages`,
+    `imports` and `roles` add to the parent's, `container` merges over it, the rest is the
+    stack's own or else the parent's. `parent` names the parent (None for a root stack)."""
+    entries = stacks_data()["stacks"]
+    raw = entries.get(name)
+    if raw is None:
+        raise StackError(f"unknown stack '{name}': choose one of {', '.join(stack_names())}")
+    parent_name = raw.get("from")
+    if parent_name is None:
+        return {"roles": [], "container": {}, **raw, "parent": None}
+    if parent_name not in entries:
+        raise StackError(
+            f"stack '{name}' derives from unknown stack '{parent_name}': fix `from:` in "
+            "images/stacks.yml"
+        )
+    merged = raw_stack(parent_name)
+    for key, value in raw.items():
+        if key == "from":
+            continue
+        if key in ("imports", "roles"):
+            merged[key] = [*merged[key], *(v for v in value if v not in merged[key])]
+        elif key in ("packages", "container"):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    merged["parent"] = parent_name
+    return merged
 
 
 def stack_names() -> list[str]:
@@ -172,6 +219,7 @@ def get_os(key: str) -> OsInfo:
         python=str(raw["python"]),
         base_image=raw["base_image"],
         nvidia_repo=raw["nvidia_repo"],
+        glibc=str(raw["glibc"]),
         debootstrap=raw.get("debootstrap"),
         gcp=raw.get("gcp"),
         aws=raw.get("aws"),
@@ -255,9 +303,7 @@ def resolve(
         if value is not None and not value.strip():
             raise StackError(f"{flag} is empty: give {what}, or leave {flag} out for the default")
     name = name or data["default_stack"]
-    raw = data["stacks"].get(name)
-    if raw is None:
-        raise StackError(f"unknown stack '{name}': choose one of {', '.join(stack_names())}")
+    raw = raw_stack(name)
     variables = dict(variables or {})
     osinfo = get_os(os_key or data["default_os"])
     gpu_info = get_gpu(gpu) if gpu else None
@@ -331,6 +377,22 @@ def resolve(
                 f"add miniforge.sha256.{arch} to images/stacks.yml"
             )
 
+    parent = None
+    if raw["parent"]:
+        # the parent with the same OS, GPU and target, and the overrides that concern it
+        parent_packages = raw_stack(raw["parent"])["packages"]
+        parent = resolve(
+            raw["parent"],
+            os_key=osinfo.key,
+            gpu=gpu,
+            target=target,
+            variables={
+                key: value
+                for key, value in variables.items()
+                if not key.startswith("packages.") or key.split(".", 1)[1] in parent_packages
+            },
+        )
+
     return Stack(
         name=name,
         description=raw["description"],
@@ -351,6 +413,9 @@ def resolve(
         driver_source=driver_source,
         cuda_source=cuda_source,
         cuda_toolkit=toolkit,
+        parent=parent,
+        roles=tuple(raw["roles"]),
+        container=dict(raw["container"]),
     )
 
 
