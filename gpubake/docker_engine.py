@@ -6,6 +6,7 @@ made with debootstrap and imported, as these machines reach no registry.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -193,3 +194,21 @@ def _finish_rootfs(rootfs: Path, suite: str, mirror: str) -> None:
         target = rootfs / path
         if target.exists():
             target.write_text("", encoding="utf-8")
+
+
+def own_size(engine: docker.DockerClient, image: Image, below: str) -> int:
+    """Bytes `image` adds on top of the image `below` (its own layers)."""
+    parent = local_image(engine, below)
+    return int(image.attrs["Size"]) - (int(parent.attrs["Size"]) if parent is not None else 0)
+
+
+def dangling_volumes(engine: docker.DockerClient) -> set[str]:
+    return {v.name for v in engine.volumes.list(filters={"dangling": True})}
+
+
+def drop_volumes(engine: docker.DockerClient, names: set[str]) -> None:
+    """Remove volumes a build container left behind: an image that declares a VOLUME gives
+    each container started from it an anonymous one, which Packer does not remove."""
+    for name in names:
+        with contextlib.suppress(docker.errors.APIError):  # in use or gone meanwhile
+            engine.volumes.get(name).remove()

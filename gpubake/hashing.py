@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,57 @@ def input_hash(
     digest.update(f"plan {canonical_json(resolved)}\n".encode())
     digest.update(f"base {base_image_id}\n".encode())
     return digest.hexdigest()
+
+
+#: Files every container stage runs through: the playbooks, the role that orders the roles,
+#: the collection's runtime metadata, Ansible's configuration and the Packer templates.
+STAGE_COMMON = (
+    "playbooks/container.yml",
+    "playbooks/smoke.yml",
+    "roles/stack",
+    "meta/runtime.yml",
+    "ansible.cfg",
+    "images/docker.pkr.hcl",
+    "images/variables.pkr.hcl",
+)
+_FQCN_RE = re.compile(r"\bgpubake\.gpu\.([a-z_][a-z0-9_]*)")
+
+
+def _tree_files(root: Path, rel: str) -> list[Path]:
+    path = root / rel
+    if path.is_file():
+        return [path]
+    return [p for p in path.rglob("*") if p.is_file() and not _skipped(p.relative_to(root))]
+
+
+def role_closure(roles: Iterable[str], root: Path | None = None) -> tuple[set[str], set[str]]:
+    """(roles, modules): `roles` and every role or module of the collection they name by
+    FQCN (meta dependencies, include_role, tasks), transitively. The stack role, which names
+    every role, is not followed: each stage applies only its own roles."""
+    root = data_root() if root is None else root
+    found: set[str] = set()
+    modules: set[str] = set()
+    todo = [r for r in roles if r != "stack"]
+    while todo:
+        role = todo.pop()
+        if role in found:
+            continue
+        found.add(role)
+        for path in _tree_files(root, f"roles/{role}"):
+            for name in _FQCN_RE.findall(path.read_text(encoding="utf-8", errors="replace")):
+                if (root / "roles" / name).is_dir() and name != "stack":
+                    todo.append(name)
+                elif (root / "plugins" / "modules" / f"{name}.py").is_file():
+                    modules.add(name)
+    return found, modules
+
+
+def stage_files(roles: Iterable[str], root: Path | None = None) -> list[Path]:
+    """The files a container stage applying `roles` reads, sorted."""
+    root = data_root() if root is None else root
+    closure, modules = role_closure(roles, root)
+    files: set[Path] = set()
+    for rel in (*STAGE_COMMON, *(f"roles/{r}" for r in closure)):
+        files.update(_tree_files(root, rel))
+    files.update(root / "plugins" / "modules" / f"{m}.py" for m in modules)
+    return sorted(files)

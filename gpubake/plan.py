@@ -51,6 +51,8 @@ class BuildPlan:
     ca_bundle: Path | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     image: str = ""
+    # the requirements (with hashes) the build installs, written beside ansible-vars.json
+    python_env_lock: str = ""
 
     @property
     def packer_only(self) -> str | None:
@@ -127,21 +129,36 @@ def _core_ansible_vars(stack: Stack, target: str, require_gpu: bool) -> dict[str
         data["python_env_miniforge_version"] = stack.miniforge["version"]
         data["python_env_miniforge_sha256"] = dict(stack.miniforge["sha256"])
     data[f"{stack.framework}_packages"] = dict(stack.packages)
+    # a role a derived stack adds installs the packages that stack adds (e.g. jupyterlab)
+    for level in stack.lineage:
+        inherited = dict(level.parent.packages) if level.parent else {}
+        own = {k: v for k, v in level.packages if k not in inherited}
+        for role in level.roles:
+            if level.parent is None or role not in level.parent.roles:
+                data[f"{role}_packages"] = own
     return data
 
 
-def _docker_changes(labels: Mapping[str, str]) -> list[str]:
+def docker_changes(container: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:
+    """The image config `docker commit` sets: the defaults, then the stack's `container`
+    settings (workdir, volumes, ports, healthcheck, cmd), then the labels."""
     path = f"{ENV_PREFIX}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     changes = [
         f"USER {DEFAULT_USER}",
-        f"WORKDIR /home/{DEFAULT_USER}",
+        f"WORKDIR {container.get('workdir', f'/home/{DEFAULT_USER}')}",
         f"ENV PATH={path}",
         f"ENV VIRTUAL_ENV={ENV_PREFIX}",
         "ENV LANG=C.UTF-8",
         "ENV NVIDIA_VISIBLE_DEVICES=all",
         "ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility",
-        'CMD ["/bin/bash"]',
     ]
+    changes += (
+        [f"VOLUME {json.dumps(list(container['volumes']))}"] if "volumes" in container else []
+    )
+    changes += [f"EXPOSE {port}" for port in container.get("ports", [])]
+    if "healthcheck" in container:
+        changes.append(f"HEALTHCHECK {container['healthcheck']}")
+    changes.append(f"CMD {json.dumps(list(container.get('cmd', ['/bin/bash'])))}")
     changes += [f"LABEL {key}={json.dumps(value)}" for key, value in sorted(labels.items())]
     return changes
 
@@ -370,7 +387,7 @@ def _target_specifics(
             "container_name": "-".join(
                 part for part in ("gpubake-build", digest[:12], build_id) if part
             ),
-            "docker_changes": _docker_changes(labels),
+            "docker_changes": docker_changes(stack.container, labels),
         }
         return labels, packer_vars, f"{repository}:{tag}"
     if not kind.uses_packer:

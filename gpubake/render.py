@@ -5,6 +5,7 @@
       variables.pkr.hcl + the target's own Packer files (+ plugins.pkr.hcl for Packer >= 1.7)
       <target>.auto.pkrvars.hcl        the plan's Packer variables (Packer loads *.auto.pkrvars.hcl)
       ansible-vars.json                the plan's Ansible variables (-e @ansible-vars.json)
+      python-env.lock                  the locked requirements a container stage installs
       ansible.cfg                      gpubake's, with collections_path = collections
       collections/ansible_collections/gpubake/gpu/   a copy of the collection (roles, playbooks,
                                        plugins, meta, galaxy.yml)
@@ -29,6 +30,8 @@ COLLECTIONS_DIR = "collections"
 COLLECTION_DIR = Path(
     COLLECTIONS_DIR, "ansible_collections", resources.NAMESPACE, resources.COLLECTION
 )
+#: The requirements with hashes a container stage installs (python_env_lock_file).
+LOCK_FILE = "python-env.lock"
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo")
 _SOURCES_RE = re.compile(r"^(?P<indent>\s*)sources\s*=\s*\[(?P<list>[^\]]*)\]\s*$", re.MULTILINE)
 
@@ -153,8 +156,14 @@ def render(plan: BuildPlan, out_dir: Path, *, with_plugins: bool) -> Path:
     (out_dir / "ansible.cfg").write_text(
         ansible_cfg((root / "ansible.cfg").read_text(encoding="utf-8")), encoding="utf-8"
     )
+    variables = dict(plan.ansible_vars)
+    lock = out_dir / LOCK_FILE
+    lock.unlink(missing_ok=True)
+    if plan.python_env_lock:
+        lock.write_text(plan.python_env_lock, encoding="utf-8")
+        variables["python_env_lock_file"] = str(lock.resolve())
     (out_dir / "ansible-vars.json").write_text(
-        json.dumps(plan.ansible_vars, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        json.dumps(variables, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
     lines = [f"# Written by gpubake {__version__}: {plan.image_ref}, input hash {plan.input_hash}"]
     lines.append(_attributes(list(plan.packer_vars.items())))

@@ -32,13 +32,21 @@ variable "docker_changes" {
   default     = []
 }
 
+variable "cache_volumes" {
+  type        = map(string)
+  description = "Host folders bind-mounted into the build container (the download cache); a mount is not committed into the image."
+  default     = {}
+}
+
 source "docker" "gpubake" {
   image         = var.base_image
   pull          = false
   commit        = true
   container_dir = "/tmp/packer-files"
-  run_command   = ["-d", "-i", "-t", "--name", var.container_name, "{{.Image}}", "/bin/sh"]
-  changes       = var.docker_changes
+  # as root: a stage may start from an image whose USER is gpubake (a derived stack's parent)
+  run_command = ["-d", "-i", "-t", "-u", "root", "--name", var.container_name, "{{.Image}}", "/bin/sh"]
+  volumes     = var.cache_volumes
+  changes     = var.docker_changes
 }
 
 locals {

@@ -42,7 +42,11 @@ def test_resolved_stack_is_frozen():
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"name": "nope"}, "unknown stack 'nope': choose one of mxnet, pytorch, pytorch-conda"),
+        (
+            {"name": "nope"},
+            "unknown stack 'nope': choose one of fastai, mxnet, pytorch, pytorch-conda, "
+            "pytorch-notebook",
+        ),
         ({"os_key": "centos-7"}, "unknown OS 'centos-7'"),
         ({"gpu": "rtx9999"}, "unknown GPU 'rtx9999'"),
         ({"gpu": "k80"}, "GPU k80 (kepler, sm_37) is not supported by CUDA 13.2"),

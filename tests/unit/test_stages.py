@@ -1,0 +1,194 @@
+"""Container stages: which roles each applies, what its hash covers, what derived stacks
+share, the lock part each installs and the download cache each mounts. Pure, no engine."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gpubake import hashing, resources, stages
+from gpubake.locks import Lock
+from gpubake.plan import HASH_LABEL, make_plan
+from gpubake.render import LOCK_FILE, render
+from gpubake.stacks import resolve
+
+PINS = {
+    "torch": ("2.15.0", ("sha256:" + "1" * 64,)),
+    "torchvision": ("0.29.2", ("sha256:" + "2" * 64,)),
+    "nvidia-cublas": ("13.1.0.3", ("sha256:" + "3" * 64, "sha256:" + "4" * 64)),
+    "nvidia-cudnn-cu13": ("9.13.0.50", ("sha256:" + "5" * 64,)),
+    "jupyterlab": ("4.6.6", ("sha256:" + "6" * 64,)),
+    "fastai": ("2.8.12", ("sha256:" + "7" * 64,)),
+    "fastbook": ("0.0.29", ("sha256:" + "8" * 64,)),
+}
+
+
+def _lock(names, extra=""):
+    lines = []
+    for name in names:
+        version, hashes = PINS[name]
+        lines.append(f"{name}=={version}" + "".join(f" \\\n    --hash={h}" for h in hashes))
+    text = "\n".join(lines) + "\n" + extra
+    pins = {n: PINS[n] for n in names}
+    return Lock(Path("x.txt"), text, pins, hashlib.sha256(text.encode()).hexdigest())
+
+
+LOCKS = {
+    "pytorch": _lock(["nvidia-cublas", "nvidia-cudnn-cu13", "torch", "torchvision"]),
+    "pytorch-notebook": _lock(
+        ["jupyterlab", "nvidia-cublas", "nvidia-cudnn-cu13", "torch", "torchvision"]
+    ),
+    "fastai": _lock(list(PINS)),
+}
+
+
+def _chain(name="pytorch", locks=LOCKS, uv_cache=Path("/cache/uv"), **plan_args):
+    def plan_for(stack):
+        args = {"base_image": "gpubake/base:debian-12", "base_image_id": "sha256:abc", "tag": "t"}
+        return make_plan(stack, **{**args, **plan_args})
+
+    return stages.plan_chain(resolve(name), plan_for, locks, uv_cache=uv_cache)
+
+
+def test_a_root_stack_is_four_stages_each_on_the_one_before():
+    chain = _chain()
+    assert [s.name for s in chain] == ["os", "cuda", "env", "finish"]
+    assert chain[0].roles == ("build_ca", "base", "python_env", "image_cleanup")
+    assert chain[2].roles == ("build_ca", "pytorch", "image_cleanup")
+    assert chain[0].plan.base_image == "gpubake/base:debian-12"
+    for below, stage in itertools.pairwise(chain):
+        assert stage.plan.base_image == below.plan.image_ref
+        assert stage.plan.packer_vars["base_image"] == below.plan.image_ref
+    assert [s.plan.image_ref for s in chain][:3] == [
+        f"gpubake-stage/pytorch:{s.name}-{s.input_hash[:12]}" for s in chain[:3]
+    ]
+    final = chain[-1]
+    assert final.final and final.plan.image_ref == "gpubake/pytorch:t"
+    assert final.plan.labels[HASH_LABEL] == final.input_hash
+    assert final.plan.ansible_vars["manifest_build"]["input_hash"] == final.input_hash
+    # gpu-smoke runs after the last stage only; each stage applies its own roles
+    assert [s.plan.ansible_vars["gpubake_smoke"] for s in chain] == [False, False, False, True]
+    assert [tuple(s.plan.ansible_vars["gpubake_stage_roles"]) for s in chain] == [
+        s.roles for s in chain
+    ]
+    assert len({s.input_hash for s in chain}) == 4
+    assert len({s.plan.packer_vars["container_name"] for s in chain}) == 4
+
+
+def test_derived_stacks_add_their_stages_on_the_parents_image():
+    pytorch, notebook, fastai = _chain(), _chain("pytorch-notebook"), _chain("fastai")
+    assert [s.input_hash for s in fastai[:4]] == [s.input_hash for s in pytorch]
+    assert [s.input_hash for s in fastai[:6]] == [s.input_hash for s in notebook]
+    assert [s.label for s in fastai[4:]] == [
+        "pytorch-notebook:env",
+        "pytorch-notebook:finish",
+        "fastai:env",
+        "fastai:finish",
+    ]
+    assert fastai[4].plan.base_image == "gpubake/pytorch:t"
+    assert fastai[6].plan.base_image == "gpubake/pytorch-notebook:t"
+    # the notebook role is the notebook stack's own: fastai's env stage does not run it again
+    assert fastai[4].roles == ("build_ca", "pytorch", "notebook", "image_cleanup")
+    assert fastai[6].roles == ("build_ca", "pytorch", "image_cleanup")
+    assert fastai[4].plan.ansible_vars["notebook_packages"] == {"jupyterlab": "4.6.6"}
+    changes = fastai[-1].plan.packer_vars["docker_changes"]
+    for line in (
+        "USER gpubake",
+        "WORKDIR /notebooks",
+        'VOLUME ["/storage"]',
+        "EXPOSE 8888",
+        'CMD ["/usr/local/bin/gpubake-notebook"]',
+    ):
+        assert line in changes
+    assert any(c.startswith("HEALTHCHECK ") and "gpubake-notebook-health" in c for c in changes)
+    # the intermediate stages keep the defaults: no volume, no notebook command
+    assert not any(
+        c.startswith(("VOLUME", "HEALTHCHECK"))
+        for c in fastai[4].plan.packer_vars["docker_changes"]
+    )
+
+
+def test_each_stage_installs_its_part_of_the_lock_through_the_cache():
+    chain = _chain()
+    os_stage, cuda, env, finish = chain
+    assert os_stage.plan.python_env_lock == "" and finish.plan.python_env_lock == ""
+    # the CUDA layer: NVIDIA's wheels only, with their hashes, installed without dependencies
+    assert cuda.plan.python_env_lock.count("--hash=sha256:") == 3
+    assert "torch==" not in cuda.plan.python_env_lock
+    assert cuda.plan.ansible_vars["python_env_install"] == {
+        "nvidia-cublas": "13.1.0.3",
+        "nvidia-cudnn-cu13": "9.13.0.50",
+    }
+    assert cuda.plan.ansible_vars["python_env_lock_no_deps"] is True
+    assert env.plan.python_env_lock == LOCKS["pytorch"].text
+    assert env.plan.ansible_vars["python_env_lock_no_deps"] is False
+    for stage in (cuda, env):
+        assert stage.plan.packer_vars["cache_volumes"] == {"/cache/uv": stages.UV_CACHE_MOUNT}
+        assert stage.plan.ansible_vars["python_env_cache_dir"] == stages.UV_CACHE_MOUNT
+    for stage in (os_stage, finish):
+        assert "cache_volumes" not in stage.plan.packer_vars
+    # a lock change rebuilds the stages that install it and those after them, not the OS stage
+    other = {**LOCKS, "pytorch": _lock(["nvidia-cublas", "torch", "torchvision"])}
+    changed = [
+        a.input_hash != b.input_hash for a, b in zip(chain, _chain(locks=other), strict=True)
+    ]
+    assert changed == [False, True, True, True]
+    # where the cache lives on this machine is not an input; the tag and CA bundle neither
+    assert [s.input_hash for s in _chain(uv_cache=Path("/elsewhere"))] == [
+        s.input_hash for s in chain
+    ]
+    assert _chain(tag="other")[-1].input_hash == chain[-1].input_hash
+
+
+@pytest.fixture
+def data_copy(tmp_path, monkeypatch):
+    """A copy of gpubake's data the hashes are read from, to edit."""
+    root = tmp_path / "data"
+    for item in (*hashing.HASHED_TREES, *hashing.HASHED_FILES):
+        src = resources.data_root() / item
+        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, root / item)
+    monkeypatch.setattr(hashing, "data_root", lambda: root)
+    return root
+
+
+def _edit(path: Path) -> None:
+    path.write_text(path.read_text() + "\n# one more line\n")
+
+
+@pytest.mark.parametrize(
+    ("edited", "changed"),
+    [
+        ("roles/gpu_smoke_test/tasks/main.yml", [False, False, False, True]),
+        ("roles/pytorch/tasks/main.yml", [False, False, True, True]),
+        ("roles/python_env/tasks/packages.yml", [True, True, True, True]),
+        ("roles/common/tasks/main.yml", [True, True, True, True]),  # every role depends on it
+        ("playbooks/container.yml", [True, True, True, True]),
+        # VM-only roles are in no container stage
+        ("roles/nvidia_driver/tasks/main.yml", [False, False, False, False]),
+        ("roles/logging_agent/tasks/main.yml", [False, False, False, False]),
+    ],
+)
+def test_a_stage_hash_covers_its_own_roles_only(data_copy, edited, changed):
+    before = [s.input_hash for s in _chain()]
+    _edit(data_copy / edited)
+    after = [s.input_hash for s in _chain()]
+    assert [a != b for a, b in zip(before, after, strict=True)] == changed
+
+
+def test_render_writes_the_stage_lock_beside_the_vars(tmp_path):
+    env = _chain()[2]
+    render(env.plan, tmp_path, with_plugins=False)
+    lock = tmp_path / LOCK_FILE
+    assert lock.read_text() == LOCKS["pytorch"].text
+    variables = json.loads((tmp_path / "ansible-vars.json").read_text())
+    assert variables["python_env_lock_file"] == str(lock.resolve())
+    assert variables["gpubake_stage_roles"] == ["build_ca", "pytorch", "image_cleanup"]
+    # a stage without a lock leaves none behind from an earlier render
+    render(_chain()[0].plan, tmp_path, with_plugins=False)
+    assert not lock.exists()
+    assert "python_env_lock_file" not in json.loads((tmp_path / "ansible-vars.json").read_text())
