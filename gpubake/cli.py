@@ -252,6 +252,55 @@ def stacks_cmd(as_json: bool, os_key: str | None) -> None:
         click.echo(f"    {packages}")
 
 
+@cli.command(name="lock")
+@click.option(
+    "--stack",
+    "stack_names",
+    multiple=True,
+    metavar="NAME",
+    help="Stack to lock (its parents are locked first); repeatable. Default: every stack.",
+)
+@click.option(
+    "--os", "os_key", callback=_not_empty, metavar="OS", help="Lock for this OS. Default: every OS."
+)
+@click.option(
+    "--arch",
+    type=click.Choice(["x86_64", "aarch64"]),
+    help="Architecture to lock for. Default: this machine's.",
+)
+@click.option("--upgrade", is_flag=True, help="Resolve anew to the newest versions the pins allow.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def lock_cmd(
+    stack_names: tuple[str, ...], os_key: str | None, arch: str | None, upgrade: bool, as_json: bool
+) -> None:
+    """Write images/locks/<stack>/<os>-<arch>.txt: every Python package a stack installs,
+    pinned with hashes (uv pip compile --generate-hashes). A derived stack keeps its parent's
+    versions. A lock that is current is left as it is; stack and OS pairs that cannot go
+    together are skipped with a note.
+    """
+    from gpubake import locks
+
+    records = locks.lock_stacks(
+        stack_names,
+        [os_key] if os_key else [],
+        arch=arch,
+        upgrade=upgrade,
+        progress=lambda message: click.echo(message, err=True),
+    )
+    if as_json:
+        click.echo(json.dumps(records, indent=2, sort_keys=True))
+    for item in [] if as_json else records:
+        if item["status"] in ("skipped", "failed"):
+            click.echo(f"{item['status']} {item['stack']} on {item['os']}: {item['note']}")
+        else:
+            click.echo(f"{item['status']}: {item['path']} ({item['packages']} packages)")
+    failed = [item for item in records if item["status"] == "failed"]
+    if failed:
+        raise locks.LockError(
+            f"{len(failed)} lock(s) could not be made; the first: {failed[0]['note']}"
+        )
+
+
 @cli.command(name="render")
 @click.option(
     "--target",
