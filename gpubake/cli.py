@@ -227,10 +227,13 @@ def build(
 @click.option("--os", "os_key", metavar="OS", help="Resolve for this OS (default debian-12).")
 def stacks_cmd(as_json: bool, os_key: str | None) -> None:
     """List the stacks and what each resolves to."""
+    from gpubake import stages
+
     resolved = []
     for name in stacks.stack_names():
         try:
-            resolved.append(stacks.resolve(name, os_key=os_key).to_dict())
+            stack = stacks.resolve(name, os_key=os_key)
+            resolved.append({**stack.to_dict(), "stages": stages.chain_text(stack)})
         except stacks.StackError as exc:
             resolved.append({"name": name, "error": str(exc)})
     if as_json:
@@ -250,6 +253,9 @@ def stacks_cmd(as_json: bool, os_key: str | None) -> None:
             f"{', legacy' if item['legacy'] else ''}"
         )
         click.echo(f"    {packages}")
+        if item["parent"]:
+            click.echo(f"    from {item['parent']}: built on its image, sharing its layers")
+        click.echo(f"    container stages: {item['stages']}")
 
 
 @cli.command(name="lock")

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,52 @@ def build(request: BuildRequest) -> None:
         _apply_host(run)
 
 
+def _container_locks(stack: stacks.Stack, *, verify: bool) -> tuple[dict[str, Any], list[str]]:
+    """The lock of each stack of the lineage, checked (and verified against the index
+    unless `verify` is false), with the notes of locks re-resolved for --var packages.X."""
+    from gpubake import locks
+
+    arch = stacks.machine_arch()
+    found: dict[str, Any] = {}
+    notes: list[str] = []
+    for level in stack.lineage:
+        lock, note = locks.for_build(level, arch)
+        if verify:
+            locks.verify(lock)
+        found[level.name] = lock
+        if note:
+            notes.append(note)
+    return found, notes
+
+
+def container_chain(run: _Run, plan_inputs: dict[str, Any], lock_texts: dict[str, Any]) -> list:
+    from gpubake import locks, stages
+
+    def plan_for(level: stacks.Stack) -> BuildPlan:
+        return make_plan(level, target=run.target.name, **plan_inputs)
+
+    return stages.plan_chain(run.stack, plan_for, lock_texts, uv_cache=locks.uv_cache_dir())
+
+
+def _reusable(engine: Any, chain: list, force: bool, stack: str) -> dict[str, Any]:
+    """Stage hash -> the local image built from identical inputs, for the stages not forced
+    (--force rebuilds the requested stack's own stages, not its parents')."""
+    from gpubake import docker_engine
+
+    found = {}
+    for stage in chain:
+        if force and stage.stack == stack:
+            continue
+        plan = stage.plan
+        image = docker_engine.image_with_hash(
+            engine, plan.image_repository, stage.input_hash, plan.image_ref
+        )
+        if image is None:
+            break  # every stage above a rebuilt one is rebuilt too
+        found[stage.input_hash] = image
+    return found
+
+
 def _build_container(run: _Run) -> None:
     from gpubake import docker_engine
     from gpubake.packer import Packer
@@ -138,6 +184,8 @@ def _build_container(run: _Run) -> None:
     packer = Packer.detect()
     engine = docker_engine.client()
     notes: list[str] = []
+    # the locks first: a stale, edited or unresolvable lock stops the build before anything
+    lock_texts, lock_notes = _container_locks(run.stack, verify=not req.dry_run)
     if req.dry_run:
         ref, image_id = _dry_run_base(engine, run.stack.os, req.base_image, notes)
     else:
@@ -146,25 +194,25 @@ def _build_container(run: _Run) -> None:
         )
         if note:
             notes.append(note)
-    plan = make_plan(
-        run.stack,
-        target=run.target.name,
-        base_image=ref,
-        base_image_id=image_id,
-        tag=req.tag,
-        ca_bundle=run.bundle,
-        verbose=run.ansible_verbosity,
-        notes=tuple(notes),
+    inputs = {
+        "base_image": ref,
+        "base_image_id": image_id,
+        "tag": req.tag,
+        "ca_bundle": run.bundle,
+        "verbose": run.ansible_verbosity,
+        "notes": tuple(notes + lock_notes),
         **machine_inputs(packer),
-    )
+    }
+    chain = container_chain(run, inputs, lock_texts)
+    final = chain[-1]
+    reuse = _reusable(engine, chain, req.force, run.stack.name)
     if req.dry_run:
-        print_plan(plan, packer, req.as_json)
+        print_plan(final.plan, packer, req.as_json, chain=chain, reuse=reuse)
         return
 
-    existing = docker_engine.image_with_hash(
-        engine, plan.image_repository, plan.input_hash, plan.image_ref
-    )
-    if existing is not None and not req.force:
+    plan = final.plan
+    if final.input_hash in reuse:
+        existing = reuse[final.input_hash]
         if plan.image_ref not in existing.tags:
             existing.tag(plan.image_repository, plan.image_tag)
         echo(
@@ -177,12 +225,33 @@ def _build_container(run: _Run) -> None:
 
     echo(
         f"building {plan.image_ref}: stack {run.stack.name} on {run.stack.os.key}, "
-        f"base {ref}, Packer {packer.version_text}, input hash {plan.input_hash[:12]}"
+        f"base {ref}, Packer {packer.version_text}, input hash {plan.input_hash[:12]}, "
+        f"{len(chain)} stages"
     )
     for note in plan.notes:
         echo(note)
     previous = docker_engine.local_image(engine, plan.image_ref)
-    run_packer(plan, packer, req.verbose)
+    for number, stage in enumerate(chain, 1):
+        where = f"stage {number}/{len(chain)} {stage.label}"
+        image = reuse.get(stage.input_hash)
+        if image is not None:
+            if stage.plan.image_ref not in image.tags:
+                image.tag(stage.plan.image_repository, stage.plan.image_tag)
+            echo(f"{where}: reused {image.short_id} (input hash {stage.input_hash[:12]})")
+            continue
+        echo(f"{where}: building ({', '.join(stage.roles)})")
+        stage_started = time.monotonic()
+        before = docker_engine.dangling_volumes(engine)
+        was = docker_engine.local_image(engine, stage.plan.image_ref) if stage.final else None
+        try:
+            run_packer(stage.plan, packer, req.verbose)
+        finally:
+            docker_engine.drop_volumes(engine, docker_engine.dangling_volumes(engine) - before)
+        built = docker_engine.local_image(engine, stage.plan.image_ref)
+        own = docker_engine.own_size(engine, built, stage.plan.base_image) if built else 0
+        echo(f"{where}: built in {elapsed(stage_started)}, its layer {own / 1e9:.2f} GB")
+        if stage.final and stage is not final and was is not None:
+            docker_engine.drop_replaced(engine, was, built)
     image = docker_engine.local_image(engine, plan.image_ref)
     size = f", {image.attrs['Size'] / 1e9:.2f} GB" if image is not None else ""
     echo(f"built {plan.image_ref}{size} in {elapsed(started)}; gpu-smoke passed in it")
@@ -336,8 +405,24 @@ def _dry_run_base(
 _SOURCE_NAMES = {"nvidia": "NVIDIA's CUDA repository", "distro": "the OS's packages"}
 
 
-def print_plan(plan: BuildPlan, packer: Any, as_json: bool) -> None:
+def print_plan(
+    plan: BuildPlan,
+    packer: Any,
+    as_json: bool,
+    *,
+    chain: Sequence[Any] = (),
+    reuse: Mapping[str, Any] | None = None,
+) -> None:
+    reuse = reuse or {}
     data = plan.to_dict()
+    if chain:
+        data["stages"] = [
+            {
+                **stage.to_dict(),
+                "reused": reuse[stage.input_hash].id if stage.input_hash in reuse else None,
+            }
+            for stage in chain
+        ]
     if packer is not None:
         work = Path("<work dir>")
         data["packer_version"] = packer.version_text
@@ -352,6 +437,7 @@ def print_plan(plan: BuildPlan, packer: Any, as_json: bool) -> None:
         return
     s = plan.stack
     target = targets.get(plan.target)
+    first = chain[0].plan if chain else plan  # a chain starts from the OS's base image
     rows = [
         ("target", plan.target),
         ("image", plan.image_ref),
@@ -372,7 +458,7 @@ def print_plan(plan: BuildPlan, packer: Any, as_json: bool) -> None:
         )
     rows += [
         ("gpu", s.gpu.key if s.gpu else "any"),
-        ("base image", f"{plan.base_image} ({plan.base_image_id[:19]})"),
+        ("base image", f"{first.base_image} ({first.base_image_id[:19]})"),
         ("input hash", plan.input_hash),
         ("ca bundle", str(plan.ca_bundle) if plan.ca_bundle else "none"),
     ]
@@ -394,6 +480,15 @@ def print_plan(plan: BuildPlan, packer: Any, as_json: bool) -> None:
                 f"{pv['aws_instance_type']} in {pv['aws_region']}, "
                 f"{pv['disk_size_gb']} GB, spot, terminates on shutdown, "
                 f"off after {pv['max_run_minutes']} min",
+            )
+        )
+    for stage in chain:
+        image = reuse.get(stage.input_hash)
+        what = f"reuse {image.short_id}" if image is not None else "build"
+        rows.append(
+            (
+                f"stage {stage.label}",
+                f"{what}, input hash {stage.input_hash[:12]}: {', '.join(stage.roles)}",
             )
         )
     if packer is not None:
@@ -502,6 +597,51 @@ def render_only(request: RenderRequest, say: Callable[[str], None] = click.echo)
         **inputs,
     )
     out = request.out_dir
+    init = "packer init . && " if plugins else ""
+    if target.kind == "container":
+        chain_inputs = {
+            **inputs,
+            "base_image": ref,
+            "base_image_id": f"ref:{ref}",
+            "tag": request.tag,
+        }
+        return _render_chain(resolved, target, chain_inputs, plugins, out, say)
     render(plan, out, with_plugins=plugins)
-    say(f"wrote {out}; run: cd {out} && {'packer init . && ' if plugins else ''}packer build .")
+    say(f"wrote {out}; run: cd {out} && {init}packer build .")
+    return out
+
+
+def _render_chain(
+    stack: stacks.Stack,
+    target: targets.Target,
+    inputs: dict[str, Any],
+    plugins: bool,
+    out: Path,
+    say: Callable[[str], None],
+) -> Path:
+    """A container image's stages, one folder each (NN-stack-stage), and build.sh, which
+    builds them in order: each stage starts from the image the one before tagged."""
+    lock_objects, notes = _container_locks(stack, verify=False)
+    run = _Run(stack, target, BuildRequest(target=target.name), None)
+    chain = container_chain(run, {**inputs, "notes": tuple(notes)}, lock_objects)
+    out.mkdir(parents=True, exist_ok=True)
+    folders = []
+    for number, stage in enumerate(chain, 1):
+        folder = f"{number:02d}-{stage.stack}-{stage.name}"
+        render(stage.plan, out / folder, with_plugins=plugins)
+        folders.append(folder)
+    init = "packer init . && " if plugins else ""
+    script = out / "build.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"# Written by gpubake: the {len(chain)} stages of {chain[-1].plan.image_ref}, in order.\n"
+        "set -eu\n"
+        'cd "$(dirname "$0")"\n'
+        f"for stage in {' '.join(folders)}; do\n"
+        f'  (cd "$stage" && {init}packer build .)\n'
+        "done\n",
+        encoding="utf-8",
+    )
+    script.chmod(0o755)
+    say(f"wrote {out}: {len(chain)} stages; run: {script}")
     return out

@@ -136,3 +136,19 @@ def image_holds(image: Any, text: str) -> bool:
             return True
         tail = window[-len(needle) :]
     return False
+
+
+def checkout_copy(out: Path) -> Path:
+    """The tracked files of the checkout copied into `out`; `python -m gpubake` run with
+    PYTHONPATH=out uses that copy's code and data (to edit a role or a lock in a test)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src, dest = ROOT / name.decode(), out / name.decode()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            dest.symlink_to(src.readlink())
+        elif src.is_file():
+            dest.write_bytes(src.read_bytes())
+    return out

@@ -9,7 +9,9 @@ the wheel's image as built from identical inputs.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from gpubake import docker_engine, stacks
+from gpubake import docker_engine, locks, stacks, stages
 from gpubake import plan as plan_mod
 from tests.integration.helpers import (
     HOST_BUNDLE,
     ROOT,
     apply,
+    checkout_copy,
     container,
     image_holds,
     make_marker_bundle,
@@ -95,7 +98,7 @@ def built(engine, marker_bundle, wheel_install):
 
 def test_build_reports_progress_and_success(built):
     err = built["proc"].stderr
-    assert re.search(r"\[\s*\d+\] python_env : Install the pinned packages", err), err[-3000:]
+    assert re.search(r"\[\s*\d+\] python_env : Install the", err), err[-3000:]
     assert f"built {IMAGE}" in err and "gpu-smoke passed in it" in err
     assert built["proc"].stdout.strip() == IMAGE
 
@@ -181,19 +184,58 @@ def test_no_trace_of_the_ca_bundle_or_build_leftovers(engine, built, marker_bund
     assert [n for n in names if n.startswith("gpubake-build-")] == []
 
 
-def test_playbook_applied_again_changes_nothing(engine, built):
-    """The container playbook on the built image (root): every role is already converged."""
-    labels = built["image"].attrs["Config"]["Labels"]
-    base = labels["org.opencontainers.image.base.name"]
+def _chain(engine, base: str):
+    """The stages of the default image, planned as gpubake plans them."""
+    stack = stacks.resolve()
+    lock = locks.check(stack, stacks.machine_arch())
     base_id = engine.images.get(base).id
-    again = plan_mod.make_plan(stacks.resolve(), base_image=base, base_image_id=base_id, tag=TAG)
-    assert again.input_hash == labels[plan_mod.HASH_LABEL]
+
+    def plan_for(level):
+        return plan_mod.make_plan(level, base_image=base, base_image_id=base_id, tag=TAG)
+
+    return stages.plan_chain(stack, plan_for, {stack.name: lock}, uv_cache=None), lock
+
+
+def test_playbook_applied_again_changes_nothing(engine, built, tmp_path):
+    """The container playbook with every role (root) on the built image, the whole lock
+    given: every role is already converged."""
+    labels = built["image"].attrs["Config"]["Labels"]
+    chain, lock = _chain(engine, labels["org.opencontainers.image.base.name"])
+    final = chain[-1]
+    assert final.input_hash == labels[plan_mod.HASH_LABEL]
+    lock_file = tmp_path / "python-env.lock"
+    lock_file.write_text(lock.text)
+    variables = {**final.plan.ansible_vars, "python_env_lock_file": str(lock_file)}
+    del variables["gpubake_stage_roles"]  # all of them, in one run
     with container(engine, IMAGE) as box:
-        recap, output = apply(box, ROOT / "playbooks" / "container.yml", again.ansible_vars)
+        recap, output = apply(box, ROOT / "playbooks" / "container.yml", variables)
         _rc, out = run_in(box, "find", "/var/lib/apt/lists", "-type", "f", "!", "-name", "lock")
-    assert recap["failed"] == 0
+    assert recap["failed"] == 0, output[-5000:]
     assert recap["changed"] == 0, output[-5000:]
     assert out.strip() == "", "a converged image must not need apt lists"
+
+
+def test_each_stage_is_a_layer_of_its_own(engine, built):
+    """os, cuda, env and finish: each stage image is the one below plus one layer, and the
+    CUDA wheels sit in the cuda layer, below torch."""
+    chain, _lock = _chain(engine, built["image"].labels["org.opencontainers.image.base.name"])
+    layers = [engine.images.get(s.plan.image_ref).attrs["RootFS"]["Layers"] for s in chain]
+    assert layers[-1] == built["image"].attrs["RootFS"]["Layers"]
+    for below, above in itertools.pairwise(layers):
+        assert above[:-1] == below
+    err = built["proc"].stderr
+    for stage in chain:
+        assert re.search(
+            rf"stage \d/4 {stage.label}: built in \d+m\d\ds, its layer \d+\.\d\d GB", err
+        )
+    cuda, env = (engine.images.get(s.plan.image_ref) for s in chain[1:3])
+    code = "import glob; print(len(glob.glob('/opt/gpubake/env/lib/python3*/site-packages/{}')))"
+    for image, (nvidia, torch) in ((cuda, (1, 0)), (env, (1, 1))):
+        for pattern, want in (("nvidia", nvidia), ("torch", torch)):
+            out = engine.containers.run(
+                image.id, ["python3", "-c", code.format(pattern)], remove=True
+            ).decode()
+            assert int(out) == want, (image.tags, pattern)
 
 
 def test_identical_build_is_skipped_in_seconds(built):
@@ -225,25 +267,45 @@ def test_skipped_build_keeps_its_tag_on_its_own_image(engine, built):
         engine.images.remove(copy.id, force=True)
 
 
-def test_failing_build_names_role_and_task_and_leaves_nothing(engine, built):
-    """A pin that does not exist fails in python_env; no image, no container is left."""
+def test_failing_stage_names_role_and_task_and_leaves_nothing(engine, built, tmp_path):
+    """A failing task in the last stage's role (in a copy of the checkout): the stages below
+    are reused, the error names the role and task, and no image or container is left."""
+    tree = checkout_copy(tmp_path / "tree")
+    tasks = tree / "roles" / "gpu_smoke_test" / "tasks" / "main.yml"
+    tasks.write_text(
+        tasks.read_text()
+        + "\n- name: Fail on purpose\n  ansible.builtin.fail:\n    msg: stopped by the test\n"
+    )
     before = {c.id for c in engine.containers.list(all=True)}
     images_before = {i.id for i in engine.images.list()}
-    proc = build(
-        "--var",
-        "packages.torchvision=0.0.1",
-        "--tag",
-        "itest-broken",
-        "--ca-bundle",
-        str(HOST_BUNDLE),
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpubake",
+            "build",
+            "--target",
+            "docker",
+            "--tag",
+            "itest-broken",
+            "--ca-bundle",
+            str(HOST_BUNDLE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        check=False,
     )
     assert proc.returncode == 1
+    for stage in ("os", "cuda", "env"):
+        assert re.search(rf"stage \d/4 pytorch:{stage}: reused", proc.stderr), proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(
-        "gpubake: error: build failed in role python_env, task 'Install the pinned packages "
-        "into the environment':"
+        "gpubake: error: build failed in role gpu_smoke_test, task 'Fail on purpose': "
+        "stopped by the test"
     ), last
-    assert "torchvision==0.0.1" in last
     assert "full log: " in last
     assert "Traceback" not in proc.stderr
     assert {c.id for c in engine.containers.list(all=True)} == before

@@ -222,8 +222,16 @@ def test_stacks_lists_every_stack():
         check=True,
     )
     data = {s["name"]: s for s in json.loads(proc.stdout)}
-    assert set(data) == {"pytorch", "pytorch-conda", "mxnet"}
+    assert set(data) == {"pytorch", "pytorch-conda", "mxnet", "pytorch-notebook", "fastai"}
     assert data["pytorch"]["packages"]["torch"] == "2.15.0"
+    # a derived stack has its parent's packages and its own, and adds its stages on top
+    assert data["fastai"]["parent"] == "pytorch-notebook"
+    assert (
+        data["fastai"]["packages"]["jupyterlab"]
+        == data["pytorch-notebook"]["packages"]["jupyterlab"]
+    )
+    assert data["fastai"]["stages"] == "pytorch-notebook + env -> finish"
+    assert data["pytorch"]["stages"] == "os -> cuda -> env -> finish"
     text = subprocess.run(
         [sys.executable, "-m", "gpubake", "stacks"],
         capture_output=True,
@@ -232,6 +240,8 @@ def test_stacks_lists_every_stack():
         check=True,
     ).stdout
     assert "pytorch (default)" in text
+    assert "from pytorch: built on its image" in text
+    assert "container stages: pytorch-notebook + env -> finish" in text
     ubuntu = subprocess.run(
         [sys.executable, "-m", "gpubake", "stacks", "--os", "ubuntu-24.04"],
         capture_output=True,
