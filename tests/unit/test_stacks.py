@@ -25,7 +25,11 @@ def test_every_stack_resolves_on_its_default_os():
 
 def test_uv_stack_takes_the_os_python():
     assert resolve("pytorch", os_key="ubuntu-24.04").python == "3.12"
-    assert resolve("pytorch", os_key="ubuntu-22.04").python == "3.10"
+    assert resolve("pytorch", os_key="debian-12").python == "3.11"
+    # torch 2.15.0 has no wheels for ubuntu-22.04's Python 3.10; its children inherit that
+    for name in ("pytorch", "fastai"):
+        with pytest.raises(StackError, match=f"stack '{name}' needs Python 3.11, 3.12"):
+            resolve(name, os_key="ubuntu-22.04")
 
 
 def test_conda_stack_takes_its_own_python_and_override():
