@@ -1,0 +1,432 @@
+"""Role notebook for real, and python_env's locks and cache, in one Debian 12 container.
+
+build_ca, base, python_env and notebook converge (twice: no change the second time) by FQCN;
+then gpubake-notebook runs as the image's user: /storage/pre-run.sh ran, /api 200, /api/status
+403 without the token and 200 with it, the login page at /, the health check, Gradient's
+options in gradient mode. python_env_lock_file installs a `uv pip compile --generate-hashes`
+lock exactly and refuses a wrong hash or a pin the lock lacks; python_env_cache_dir uses a
+bind-mounted cache (the second install downloads nothing) and refuses a directory that is not
+a mount point. gpu-check.ipynb is checked with nbformat (it is run in the full-image test,
+where torch is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import (
+    ROOT,
+    ansible_env,
+    ansible_playbook,
+    apply,
+    base_image,
+    run_in,
+)
+from tests.integration.test_roles_converge import CA_VARS
+
+pytestmark = pytest.mark.docker
+ROLE_TEST = Path(__file__).with_name("role_test.yml")
+ROLES = ["build_ca", "base", "python_env", "notebook"]
+ENV_PYTHON = "/opt/gpubake/env/bin/python"
+CACHE_MOUNT = "/var/cache/gpubake-uv"
+TOKEN = "gpubake-test-token-0123456789abcdef"  # noqa: S105 (a test token)
+# uv's cache buckets anywhere on the container's own filesystem (-xdev: not in the mount)
+FIND_UV_CACHES = [
+    "find",
+    "/",
+    "-xdev",
+    "-type",
+    "d",
+    "(",
+    "-name",
+    "archive-v*",
+    "-o",
+    "-name",
+    "interpreter-v*",
+    "-o",
+    "-name",
+    "wheels-v*",
+    ")",
+    "-prune",
+    "-print",
+]
+_RECAP_RE = re.compile(r"ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
+
+# A stranger's playbook: python_env by FQCN into its own prefix (a fresh environment per case).
+LOCK_PLAYBOOK = """\
+---
+- name: An environment from a lock
+  hosts: all
+  gather_facts: false
+  environment: "{{ build_ca_environment | default({}) }}"
+  roles:
+    - role: gpubake.gpu.python_env
+"""
+
+# Runs inside the container: {request: [HTTP status, body contains login_submit]}.
+PROBE = textwrap.dedent(
+    """
+    import json, sys, urllib.error, urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get(path, headers=None):
+        req = urllib.request.Request("http://127.0.0.1:8888" + path, headers=headers or {})
+        try:
+            with opener.open(req, timeout=10) as resp:
+                return resp.status, "login_submit" in resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as err:
+            return err.code, False
+
+    auth = {"Authorization": "token " + sys.argv[1]}
+    print(json.dumps({
+        "api": get("/api"),
+        "status_anonymous": get("/api/status"),
+        "status_token": get("/api/status", auth),
+        "root": get("/"),
+    }))
+    """
+)
+
+
+@pytest.fixture(autouse=True)
+def _pipelining(monkeypatch):
+    """One `docker exec` per task instead of several (same modules, same results)."""
+    monkeypatch.setenv("ANSIBLE_PIPELINING", "True")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """The host's uv cache, bind-mounted at CACHE_MOUNT."""
+    return tmp_path_factory.mktemp("uv-cache")
+
+
+@pytest.fixture(scope="module")
+def box(engine, cache_dir):
+    """One container for the module: the roles converged once, the cache mounted."""
+    name = f"gpubake-test-{uuid.uuid4().hex[:10]}"
+    box = engine.containers.run(
+        base_image(engine),
+        ["sleep", "infinity"],
+        name=name,
+        detach=True,
+        entrypoint=[],
+        volumes={str(cache_dir): {"bind": CACHE_MOUNT, "mode": "rw"}},
+    )
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ANSIBLE_PIPELINING", "True")
+            first, output = apply(box, ROLE_TEST, {"roles_under_test": ROLES, **CA_VARS})
+        assert first["changed"] > 0, output[-3000:]
+        yield box
+    finally:
+        box.remove(force=True)
+
+
+def play(box, playbook: Path, extra_vars: dict, *args: str) -> tuple[int, str]:
+    """ansible-playbook over the docker connection: (exit status, output), failures included."""
+    vars_file = Path(f"/tmp/{box.name}-vars.json")  # as helpers.apply does
+    vars_file.write_text(json.dumps(extra_vars), encoding="utf-8")
+    try:
+        proc = subprocess.run(
+            [
+                ansible_playbook(),
+                "-i",
+                f"{box.name},",
+                "-e",
+                "ansible_connection=community.docker.docker",
+                "-e",
+                f"@{vars_file}",
+                *args,
+                str(playbook),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=ansible_env(ANSIBLE_FORCE_COLOR="0"),
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        vars_file.unlink(missing_ok=True)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def recap(output: str) -> dict[str, int]:
+    ok, changed, unreachable, failed = (int(x) for x in _RECAP_RE.findall(output)[-1])
+    return {"ok": ok, "changed": changed, "unreachable": unreachable, "failed": failed}
+
+
+def freeze(box, prefix: str) -> list[str]:
+    rc, out = run_in(
+        box, "/usr/local/bin/uv", "pip", "freeze", "--no-cache", "--python", f"{prefix}/bin/python"
+    )
+    assert rc == 0, out
+    return [line for line in out.split() if "==" in line]  # not uv's "Using Python ..."
+
+
+@pytest.fixture(scope="module")
+def locks(box, tmp_path_factory) -> dict[str, Path]:
+    """A lock of six==1.17.0 made by uv pip compile --generate-hashes (in the container, with
+    the build-time CA), the same lock with wrong hashes, and the lock playbook."""
+    work = tmp_path_factory.mktemp("locks")
+    rc, lock = run_in(
+        box,
+        "sh",
+        "-c",
+        "echo six==1.17.0 | SSL_CERT_FILE=/run/gpubake-build/ca-bundle.crt /usr/local/bin/uv"
+        f" pip compile --quiet --no-cache --generate-hashes --python {ENV_PYTHON} -",
+    )
+    assert rc == 0 and "six==1.17.0" in lock and "--hash=sha256:" in lock, lock
+    good = work / "six.lock"
+    good.write_text(lock, encoding="utf-8")
+    bad = work / "six-bad.lock"
+    bad.write_text(re.sub(r"sha256:[0-9a-f]{64}", "sha256:" + "0" * 64, lock), encoding="utf-8")
+    playbook = work / "lock.yml"
+    playbook.write_text(LOCK_PLAYBOOK, encoding="utf-8")
+    return {"good": good, "bad": bad, "playbook": playbook}
+
+
+def lock_vars(prefix: str, lock: Path, **extra) -> dict:
+    return {
+        **CA_VARS,
+        "python_env_prefix": prefix,
+        "python_env_lock_file": str(lock),
+        "python_env_install": {"six": "1.17.0"},
+        **extra,
+    }
+
+
+# --- role notebook ---------------------------------------------------------------------
+
+
+def test_the_build_leaves_no_caches_and_no_jupyter_state(box):
+    for path in (
+        "/root/.cache",
+        "/root/.jupyter",
+        "/root/.local",
+        "/home/gpubake/.cache",
+        "/home/gpubake/.jupyter",
+        "/home/gpubake/.local",
+    ):
+        rc, _ = run_in(box, "test", "-e", path)
+        assert rc != 0, f"{path} is left in the image"
+    rc, out = run_in(box, *FIND_UV_CACHES)
+    assert rc == 0 and out.strip() == "", out
+    rc, out = run_in(box, "sh", "-c", "ls -A /tmp")
+    assert rc == 0 and "gpubake-lock" not in out, out
+
+
+def test_directories_tools_and_the_check_notebook(box):
+    for path in ("/notebooks", "/storage", "/notebooks/gpu-check.ipynb"):
+        _, owner = run_in(box, "stat", "-c", "%U %G", path)
+        assert owner.split() == ["gpubake", "gpubake"], (path, owner)
+    for tool in ("git", "ssh"):
+        rc, out = run_in(box, "sh", "-c", f"command -v {tool}")
+        assert rc == 0, (tool, out)
+    check = (
+        "import nbformat, sys; nb = nbformat.read(sys.argv[1], as_version=4);"
+        " nbformat.validate(nb); code = [c for c in nb.cells if c.cell_type == 'code'];"
+        " assert len(code) == 1, code; src = code[0].source;"
+        " assert 'import torch' in src and 'torch.cuda.is_available()' in src, src;"
+        " compile(src, 'gpu-check', 'exec'); print(nb.nbformat)"
+    )
+    rc, out = run_in(box, ENV_PYTHON, "-c", check, "/notebooks/gpu-check.ipynb")
+    assert rc == 0 and out.strip().endswith("4"), out
+    rc, out = run_in(
+        box, "/usr/local/bin/uv", "pip", "show", "--no-cache", "--python", ENV_PYTHON, "jupyterlab"
+    )
+    assert rc == 0 and "Version: 4.6.6" in out, out
+
+
+def test_converges_again_with_no_change(box):
+    rc, output = play(box, ROLE_TEST, {"roles_under_test": ROLES, **CA_VARS})
+    assert rc == 0, output[-4000:]
+    assert recap(output)["changed"] == 0, output[-4000:]
+
+
+def wait_up(box, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rc, _ = run_in(box, "/usr/local/bin/gpubake-notebook-health", user="gpubake")
+        if rc == 0:
+            return
+        time.sleep(0.5)
+    _, log = run_in(box, "cat", "/tmp/notebook.log")
+    raise AssertionError(f"JupyterLab did not answer on /api after {timeout} s:\n{log}")
+
+
+def stop_server(box) -> None:
+    run_in(box, "pkill", "-u", "gpubake", "-f", "jupyter-lab")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rc, _ = run_in(box, "pgrep", "-u", "gpubake", "-f", "jupyter-lab")
+        if rc != 0:
+            return
+        time.sleep(0.3)
+    raise AssertionError("JupyterLab did not stop")
+
+
+def test_lab_mode_needs_the_token_and_runs_pre_run(box):
+    # lab mode refuses root (the image runs as gpubake)
+    rc, out = run_in(box, "/usr/local/bin/gpubake-notebook")
+    assert rc == 2 and "not root" in out, out
+    # not up yet: the health check fails
+    rc, _ = run_in(box, "/usr/local/bin/gpubake-notebook-health", user="gpubake")
+    assert rc == 1
+    pre_run = "id -un > /storage/pre-run.ran\nexport GPUBAKE_PRE_RUN=yes\n"
+    rc, out = run_in(box, "sh", "-c", f"printf '{pre_run}' > /storage/pre-run.sh")
+    assert rc == 0, out
+    box.exec_run(
+        ["bash", "-c", "exec /usr/local/bin/gpubake-notebook > /tmp/notebook.log 2>&1"],
+        user="gpubake",
+        environment={"JUPYTER_TOKEN": TOKEN},
+        detach=True,
+    )
+    try:
+        wait_up(box)
+        rc, out = run_in(box, ENV_PYTHON, "-c", PROBE, TOKEN, user="gpubake")
+        assert rc == 0, out
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["api"][0] == 200
+        assert result["status_anonymous"][0] == 403
+        assert result["status_token"][0] == 200
+        assert result["root"] == [200, True], result  # redirected to the login page
+        _, ran = run_in(box, "cat", "/storage/pre-run.ran")
+        assert ran.strip() == "gpubake"
+        # what pre-run.sh exported reached Jupyter; Jupyter serves /notebooks
+        _, pid = run_in(box, "pgrep", "-u", "gpubake", "-f", "jupyter-lab")
+        pid = pid.split()[0]
+        _, environ = run_in(box, "cat", f"/proc/{pid}/environ", user="gpubake")
+        assert "GPUBAKE_PRE_RUN=yes" in environ.split("\0")
+        _, cmdline = run_in(box, "cat", f"/proc/{pid}/cmdline")
+        assert "--ServerApp.root_dir=/notebooks" in cmdline.split("\0"), cmdline
+        assert "--allow-root" not in cmdline
+    finally:
+        stop_server(box)
+
+
+def test_lab_mode_without_a_token_makes_one_and_logs_it(box):
+    box.exec_run(
+        ["bash", "-c", "exec /usr/local/bin/gpubake-notebook lab > /tmp/notebook.log 2>&1"],
+        user="gpubake",
+        detach=True,
+    )
+    try:
+        wait_up(box)
+        _, log = run_in(box, "cat", "/tmp/notebook.log")
+        tokens = set(re.findall(r"[?&]token=([0-9a-f]{32,})", log))
+        assert len(tokens) == 1, log
+        _, out = run_in(box, ENV_PYTHON, "-c", PROBE, tokens.pop(), user="gpubake")
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["status_anonymous"][0] == 403 and result["status_token"][0] == 200
+    finally:
+        stop_server(box)
+
+
+def test_gradient_mode_starts_with_gradients_options(box):
+    box.exec_run(
+        ["bash", "-c", "exec /usr/local/bin/gpubake-notebook > /tmp/notebook.log 2>&1"],
+        user="gpubake",
+        environment={"JUPYTER_TOKEN": TOKEN, "GPUBAKE_NOTEBOOK_MODE": "gradient"},
+        detach=True,
+    )
+    try:
+        wait_up(box)
+        _, pid = run_in(box, "pgrep", "-u", "gpubake", "-f", "jupyter-lab")
+        _, cmdline = run_in(box, "cat", f"/proc/{pid.split()[0]}/cmdline")
+        assert cmdline.split("\0")[2:-1] == [
+            "--allow-root",
+            "--ip=0.0.0.0",
+            "--no-browser",
+            "--ServerApp.trust_xheaders=True",
+            "--ServerApp.disable_check_xsrf=False",
+            "--ServerApp.allow_remote_access=True",
+            "--ServerApp.allow_origin=*",
+            "--ServerApp.allow_credentials=True",
+        ], cmdline
+        _, out = run_in(box, ENV_PYTHON, "-c", PROBE, TOKEN, user="gpubake")
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["status_anonymous"][0] == 403 and result["status_token"][0] == 200
+    finally:
+        stop_server(box)
+
+
+# --- python_env: locks and the cache ---------------------------------------------------
+
+
+def cache_archives(cache_dir: Path) -> set[str]:
+    """The unpacked distributions in uv's cache (one new entry per download)."""
+    return {p.name for p in cache_dir.glob("archive-v*/*")}
+
+
+def test_lock_installs_exactly_with_the_mounted_cache(box, locks, cache_dir):
+    variables = lock_vars("/opt/lock-a", locks["good"], python_env_cache_dir=CACHE_MOUNT)
+    rc, output = play(box, locks["playbook"], variables)
+    assert rc == 0, output[-4000:]
+    assert freeze(box, "/opt/lock-a") == ["six==1.17.0"]
+    assert cache_archives(cache_dir), "uv kept nothing in the mounted cache"
+    rc, output = play(box, locks["playbook"], variables)
+    assert rc == 0 and recap(output)["changed"] == 0, output[-4000:]
+    rc, out = run_in(box, "sh", "-c", "ls -A /tmp")
+    assert "gpubake-lock" not in out, out  # the copied lock is removed
+
+
+def test_the_cache_is_reused_and_stays_out_of_the_image(box, locks, cache_dir):
+    before = cache_archives(cache_dir)
+    assert before, "run after test_lock_installs_exactly_with_the_mounted_cache"
+    variables = lock_vars("/opt/lock-b", locks["good"], python_env_cache_dir=CACHE_MOUNT)
+    rc, output = play(box, locks["playbook"], variables)
+    assert rc == 0, output[-4000:]
+    assert freeze(box, "/opt/lock-b") == ["six==1.17.0"]
+    assert cache_archives(cache_dir) == before, "the second install downloaded again"
+    rc, out = run_in(box, *FIND_UV_CACHES)
+    assert rc == 0 and out.strip() == "", f"a uv cache outside the mount: {out}"
+    rc, _ = run_in(box, "test", "-e", "/root/.cache")
+    assert rc != 0
+
+
+def test_check_mode_reports_what_the_lock_would_install(box, locks):
+    rc, output = play(box, locks["playbook"], lock_vars("/opt/lock-d", locks["good"]), "--check")
+    assert rc == 0, output[-4000:]
+    assert "would install six==1.17.0 from the lock" in output, output[-4000:]
+
+
+def test_a_wrong_hash_fails_the_play(box, locks):
+    rc, output = play(box, locks["playbook"], lock_vars("/opt/lock-c", locks["bad"]))
+    assert rc != 0 and recap(output)["failed"] == 1, output[-4000:]
+    assert "hash" in output.lower(), output[-4000:]
+    rc, out = run_in(
+        box,
+        "/usr/local/bin/uv",
+        "pip",
+        "freeze",
+        "--no-cache",
+        "--python",
+        "/opt/lock-c/bin/python",
+    )
+    assert "six" not in out
+
+
+def test_a_pin_the_lock_lacks_fails_naming_it(box, locks):
+    variables = lock_vars("/opt/lock-e", locks["good"], python_env_install={"six": "1.16.0"})
+    rc, output = play(box, locks["playbook"], variables)
+    assert rc != 0, output[-4000:]
+    assert "lacks six==1.16.0 (it pins six==1.17.0)" in output, output[-4000:]
+    rc, _ = run_in(box, "test", "-e", "/opt/lock-e/lib/python3.11/site-packages/six.py")
+    assert rc != 0, "nothing may be installed when a pin is missing"
+
+
+def test_a_cache_dir_that_is_not_a_mount_point_fails(box, locks):
+    variables = lock_vars("/opt/lock-f", locks["good"], python_env_cache_dir="/var/tmp")
+    rc, output = play(box, locks["playbook"], variables)
+    assert rc != 0, output[-4000:]
+    assert "python_env_cache_dir /var/tmp is not a mount point" in output, output[-4000:]
