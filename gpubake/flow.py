@@ -249,7 +249,7 @@ def _build_container(run: _Run) -> None:
             docker_engine.drop_volumes(engine, docker_engine.dangling_volumes(engine) - before)
         built = docker_engine.local_image(engine, stage.plan.image_ref)
         own = docker_engine.own_size(engine, built, stage.plan.base_image) if built else 0
-        echo(f"{where}: built in {elapsed(stage_started)}, its layer {own / 1e9:.2f} GB")
+        echo(f"{where}: built in {elapsed(stage_started)}, its layer {_size(own)}")
         if stage.final and stage is not final and was is not None:
             docker_engine.drop_replaced(engine, was, built)
     image = docker_engine.local_image(engine, plan.image_ref)
@@ -500,6 +500,10 @@ def print_plan(
         click.echo(f"{key:<{width}}  {value}")
     for note in plan.notes:
         click.echo(f"note: {note}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 def elapsed(started: float) -> str:

@@ -226,7 +226,7 @@ def test_each_stage_is_a_layer_of_its_own(engine, built):
     err = built["proc"].stderr
     for stage in chain:
         assert re.search(
-            rf"stage \d/4 {stage.label}: built in \d+m\d\ds, its layer \d+\.\d\d GB", err
+            rf"stage \d/4 {stage.label}: built in \d+m\d\ds, its layer \d+\.\d+ [GM]B", err
         )
     cuda, env = (engine.images.get(s.plan.image_ref) for s in chain[1:3])
     code = "import glob; print(len(glob.glob('/opt/gpubake/env/lib/python3*/site-packages/{}')))"
