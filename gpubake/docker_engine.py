@@ -196,6 +196,14 @@ def _finish_rootfs(rootfs: Path, suite: str, mirror: str) -> None:
             target.write_text("", encoding="utf-8")
 
 
+def built_on(image: Image, below: Image | None) -> bool:
+    """Whether `image` is `below` plus layers of its own."""
+    if below is None:
+        return False
+    under = below.attrs["RootFS"]["Layers"]
+    return image.attrs["RootFS"]["Layers"][: len(under)] == under
+
+
 def own_size(engine: docker.DockerClient, image: Image, below: str) -> int:
     """Bytes `image` adds on top of the image `below` (its own layers)."""
     parent = local_image(engine, below)

@@ -162,16 +162,19 @@ def _reusable(engine: Any, chain: list, force: bool, stack: str) -> dict[str, An
     from gpubake import docker_engine
 
     found = {}
+    below = docker_engine.local_image(engine, chain[0].plan.base_image)
     for stage in chain:
         if force and stage.stack == stack:
-            continue
+            break  # every stage above a rebuilt one is rebuilt too
         plan = stage.plan
         image = docker_engine.image_with_hash(
             engine, plan.image_repository, stage.input_hash, plan.image_ref
         )
-        if image is None:
-            break  # every stage above a rebuilt one is rebuilt too
-        found[stage.input_hash] = image
+        # built from identical inputs, and on the very image below (not on one that a
+        # --force build replaced since), so that it shares that image's layers
+        if image is None or not docker_engine.built_on(image, below):
+            break
+        found[stage.input_hash] = below = image
     return found
 
 
@@ -213,8 +216,11 @@ def _build_container(run: _Run) -> None:
     plan = final.plan
     if final.input_hash in reuse:
         existing = reuse[final.input_hash]
-        if plan.image_ref not in existing.tags:
-            existing.tag(plan.image_repository, plan.image_tag)
+        # the stack's image and its parents' (gpubake/<parent>:<tag>) under the asked tag
+        for stage in chain:
+            image = reuse[stage.input_hash]
+            if stage.final and stage.plan.image_ref not in image.tags:
+                image.tag(stage.plan.image_repository, stage.plan.image_tag)
         echo(
             f"skipped: {plan.image_ref} is already built from identical inputs "
             f"(input hash {plan.input_hash[:12]}, image {existing.short_id}); "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -61,8 +62,6 @@ def _history(ref: str) -> list[list[str]]:
 
 
 def test_each_image_shares_its_parents_layers_unchanged(chain):
-    err = chain["proc"].stderr
-    assert "gpu-smoke passed in it" in err
     layers = {name: chain[name].attrs["RootFS"]["Layers"] for name in CHAIN}
     for parent, child in itertools.pairwise(CHAIN):
         assert layers[child][: len(layers[parent])] == layers[parent], (parent, child)
@@ -70,15 +69,20 @@ def test_each_image_shares_its_parents_layers_unchanged(chain):
         # docker history lists the parent's entries, unchanged, below the child's own
         ours, theirs = _history(f"gpubake/{child}:{TAG}"), _history(f"gpubake/{parent}:{TAG}")
         assert ours[len(ours) - len(theirs) :] == theirs
-    # the notebook stages' own layers, reported with their sizes
-    for stage in ("pytorch-notebook:env", "pytorch-notebook:finish", "fastai:env", "fastai:finish"):
-        line = next(
-            row
-            for row in err.splitlines()
-            if f" {stage}: " in row and ("built" in row or "reused" in row)
-        )
-        assert "its layer" in line or "reused" in line, line
-    assert "stage 1/8 pytorch:os: reused" in err, err[-3000:]
+
+
+def test_the_build_reused_pytorch_and_reported_each_own_layer(chain):
+    err = chain["proc"].stderr
+    if "skipped: gpubake/fastai:itest is already built" in err:
+        pytest.skip("fastai:itest was built before from identical inputs (not a fresh engine)")
+    assert "gpu-smoke passed in it" in err
+    # test_build.py built pytorch's stages: here they are reused, not built again
+    for number, stage in enumerate(("os", "cuda", "env", "finish"), 1):
+        assert f"stage {number}/8 pytorch:{stage}: reused" in err, err[-3000:]
+    for number, stage in enumerate(
+        ("pytorch-notebook:env", "pytorch-notebook:finish", "fastai:env", "fastai:finish"), 5
+    ):
+        assert re.search(rf"stage {number}/8 {stage}: built in \S+, its layer \d+\.\d+ [GM]B", err)
 
 
 def test_the_environment_is_exactly_the_lock(engine, chain):
@@ -96,7 +100,8 @@ def test_the_environment_is_exactly_the_lock(engine, chain):
 
 def test_no_download_cache_is_left_in_the_image(engine, chain):
     script = (
-        "find / -xdev \\( -name '*.whl' -o -path '*/.cache/uv*' -o -path '*/.cache/pip*' "
+        # (Debian's python3-venv ships pip's and setuptools' wheels for ensurepip)
+        "find / -xdev -path /usr/share/python-wheels -prune -o \\( -name '*.whl' -o -path '*/.cache/uv*' -o -path '*/.cache/pip*' "
         "-o -name 'archive-v0' -o -name 'wheels-v*' -o -name 'built-wheels-v*' \\) -print; "
         "find /run/gpubake-uv-cache -mindepth 1 -print 2>/dev/null; true"
     )
@@ -200,10 +205,12 @@ def test_fastai_container_serves_jupyterlab(engine, chain, storage):
         )
         assert code == 0, out
         executed = json.loads(run_in(box, "cat", "/tmp/gpu-check.out.ipynb")[1])
-        text = json.dumps(executed["cells"][0]["outputs"])
+        text = json.dumps([c["outputs"] for c in executed["cells"] if c["cell_type"] == "code"])
         assert "torch 2.15.0" in text and "fastai 2.8.12" in text, text
 
         box.restart(timeout=20)
+        box.reload()  # a published ephemeral port may change with the restart
+        port = int(box.attrs["NetworkSettings"]["Ports"]["8888/tcp"][0]["HostPort"])
         _wait_for_api(port, box)
         assert _request(port, "/api/contents/saved.ipynb", token)[0] == 200
         assert run_in(box, "cat", "/storage/data.txt")[1].strip() == "kept"
