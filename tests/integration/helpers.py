@@ -42,18 +42,14 @@ def container(engine: Any, image: str, *, user: str = "root") -> Iterator[Any]:
         box.remove(force=True)
 
 
-def apply(
-    box: Any,
-    playbook: Path,
-    extra_vars: Mapping[str, Any],
-    *,
-    timeout: int = 2400,
-) -> tuple[dict[str, int], str]:
-    """ansible-playbook against a container over the docker connection; return the recap."""
+def play(
+    box: Any, playbook: Path, extra_vars: Mapping[str, Any], *args: str, timeout: int = 2400
+) -> tuple[int, str]:
+    """ansible-playbook against a container over the docker connection: (exit status,
+    output), failures included."""
     vars_file = Path(f"/tmp/{box.name}-vars.json")
     # sorted like the ansible-vars.json gpubake renders for Packer
     vars_file.write_text(json.dumps(dict(extra_vars), sort_keys=True), encoding="utf-8")
-    env = ansible_env(ANSIBLE_FORCE_COLOR="0")
     try:
         proc = subprocess.run(
             [
@@ -64,20 +60,32 @@ def apply(
                 "ansible_connection=community.docker.docker",
                 "-e",
                 f"@{vars_file}",
+                *args,
                 str(playbook),
             ],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=env,
+            env=ansible_env(ANSIBLE_FORCE_COLOR="0"),
             cwd=ROOT,
             check=False,
         )
     finally:
         vars_file.unlink(missing_ok=True)
-    output = proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def apply(
+    box: Any,
+    playbook: Path,
+    extra_vars: Mapping[str, Any],
+    *,
+    timeout: int = 2400,
+) -> tuple[dict[str, int], str]:
+    """`play` that must succeed; return its recap."""
+    rc, output = play(box, playbook, extra_vars, timeout=timeout)
     matches = _RECAP_RE.findall(output)
-    assert proc.returncode == 0 and matches, output[-6000:]
+    assert rc == 0 and matches, output[-6000:]
     ok, changed, unreachable, failed = (int(x) for x in matches[-1])
     return {"ok": ok, "changed": changed, "unreachable": unreachable, "failed": failed}, output
 
@@ -152,3 +160,31 @@ def checkout_copy(out: Path) -> Path:
         elif src.is_file():
             dest.write_bytes(src.read_bytes())
     return out
+
+
+def build_in(
+    tree: Path, tag: str, *args: str, timeout: int = 1800
+) -> subprocess.CompletedProcess[str]:
+    """`gpubake build --target docker` of the gpubake in `tree` (a checkout_copy), with the
+    host's CA bundle."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gpubake",
+            "build",
+            "--target",
+            "docker",
+            "--tag",
+            tag,
+            "--ca-bundle",
+            str(HOST_BUNDLE),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        check=False,
+    )

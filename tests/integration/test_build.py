@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,9 +22,9 @@ import pytest
 from gpubake import docker_engine, locks, stacks, stages
 from gpubake import plan as plan_mod
 from tests.integration.helpers import (
-    HOST_BUNDLE,
     ROOT,
     apply,
+    build_in,
     checkout_copy,
     container,
     image_holds,
@@ -278,26 +277,7 @@ def test_failing_stage_names_role_and_task_and_leaves_nothing(engine, built, tmp
     )
     before = {c.id for c in engine.containers.list(all=True)}
     images_before = {i.id for i in engine.images.list()}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpubake",
-            "build",
-            "--target",
-            "docker",
-            "--tag",
-            "itest-broken",
-            "--ca-bundle",
-            str(HOST_BUNDLE),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree)},
-        check=False,
-    )
+    proc = build_in(tree, "itest-broken")
     assert proc.returncode == 1
     for stage in ("os", "cuda", "env"):
         assert re.search(rf"stage \d/4 pytorch:{stage}: reused", proc.stderr), proc.stderr[-3000:]

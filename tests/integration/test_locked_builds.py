@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import HOST_BUNDLE, ROOT, checkout_copy
+from tests.integration.helpers import ROOT, build_in, checkout_copy
 
 pytestmark = [pytest.mark.docker]
 LOCK = Path("images/locks/pytorch/debian-12-x86_64.txt")
@@ -25,27 +25,7 @@ def tree(tmp_path_factory) -> Path:
 
 def gpubake_build(engine, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     before = {c.id for c in engine.containers.list(all=True)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpubake",
-            "build",
-            "--target",
-            "docker",
-            "--tag",
-            "itest-lock",
-            "--ca-bundle",
-            str(HOST_BUNDLE),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        check=False,
-    )
+    proc = build_in(root, "itest-lock", *args, timeout=600)
     proc.new_containers = {c.id for c in engine.containers.list(all=True)} - before
     return proc
 

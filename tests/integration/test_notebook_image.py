@@ -101,8 +101,9 @@ def test_the_environment_is_exactly_the_lock(engine, chain):
 def test_no_download_cache_is_left_in_the_image(engine, chain):
     script = (
         # (Debian's python3-venv ships pip's and setuptools' wheels for ensurepip)
-        "find / -xdev -path /usr/share/python-wheels -prune -o \\( -name '*.whl' -o -path '*/.cache/uv*' -o -path '*/.cache/pip*' "
-        "-o -name 'archive-v0' -o -name 'wheels-v*' -o -name 'built-wheels-v*' \\) -print; "
+        "find / -xdev -path /usr/share/python-wheels -prune -o \\( -name '*.whl' "
+        "-o -path '*/.cache/uv*' -o -path '*/.cache/pip*' -o -name 'archive-v0' "
+        "-o -name 'wheels-v*' -o -name 'built-wheels-v*' \\) -print; "
         "find /run/gpubake-uv-cache -mindepth 1 -print 2>/dev/null; true"
     )
     out = engine.containers.run(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import textwrap
 import time
 import uuid
@@ -22,14 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import (
-    ROOT,
-    ansible_env,
-    ansible_playbook,
-    apply,
-    base_image,
-    run_in,
-)
+from tests.integration.helpers import apply, base_image, play, run_in
 from tests.integration.test_roles_converge import CA_VARS
 
 pytestmark = pytest.mark.docker
@@ -129,35 +121,6 @@ def box(engine, cache_dir):
         yield box
     finally:
         box.remove(force=True)
-
-
-def play(box, playbook: Path, extra_vars: dict, *args: str) -> tuple[int, str]:
-    """ansible-playbook over the docker connection: (exit status, output), failures included."""
-    vars_file = Path(f"/tmp/{box.name}-vars.json")  # as helpers.apply does
-    vars_file.write_text(json.dumps(extra_vars), encoding="utf-8")
-    try:
-        proc = subprocess.run(
-            [
-                ansible_playbook(),
-                "-i",
-                f"{box.name},",
-                "-e",
-                "ansible_connection=community.docker.docker",
-                "-e",
-                f"@{vars_file}",
-                *args,
-                str(playbook),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env=ansible_env(ANSIBLE_FORCE_COLOR="0"),
-            cwd=ROOT,
-            check=False,
-        )
-    finally:
-        vars_file.unlink(missing_ok=True)
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 def recap(output: str) -> dict[str, int]:
