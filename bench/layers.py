@@ -12,7 +12,10 @@ In a copy of the checkout, with a fresh download cache, it measures
   (f) a plain Dockerfile with the same lock and gpu-smoke (`docker build`, the peer a user
       would write instead): its cold build and its rebuild after a last-line change, and
       gpubake's ratios to them                   goals: cold <= 1.1 x; late-change rebuild <= 5 s
-The images are tagged :bench; the base image (gpubake/base:debian-12) is shared by both.
+  (g) with --baseline REV: the default build of gpubake at REV (e.g. the one-layer build
+      before stages), forced, against gpubake's forced rebuild with its download cache
+      warm                                                           goal: not slower
+The images are tagged :bench; the base image (gpubake/base:debian-12) is shared by all.
 """
 
 from __future__ import annotations
@@ -123,6 +126,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-fastai", action="store_true", help="leave (e) out")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--baseline", metavar="REV", help="also time the build of this git revision"
+    )
     opts = parser.parse_args()
     engine = docker.from_env(timeout=900)
     base, _id, _note = docker_engine.ensure_base_image(
@@ -156,6 +162,22 @@ def main() -> None:
             results["fastai_bytes"] = fastai.attrs["Size"]
             results["fastai_own_bytes"] = fastai.attrs["Size"] - image.attrs["Size"]
             results["fastai_own_ratio"] = results["fastai_own_bytes"] / results["fastai_bytes"]
+
+        if opts.baseline:
+            print(
+                f"bench: (g) warm rebuild against the build of {opts.baseline} ...", file=sys.stderr
+            )
+            results["warm_s"] = gpubake(tree, env, "--force")
+            old = work / "baseline"
+            old.mkdir()
+            archive = subprocess.run(
+                ["git", "archive", opts.baseline], cwd=ROOT, capture_output=True, check=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+            results["baseline_s"] = gpubake(
+                old, {**env, "PYTHONPATH": str(old)}, "--force", "--tag", f"{TAG}-baseline"
+            )
+            results["warm_vs_baseline"] = results["warm_s"] / results["baseline_s"]
 
         print("bench: (f) the plain Dockerfile peer ...", file=sys.stderr)
         (work / "peer").mkdir()
