@@ -100,7 +100,10 @@ def _hashed_vars(variables: Mapping[str, Any], roles: tuple[str, ...]) -> dict[s
         # the build-time CA bundle is gone from the image; where it was read from is not hashed
         and not key.startswith("build_ca_")
     }
-    kept.pop("python_env_lock_file", None)  # a path on this machine; the lock's text is hashed
+    # a path on this machine (the lock's text is hashed), and where the download cache is
+    # mounted (a mount is not committed: the image is the same with or without it)
+    kept.pop("python_env_lock_file", None)
+    kept.pop("python_env_cache_dir", None)
     if "manifest_build" in kept:  # holds the final hash itself
         kept["manifest_build"] = {
             k: v for k, v in kept["manifest_build"].items() if k != "input_hash"
