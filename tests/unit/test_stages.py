@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -191,3 +192,17 @@ def test_render_writes_the_stage_lock_beside_the_vars(tmp_path):
     render(_chain()[0].plan, tmp_path, with_plugins=False)
     assert not lock.exists()
     assert "python_env_lock_file" not in json.loads((tmp_path / "ansible-vars.json").read_text())
+
+
+def test_every_stage_role_is_one_the_stack_role_applies():
+    """stack_roles names roles of roles/stack/tasks/main.yml (its argument spec cannot list
+    them as choices: null, the default, would fail them)."""
+    tasks = (resources.data_root() / "roles" / "stack" / "tasks" / "main.yml").read_text()
+    applied = set(re.findall(r"name: gpubake\.gpu\.(\w+)", tasks))
+    for name in ("pytorch", "pytorch-notebook", "fastai", "mxnet", "pytorch-conda"):
+        for stage in _chain(
+            name,
+            locks={n: LOCKS["fastai"] for n in LOCKS}
+            | {"mxnet": LOCKS["fastai"], "pytorch-conda": LOCKS["fastai"]},
+        ):
+            assert set(stage.roles) <= applied, (stage.label, set(stage.roles) - applied)
