@@ -98,6 +98,7 @@ def input_hash(
 #: Files every container stage runs through: the playbooks, the role that orders the roles,
 #: the collection's runtime metadata, Ansible's configuration and the Packer templates.
 STAGE_COMMON = (
+    "playbooks/container_image.yml",
     "playbooks/container.yml",
     "playbooks/smoke.yml",
     "roles/stack",

@@ -162,6 +162,9 @@ def plan_chain(
                 lock_text = lock.text if lock_part == "all" else subset(lock, cuda_pattern)
             variables = dict(whole.ansible_vars)
             variables["gpubake_stage_roles"] = list(roles)
+            if "build_ca" not in roles:  # a stage that downloads nothing needs no CA bundle
+                variables["build_ca_bundle"] = ""
+                variables.pop("build_ca_environment", None)
             variables["gpubake_smoke"] = bool(spec[name].get("smoke", False))
             packer_vars = dict(whole.packer_vars)
             if lock_text:

@@ -59,18 +59,10 @@ locals {
 build {
   sources = ["source.docker.gpubake"]
 
+  # The stage's roles, then gpu-smoke (the image counts as built only if it passes in it).
   provisioner "ansible" {
     command          = var.ansible_playbook_command
-    playbook_file    = "${local.collection}/playbooks/container.yml"
-    user             = "root"
-    extra_arguments  = local.ansible_arguments
-    ansible_env_vars = local.ansible_env_vars
-  }
-
-  # Last: the image counts as built only if gpu-smoke passes in it.
-  provisioner "ansible" {
-    command          = var.ansible_playbook_command
-    playbook_file    = "${local.collection}/playbooks/smoke.yml"
+    playbook_file    = "${local.collection}/playbooks/container_image.yml"
     user             = "root"
     extra_arguments  = local.ansible_arguments
     ansible_env_vars = local.ansible_env_vars

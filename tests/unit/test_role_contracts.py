@@ -63,12 +63,9 @@ def test_smoke_role_ships_the_one_copy_of_the_checker_and_gpu_data():
 
 
 def _stack_order() -> list[tuple[str, str]]:
-    """(role, condition) in the order role stack imports them: the one list of roles."""
-    tasks = _yaml(ROOT / "roles" / "stack" / "tasks" / "main.yml")
-    return [
-        (t["ansible.builtin.import_role"]["name"].removeprefix("gpubake.gpu."), t.get("when", ""))
-        for t in tasks
-    ]
+    """(role, condition) in the order role stack applies them: the one list of roles."""
+    order = _yaml(ROOT / "roles" / "stack" / "vars" / "main.yml")["__stack_order"]
+    return [(step["role"], str(step["applies"])) for step in order]
 
 
 def test_the_role_order_is_written_once():
@@ -88,6 +85,12 @@ def test_the_role_order_is_written_once():
     for name, when in _stack_order():
         if name in ("nvidia_driver", "cuda", "jupyter", "gcsfuse", "logging_agent"):
             assert "stack_kind == 'vm'" in when, name
+    # the roles are included by FQCN, each only when it applies and its run selects it
+    (task,) = _yaml(ROOT / "roles" / "stack" / "tasks" / "main.yml")
+    assert task["ansible.builtin.include_role"]["name"] == "gpubake.gpu.{{ stack_step.role }}"
+    assert task["loop"] == "{{ __stack_order }}"
+    assert "stack_step.applies | bool" in task["when"]
+    assert "stack_step.role in stack_roles" in task["when"]
 
 
 @pytest.mark.parametrize("role", [r for r in ROLES if r not in ("common", "stack")])

@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gpubake import hashing, resources, stages
 from gpubake.locks import Lock
@@ -195,10 +195,10 @@ def test_render_writes_the_stage_lock_beside_the_vars(tmp_path):
 
 
 def test_every_stage_role_is_one_the_stack_role_applies():
-    """stack_roles names roles of roles/stack/tasks/main.yml (its argument spec cannot list
-    them as choices: null, the default, would fail them)."""
-    tasks = (resources.data_root() / "roles" / "stack" / "tasks" / "main.yml").read_text()
-    applied = set(re.findall(r"name: gpubake\.gpu\.(\w+)", tasks))
+    """stack_roles names roles of role stack's order (roles/stack/vars/main.yml; its argument
+    spec cannot list them as choices: null, the default, would fail them)."""
+    order = (resources.data_root() / "roles" / "stack" / "vars" / "main.yml").read_text()
+    applied = {step["role"] for step in yaml.safe_load(order)["__stack_order"]}
     for name in ("pytorch", "pytorch-notebook", "fastai", "mxnet", "pytorch-conda"):
         for stage in _chain(
             name,
