@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import docker
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,7 +47,7 @@ DOCKERFILE = """\
 FROM {base}
 COPY ca-bundle.crt /usr/local/share/bench-ca.crt
 ENV SSL_CERT_FILE=/usr/local/share/bench-ca.crt PIP_CERT=/usr/local/share/bench-ca.crt
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \\
+RUN apt-get update && apt-get install -y --no-install-recommends {apt} python3 python3-venv \\
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/uv && /opt/uv/bin/pip install --no-cache-dir uv=={uv} \\
     && ln -s /opt/uv/bin/uv /usr/local/bin/uv && uv venv --python /usr/bin/python3 {env}
@@ -103,12 +104,15 @@ def dockerfile_peer(engine: docker.DockerClient, work: Path, base: str) -> dict[
     shutil.copyfile(HOST_BUNDLE, work / "ca-bundle.crt")
     files = ROOT / "roles" / "gpu_smoke_test" / "files"
     shutil.copyfile(files / "gpu_smoke.py", work / "gpu_smoke.py")
-    gpus = __import__("yaml").safe_load((files / "gpus.yml").read_text())
+    gpus = yaml.safe_load((files / "gpus.yml").read_text())
     (work / "gpus.json").write_text(json.dumps(gpus))
     uv = stacks.stacks_data()["tools"]["uv"]["version"]
+    # the same OS packages as gpubake's container images: role base's (the one copy)
+    base_vars = ROOT / "roles" / "base" / "vars" / "Debian.yml"
+    apt = " ".join(yaml.safe_load(base_vars.read_text())["__base_packages"])
 
     def build(marker: str, *flags: str) -> float:
-        text = DOCKERFILE.format(base=base, uv=uv, env=ENV_PREFIX, marker=marker)
+        text = DOCKERFILE.format(base=base, apt=apt, uv=uv, env=ENV_PREFIX, marker=marker)
         (work / "Dockerfile").write_text(text)
         return run(
             ["docker", "build", *flags, "-t", f"bench/dockerfile:{TAG}", "."],
