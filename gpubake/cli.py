@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -395,6 +396,146 @@ def smoke_cmd(
     if login is not None:
         hosts.check_ssh(login)
     sys.exit(hosts.run_smoke(login, list(smoke_args)))
+
+
+def _registry_options(func):  # type: ignore[no-untyped-def]
+    func = click.option(
+        "--insecure",
+        is_flag=True,
+        help="Plain HTTP, for a registry on this machine (127.0.0.1, localhost) only; every "
+        "other registry is spoken to over TLS, with its CA from /etc/docker/certs.d/HOST/ca.crt "
+        "when it has its own.",
+    )(func)
+    func = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
+    return click.option(
+        "--registry",
+        "registry_text",
+        required=True,
+        callback=_not_empty,
+        metavar="HOST[:PORT]/NAMESPACE",
+        help="The registry and namespace, e.g. registry.example.com/ml or 127.0.0.1:5000/gpubake; "
+        "credentials are those of `docker login HOST`.",
+    )(func)
+
+
+def _echo(message: str) -> None:
+    click.echo(f"gpubake: {message}", err=True)
+
+
+@cli.command(name="push")
+@_registry_options
+@click.option(
+    "--stack",
+    callback=_not_empty,
+    metavar="NAME",
+    help="Stack whose image to push (default: pytorch).",
+)
+@click.option("--tag", default="latest", show_default=True, help="Local tag of gpubake/<stack>.")
+@click.option(
+    "--allow-cpu-checked",
+    is_flag=True,
+    help="Also push an image whose gpu-smoke ran without a GPU (its label says so).",
+)
+def push_cmd(
+    registry_text: str,
+    as_json: bool,
+    insecure: bool,
+    stack: str | None,
+    tag: str,
+    allow_cpu_checked: bool,
+) -> None:
+    """Publish gpubake/<stack>:<tag> to a registry.
+
+    It is pushed under its immutable tag (framework, CUDA, Python, OS, date and input hash,
+    e.g. 2.15.0-cu132-py3.11-debian12-20261201-4e5d614f236a), which is never moved to
+    another image; the registry's digest is read back and checked; then the rolling tags
+    (e.g. 2.15-cu132, latest) are moved to it. Only images whose gpu-smoke passed are
+    pushed; layers the registry holds are not sent again. Prints the pinned reference.
+    """
+    from gpubake import publish, registry
+
+    reg = registry.parse_registry(registry_text)
+    done = publish.push(
+        reg,
+        stack,
+        tag,
+        allow_cpu_checked=allow_cpu_checked,
+        insecure=insecure,
+        echo=_echo,
+    )
+    click.echo(json.dumps(done.to_dict(), indent=2) if as_json else done.pinned)
+
+
+@cli.command(name="pull")
+@click.argument("stack", required=False)
+@_registry_options
+@click.option(
+    "--driver",
+    callback=_not_empty,
+    metavar="VERSION",
+    help="Choose for this NVIDIA driver (e.g. 580 or 580.95.05) instead of this machine's.",
+)
+@click.option(
+    "--gpu",
+    callback=_not_empty,
+    metavar="MODEL",
+    help="Choose for this GPU (images/gpus.yml: t4, a100, h100, ...) instead of this machine's.",
+)
+@click.option("--explain", is_flag=True, help="Say for each image why it was chosen or not.")
+@click.option("--no-smoke", is_flag=True, help="Do not run gpu-smoke in the pulled image.")
+def pull_cmd(
+    stack: str | None,
+    registry_text: str,
+    as_json: bool,
+    insecure: bool,
+    driver: str | None,
+    gpu: str | None,
+    explain: bool,
+    no_smoke: bool,
+) -> None:
+    """Pull the newest image of STACK (default: pytorch) that this machine can run.
+
+    Reads this machine's NVIDIA driver and GPU (nvidia-smi; --driver / --gpu state them for
+    another machine) and the registry's tags and labels, without pulling any layer; picks the
+    newest image whose minimum driver and compute capabilities fit; pulls it by digest; runs
+    gpu-smoke in it; prints the pinned reference (name@sha256:...).
+    """
+    from gpubake import publish, registry
+
+    reg = registry.parse_registry(registry_text)
+    done = publish.pull(
+        reg,
+        stack,
+        driver=driver,
+        gpu=gpu,
+        insecure=insecure,
+        run_smoke=not no_smoke,
+        echo=_echo,
+        explain=click.echo if explain and not as_json else None,
+    )
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(done), indent=2))
+        return
+    if done.smoke:
+        how = "" if done.gpu else " (no GPU: its CPU-side checks only)"
+        _echo(f"gpu-smoke in {done.pinned}: {done.smoke}{how}")
+    click.echo(done.pinned)
+
+
+@cli.command(name="images")
+@_registry_options
+def images_cmd(registry_text: str, as_json: bool, insecure: bool) -> None:
+    """List the gpubake images a registry holds: stack, versions, minimum driver, GPUs,
+    size, date and digest (read from the registry's labels; nothing is pulled)."""
+    from gpubake import publish, registry
+
+    rows = publish.index(registry.parse_registry(registry_text), insecure=insecure)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+    elif not rows:
+        _echo(f"no gpubake images in {registry_text}")
+    else:
+        click.echo(publish.table(rows))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -20,7 +20,14 @@ from typing import Any
 import click
 
 from gpubake import GpubakeError, resources, stacks, targets
-from gpubake.plan import BuildPlan, CloudOptions, check_ca_bundle, check_tag, make_plan
+from gpubake.plan import (
+    SMOKE_LABEL,
+    BuildPlan,
+    CloudOptions,
+    check_ca_bundle,
+    check_tag,
+    make_plan,
+)
 from gpubake.render import render, var_file_name
 
 LOG_DIR = resources.cache_dir() / "logs"
@@ -179,7 +186,7 @@ def _reusable(engine: Any, chain: list, force: bool, stack: str) -> dict[str, An
 
 
 def _build_container(run: _Run) -> None:
-    from gpubake import docker_engine
+    from gpubake import docker_engine, publish
     from gpubake.packer import Packer
 
     req = run.request
@@ -254,13 +261,20 @@ def _build_container(run: _Run) -> None:
         finally:
             docker_engine.drop_volumes(engine, docker_engine.dangling_volumes(engine) - before)
         built = docker_engine.local_image(engine, stage.plan.image_ref)
+        if built is not None and stage.final:  # gpu-smoke's result, known only now: labels
+            built = publish.label_smoke(engine, stage.plan.image_ref)
         own = docker_engine.own_size(engine, built, stage.plan.base_image) if built else 0
         echo(f"{where}: built in {elapsed(stage_started)}, its layer {_size(own)}")
         if stage.final and stage is not final and was is not None:
             docker_engine.drop_replaced(engine, was, built)
     image = docker_engine.local_image(engine, plan.image_ref)
     size = f", {image.attrs['Size'] / 1e9:.2f} GB" if image is not None else ""
-    echo(f"built {plan.image_ref}{size} in {elapsed(started)}; gpu-smoke passed in it")
+    smoke = (image.labels or {}).get(SMOKE_LABEL) if image is not None else None
+    how = " (on the CPU only: no GPU here, so its GPU checks did not run)"
+    echo(
+        f"built {plan.image_ref}{size} in {elapsed(started)}; gpu-smoke passed in it"
+        + (how if smoke == publish.CPU_CHECKED else "")
+    )
     dropped = docker_engine.drop_replaced(engine, previous, image)
     if dropped:
         echo(f"removed {dropped}, the image {plan.image_ref} pointed to before (now untagged)")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpubake import GpubakeError, __version__, stacks, targets
+from gpubake import GpubakeError, __version__, resources, stacks, targets
 from gpubake.hashing import input_hash
 from gpubake.stacks import Stack, stacks_data
 
@@ -34,6 +34,44 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 class PlanError(GpubakeError):
     """A build option that cannot work."""
+
+
+# Labels a container image carries for the pulling side (gpubake.selection reads them from
+# the registry without pulling layers).
+STACK_LABEL = f"{LABEL_PREFIX}.stack"
+FRAMEWORK_LABEL = f"{LABEL_PREFIX}.framework"
+FRAMEWORK_VERSION_LABEL = f"{LABEL_PREFIX}.framework-version"
+CUDA_LABEL = f"{LABEL_PREFIX}.cuda"
+PYTHON_LABEL = f"{LABEL_PREFIX}.python"
+OS_LABEL = f"{LABEL_PREFIX}.os"
+MIN_DRIVER_LABEL = f"{LABEL_PREFIX}.min-driver"  # the driver branch, e.g. 580
+CC_LABEL = f"{LABEL_PREFIX}.compute-capabilities"  # e.g. 7.5,8.0,8.6,8.9,9.0
+SMOKE_LABEL = f"{LABEL_PREFIX}.smoke"  # SMOKE_PASSED or SMOKE_CPU_CHECKED
+SMOKE_DIGEST_LABEL = f"{LABEL_PREFIX}.smoke-digest"  # sha256 of gpu-smoke's JSON report
+VERSION_LABEL = "org.opencontainers.image.version"  # the immutable tag
+CREATED_LABEL = "org.opencontainers.image.created"
+SMOKE_PASSED = "passed"  # gpu-smoke ran its GPU checks and passed
+SMOKE_CPU_CHECKED = "cpu-checked"  # built without a GPU: only the CPU-side checks ran (passed)
+
+
+def framework_version(stack: Stack) -> str:
+    """The first pinned package of a stack is its framework (torch for pytorch's children)."""
+    return stack.packages[0][1]
+
+
+def immutable_tag(stack: Stack, created: str, digest: str) -> str:
+    """The tag that names an image's content and is never moved, e.g.
+    2.15.0-cu132-py3.11-debian12-20261201-4e5d614f236a (created: an RFC 3339 stamp)."""
+    cuda = stack.cuda.replace(".", "")
+    os_key = re.sub(r"[^a-z0-9]", "", stack.os.key)
+    day = created[:10].replace("-", "")
+    return f"{framework_version(stack)}-cu{cuda}-py{stack.python}-{os_key}-{day}-{digest[:12]}"
+
+
+def rolling_tags(stack: Stack) -> list[str]:
+    """Tags moved to each newly published image of a stack, e.g. [2.15-cu132, latest]."""
+    minor = ".".join(framework_version(stack).split(".")[:2])
+    return [f"{minor}-cu{stack.cuda.replace('.', '')}", "latest"]
 
 
 @dataclass(frozen=True)
@@ -285,6 +323,7 @@ def make_plan(
         tag,
         cloud,
         packer_version,
+        base_image_id=base_image_id,
         created=created,
         git_revision=git_revision,
         build_id=build_id,
@@ -352,6 +391,7 @@ def _target_specifics(
     cloud: CloudOptions,
     packer_version: tuple[int, int, int],
     *,
+    base_image_id: str,
     created: dt.datetime | None,
     git_revision: str | None,
     build_id: str,
@@ -363,21 +403,26 @@ def _target_specifics(
         labels = {
             "org.opencontainers.image.title": repository,
             "org.opencontainers.image.description": stack.description,
-            # the first pinned package of a stack is its framework
-            "org.opencontainers.image.version": f"{stack.framework}-{stack.packages[0][1]}",
             "org.opencontainers.image.vendor": "gpubake",
             "org.opencontainers.image.base.name": base_image,
-            f"{LABEL_PREFIX}.stack": stack.name,
-            f"{LABEL_PREFIX}.framework": stack.framework,
-            f"{LABEL_PREFIX}.cuda": stack.cuda,
-            f"{LABEL_PREFIX}.python": stack.python,
-            f"{LABEL_PREFIX}.os": stack.os.key,
+            "org.opencontainers.image.source": resources.project_url(),
+            STACK_LABEL: stack.name,
+            FRAMEWORK_LABEL: stack.framework,
+            FRAMEWORK_VERSION_LABEL: framework_version(stack),
+            CUDA_LABEL: stack.cuda,
+            MIN_DRIVER_LABEL: stack.driver_branch,
+            CC_LABEL: ",".join(stacks.compute_capabilities(stack)),
+            PYTHON_LABEL: stack.python,
+            OS_LABEL: stack.os.key,
             f"{LABEL_PREFIX}.version": __version__,
             HASH_LABEL: digest,
         }
+        if base_image_id.startswith("sha256:"):
+            labels["org.opencontainers.image.base.digest"] = base_image_id
         if created is not None:
             stamp = created.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            labels["org.opencontainers.image.created"] = stamp
+            labels[CREATED_LABEL] = stamp
+            labels[VERSION_LABEL] = immutable_tag(stack, stamp, digest)
         if git_revision:
             labels["org.opencontainers.image.revision"] = git_revision
         packer_vars = {

@@ -233,6 +233,7 @@ class ImageInfo:
     size: int  # bytes: the layers (compressed, as pulled) plus the config
     media_type: str = ""
     platform_digest: str = ""  # the platform manifest's digest (== digest unless an index)
+    config_digest: str = ""  # the image config's digest: the image id a Docker Engine shows
 
     @property
     def reference(self) -> str:
@@ -650,6 +651,7 @@ class RegistryClient:
             size=size,
             media_type=media_type,
             platform_digest=platform_digest,
+            config_digest=str(config_desc["digest"]),
         )
 
     def put_tag(self, repository: str, digest: str, tag: str) -> None:

@@ -90,3 +90,11 @@ def source_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def project_url() -> str:
+    """gpubake's source repository (galaxy.yml `repository`: the one copy)."""
+    import yaml
+
+    galaxy = yaml.safe_load((data_root() / "galaxy.yml").read_text(encoding="utf-8"))
+    return str(galaxy["repository"])

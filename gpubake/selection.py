@@ -14,24 +14,16 @@ from datetime import UTC, datetime
 
 from gpubake import stacks
 from gpubake.machine import GpuInfo, Machine
-from gpubake.registry import ImageInfo
 
-# The labels the build side sets (gpubake's own and the OCI ones selection reads).
-STACK = "io.gpubake.stack"
-FRAMEWORK = "io.gpubake.framework"
-FRAMEWORK_VERSION = "io.gpubake.framework-version"
-CUDA = "io.gpubake.cuda"
-MIN_DRIVER = "io.gpubake.min-driver"
-COMPUTE_CAPABILITIES = "io.gpubake.compute-capabilities"
-SMOKE = "io.gpubake.smoke"
-SMOKE_DIGEST = "io.gpubake.smoke-digest"
-INPUT_HASH = "io.gpubake.input-hash"
-PYTHON = "io.gpubake.python"
-OS = "io.gpubake.os"
-CREATED = "org.opencontainers.image.created"
-VERSION = "org.opencontainers.image.version"
-SMOKE_PASSED = "passed"  # gpu-smoke ran its GPU checks and passed
-SMOKE_CPU_CHECKED = "cpu-checked"  # built without a GPU: only the CPU checks ran
+# The labels the build side sets (gpubake.plan holds their names: the one copy).
+from gpubake.plan import CC_LABEL as COMPUTE_CAPABILITIES
+from gpubake.plan import CREATED_LABEL as CREATED
+from gpubake.plan import MIN_DRIVER_LABEL as MIN_DRIVER
+from gpubake.plan import SMOKE_CPU_CHECKED, SMOKE_PASSED
+from gpubake.plan import SMOKE_LABEL as SMOKE
+from gpubake.plan import STACK_LABEL as STACK
+from gpubake.plan import VERSION_LABEL as VERSION
+from gpubake.registry import ImageInfo
 
 _CC_RE = re.compile(r"^\d{1,2}\.\d$")
 _RFC3339_RE = re.compile(

@@ -495,6 +495,19 @@ def _open_module(gpu: Gpu | None, forced: str | None) -> bool:
     return gpu.open_kernel_module != "unsupported"
 
 
+def compute_capabilities(stack: Stack) -> tuple[str, ...]:
+    """The compute capabilities of the GPUs in images/gpus.yml the stack runs on (its CUDA
+    builds for them and its driver branch supports them), sorted: an image's label."""
+    found = set()
+    for key in gpu_names():
+        try:
+            _check_gpu(stack.name, get_gpu(key), stack.cuda, stack.driver_branch, "docker")
+        except StackError:
+            continue
+        found.add(get_gpu(key).compute_capability)
+    return tuple(sorted(found, key=_major_minor))
+
+
 def _check_gpu(name: str, gpu: Gpu, cuda: str, branch: str, target: str) -> None:
     cuda_major = str(_major_minor(cuda)[0])
     min_cc = str(gpus_data()["cuda"][cuda_major]["min_cc"])

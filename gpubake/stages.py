@@ -22,7 +22,15 @@ from typing import Any
 
 from gpubake import hashing
 from gpubake.locks import Lock, subset
-from gpubake.plan import HASH_LABEL, LABEL_PREFIX, BuildPlan, docker_changes
+from gpubake.plan import (
+    CREATED_LABEL,
+    HASH_LABEL,
+    LABEL_PREFIX,
+    VERSION_LABEL,
+    BuildPlan,
+    docker_changes,
+    immutable_tag,
+)
 from gpubake.stacks import Stack, stacks_data
 
 STAGE_REPOSITORY = "gpubake-stage"
@@ -189,6 +197,8 @@ def plan_chain(
             )
             if final:
                 labels = {**whole.labels, HASH_LABEL: digest}
+                if CREATED_LABEL in labels:  # the immutable tag names the last stage's hash
+                    labels[VERSION_LABEL] = immutable_tag(level, labels[CREATED_LABEL], digest)
                 repository, tag = whole.image_repository, whole.image_tag
                 variables["manifest_build"] = {**variables["manifest_build"], "input_hash": digest}
             else:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gpubake import selection
+from gpubake import plan, selection
 from gpubake.machine import GpuInfo, Machine
 from gpubake.registry import (
     MANIFEST_TYPES,
@@ -131,19 +131,19 @@ def docker(*args: str, timeout: int = 300) -> str:
 def labels_for(version: str, created: str) -> dict[str, str]:
     """The labels the build side sets, for a made-up pytorch image."""
     return {
-        selection.STACK: "pytorch",
-        selection.FRAMEWORK: "pytorch",
-        selection.FRAMEWORK_VERSION: "2.15.0",
-        selection.CUDA: "13.2",
-        selection.MIN_DRIVER: "580",
-        selection.COMPUTE_CAPABILITIES: "7.5,8.0,8.6,8.9,9.0,10.0,12.0",
-        selection.SMOKE: "cpu-checked",
-        selection.SMOKE_DIGEST: "sha256:" + "0" * 64,
-        selection.INPUT_HASH: "4e5d614f236a",
-        selection.PYTHON: "3.11",
-        selection.OS: "debian-12",
-        selection.CREATED: created,
-        selection.VERSION: version,
+        plan.STACK_LABEL: "pytorch",
+        plan.FRAMEWORK_LABEL: "pytorch",
+        plan.FRAMEWORK_VERSION_LABEL: "2.15.0",
+        plan.CUDA_LABEL: "13.2",
+        plan.MIN_DRIVER_LABEL: "580",
+        plan.CC_LABEL: "7.5,8.0,8.6,8.9,9.0,10.0,12.0",
+        plan.SMOKE_LABEL: "cpu-checked",
+        plan.SMOKE_DIGEST_LABEL: "sha256:" + "0" * 64,
+        plan.HASH_LABEL: "4e5d614f236a",
+        plan.PYTHON_LABEL: "3.11",
+        plan.OS_LABEL: "debian-12",
+        plan.CREATED_LABEL: created,
+        plan.VERSION_LABEL: version,
     }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gpubake import GpubakeError, machine, selection, stacks
+from gpubake import GpubakeError, machine, plan, selection, stacks
 from gpubake.machine import GpuInfo, Machine, MachineError, detect, parse_nvidia_smi
 from gpubake.registry import ImageInfo
 from gpubake.selection import choose
@@ -198,12 +198,12 @@ def image(
     """An image as RegistryClient.image_info describes it; `digest_of` gives a rolling tag
     the digest of the immutable tag it points at."""
     labels = {
-        selection.STACK: stack,
-        selection.MIN_DRIVER: min_driver,
-        selection.COMPUTE_CAPABILITIES: ccs,
-        selection.SMOKE: smoke,
-        selection.CREATED: created,
-        selection.VERSION: version or tag,
+        plan.STACK_LABEL: stack,
+        plan.MIN_DRIVER_LABEL: min_driver,
+        plan.CC_LABEL: ccs,
+        plan.SMOKE_LABEL: smoke,
+        plan.CREATED_LABEL: created,
+        plan.VERSION_LABEL: version or tag,
         **{k.replace("__", "."): v for k, v in extra.items()},
     }
     digest = "sha256:" + hashlib.sha256((digest_of or tag).encode()).hexdigest()
