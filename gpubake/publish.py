@@ -126,7 +126,7 @@ def _local(engine: docker.DockerClient, stack: str, tag: str) -> Image:
     return image
 
 
-def _check_pushable(image: Image, ref: str, allow_cpu_checked: bool, echo: Echo) -> str:
+def _check_pushable(image: Image, ref: str, allow_cpu_checked: bool) -> str:
     labels = image.labels or {}
     smoke = labels.get(SMOKE_LABEL)
     if smoke is None or VERSION_LABEL not in labels or HASH_LABEL not in labels:
@@ -134,17 +134,12 @@ def _check_pushable(image: Image, ref: str, allow_cpu_checked: bool, echo: Echo)
             f"{ref} carries no gpu-smoke result or immutable tag label (built by an older "
             "gpubake?): rebuild it with `gpubake build --force`"
         )
-    if smoke == CPU_CHECKED:
-        if not allow_cpu_checked:
-            raise PublishError(
-                f"{ref} was checked on a CPU only (no GPU, so gpu-smoke's GPU checks did not "
-                "run): push it with --allow-cpu-checked, or build it on a GPU machine"
-            )
-        echo(
-            f"--allow-cpu-checked: pushing {ref}, whose gpu-smoke ran without a GPU; "
-            f"its label {SMOKE_LABEL}={CPU_CHECKED} says so to everyone who pulls it"
+    if smoke == CPU_CHECKED and not allow_cpu_checked:
+        raise PublishError(
+            f"{ref} was checked on a CPU only (no GPU, so gpu-smoke's GPU checks did not "
+            "run): push it with --allow-cpu-checked, or build it on a GPU machine"
         )
-    elif smoke != PASSED:
+    if smoke not in (CPU_CHECKED, PASSED):
         raise PublishError(f"{ref}: gpu-smoke did not pass ({SMOKE_LABEL}={smoke}): not pushed")
     return smoke
 
@@ -189,7 +184,7 @@ def push(
     engine = docker_engine.client()
     local_ref = f"gpubake/{stack.name}:{tag}"
     image = _local(engine, stack.name, tag)
-    smoke = _check_pushable(image, local_ref, allow_cpu_checked, echo)
+    smoke = _check_pushable(image, local_ref, allow_cpu_checked)
     immutable = image.labels[VERSION_LABEL]
     repository = reg.repository(stack.name)
     remote = reg.image(stack.name)
@@ -202,6 +197,11 @@ def push(
                 f"{remote}:{immutable} already holds another image ({held[:19]}): an immutable "
                 "tag is never moved; build anew (a new date or input hash gives a new tag)"
             )
+    if smoke == CPU_CHECKED:
+        echo(
+            f"--allow-cpu-checked: pushing {local_ref}, whose gpu-smoke ran without a GPU; "
+            f"its label {SMOKE_LABEL}={CPU_CHECKED} says so to everyone who pulls it"
+        )
     echo(f"pushing {local_ref} as {remote}:{immutable}")
     image.tag(remote, immutable)
     try:
