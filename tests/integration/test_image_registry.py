@@ -227,7 +227,7 @@ def _variant(engine, name: str, labels: dict[str, str], *, new_layer_mb: int = 0
 
 
 @pytest.fixture(scope="module")
-def variants(engine, built, plain, first_push):
+def variants(engine, built, first_push):
     immutable = built.labels[plan_mod.VERSION_LABEL]
     names = {
         # another image under the same immutable tag
@@ -253,11 +253,10 @@ def variants(engine, built, plain, first_push):
         for name, labels in names.items()
     }
     yield ids
-    for name, labels in names.items():
-        version = labels.get(plan_mod.VERSION_LABEL, immutable)
-        for ref in (f"gpubake/pytorch:{name}", f"{plain.host}/{REPOSITORY}:{version}"):
-            with contextlib.suppress(docker.errors.ImageNotFound):  # a killed push's own name
-                engine.images.remove(ref, force=True)
+    # by id: a push (even a killed one) leaves the image a registry name and a digest too
+    for image_id in ids.values():
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            engine.images.remove(image_id, force=True)
 
 
 def test_an_immutable_tag_is_never_moved(plain, first_push, variants):
