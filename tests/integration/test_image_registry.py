@@ -30,7 +30,7 @@ import pytest
 from gpubake import docker_engine, stacks
 from gpubake import plan as plan_mod
 from gpubake.registry import RegistryClient
-from tests.integration.helpers import HOST_BUNDLE, ROOT
+from tests.integration.helpers import ROOT, build_in
 from tests.registry import RunningRegistry, start_registry
 from tests.unit.test_cli import assert_one_line_error
 
@@ -59,23 +59,7 @@ def gpubake(
 @pytest.fixture(scope="module")
 def built(engine):
     """The suite's default image (test_build.py builds it; skipped here as built)."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "build.py"),
-            "--target",
-            "docker",
-            "--tag",
-            TAG,
-            "--ca-bundle",
-            str(HOST_BUNDLE),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-        cwd=ROOT,
-        check=False,
-    )
+    proc = build_in(ROOT, TAG, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return engine.images.get(IMAGE)
 
@@ -88,6 +72,12 @@ def plain(tmp_path_factory) -> Iterator[RunningRegistry]:
 
 def _where(reg: RunningRegistry) -> str:
     return f"{reg.host}/{NAMESPACE}"
+
+
+def pull(reg: RunningRegistry, *args: str, driver: str, gpu: str):
+    """`gpubake pull` from the plain-HTTP registry, for the machine --driver / --gpu state."""
+    where = ["--registry", _where(reg), "--insecure", "--driver", driver, "--gpu", gpu]
+    return gpubake("pull", *args, *where)
 
 
 @pytest.fixture(scope="module")
@@ -176,17 +166,7 @@ def test_pull_chooses_by_driver_and_gpu_pulls_by_digest_and_runs_gpu_smoke(
     with pytest.raises(docker.errors.ImageNotFound):
         engine.images.get(original)
     try:
-        proc = gpubake(
-            "pull",
-            "pytorch",
-            "--registry",
-            _where(plain),
-            "--insecure",
-            "--driver",
-            "580",
-            "--gpu",
-            "h100",
-        )
+        proc = pull(plain, "pytorch", driver="580", gpu="h100")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.strip() == first_push["pinned"]
         assert f"pulling {first_push['pinned']}" in proc.stderr
@@ -200,9 +180,7 @@ def test_pull_chooses_by_driver_and_gpu_pulls_by_digest_and_runs_gpu_smoke(
 
 
 def test_pull_refuses_a_driver_older_than_every_image(plain, first_push):
-    proc = gpubake(
-        "pull", "--registry", _where(plain), "--insecure", "--driver", "535", "--gpu", "t4"
-    )
+    proc = pull(plain, driver="535", gpu="t4")
     assert_one_line_error(
         proc, "driver 535 is older than every pytorch image's minimum (580): update the driver"
     )
@@ -342,18 +320,7 @@ def test_an_interrupted_push_leaves_the_rolling_tags(plain, first_push, variants
 
 
 def test_explain_lists_the_chosen_and_the_rejected(built, plain, first_push, variants):
-    proc = gpubake(
-        "pull",
-        "--registry",
-        _where(plain),
-        "--insecure",
-        "--driver",
-        "580",
-        "--gpu",
-        "h100",
-        "--explain",
-        "--no-smoke",
-    )
+    proc = pull(plain, "--explain", "--no-smoke", driver="580", gpu="h100")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     chosen = [line for line in lines if line.startswith("chosen")]

@@ -9,14 +9,13 @@ import itertools
 import json
 import re
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
 from gpubake import locks, stacks
-from tests.integration.helpers import HOST_BUNDLE, ROOT, run_in
+from tests.integration.helpers import ROOT, build_in, run_in
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 TAG = "itest"
@@ -24,24 +23,7 @@ CHAIN = ("pytorch", "pytorch-notebook", "fastai")
 
 
 def build(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "build.py"),
-            "--target",
-            "docker",
-            "--tag",
-            TAG,
-            "--ca-bundle",
-            str(HOST_BUNDLE),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-        cwd=ROOT,
-        check=False,
-    )
+    return build_in(ROOT, TAG, *args, timeout=3600)
 
 
 @pytest.fixture(scope="module")
