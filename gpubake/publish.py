@@ -271,7 +271,7 @@ def pull(
     client = registry.RegistryClient(reg.host, insecure=insecure)
     repository = reg.repository(stack.name)
     found = list(candidates(client, [repository], here.arch))
-    chosen = selection.choose(found, stack.name, here)
+    chosen = selection.choose(found, stack.name, here, registry=str(reg))
     lines = tuple(explain_lines(chosen))
     for line in lines if explain else ():
         explain(line)
