@@ -529,7 +529,7 @@ def images_cmd(registry_text: str, as_json: bool, insecure: bool) -> None:
     size, date and digest (read from the registry's labels; nothing is pulled)."""
     from gpubake import publish, registry
 
-    rows = publish.index(registry.parse_registry(registry_text), insecure=insecure)
+    rows = publish.index(registry.parse_registry(registry_text), insecure=insecure, echo=_echo)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
     elif not rows:

@@ -220,3 +220,24 @@ def drop_volumes(engine: docker.DockerClient, names: set[str]) -> None:
     for name in names:
         with contextlib.suppress(docker.errors.APIError):  # in use or gone meanwhile
             engine.volumes.get(name).remove()
+
+
+def gpus_for_containers(engine: docker.DockerClient) -> tuple[bool, str | None]:
+    """(whether a build container can be given this machine's GPUs, a note for the user).
+    Needs an NVIDIA GPU (nvidia-smi) and the NVIDIA container toolkit (the engine's nvidia
+    runtime or the hook `docker run --gpus` calls)."""
+    from gpubake import machine
+
+    try:
+        gpus = machine.detect().gpus
+    except GpubakeError as exc:  # an nvidia-smi gpubake cannot read: build, say so
+        return False, f"{exc}: gpu-smoke will run its CPU-side checks only"
+    if not gpus:
+        return False, None
+    runtimes = engine.info().get("Runtimes") or {}
+    if "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook"):
+        return True, None
+    return False, (
+        "this machine has an NVIDIA GPU but Docker cannot give it to containers (no NVIDIA "
+        "container toolkit): gpu-smoke will run its CPU-side checks only"
+    )

@@ -154,13 +154,17 @@ def _container_locks(stack: stacks.Stack, *, verify: bool) -> tuple[dict[str, An
     return found, notes
 
 
-def container_chain(run: _Run, plan_inputs: dict[str, Any], lock_texts: dict[str, Any]) -> list:
+def container_chain(
+    run: _Run, plan_inputs: dict[str, Any], lock_texts: dict[str, Any], *, gpu_build: bool = False
+) -> list:
     from gpubake import locks, stages
 
     def plan_for(level: stacks.Stack) -> BuildPlan:
         return make_plan(level, target=run.target.name, **plan_inputs)
 
-    return stages.plan_chain(run.stack, plan_for, lock_texts, uv_cache=locks.uv_cache_dir())
+    return stages.plan_chain(
+        run.stack, plan_for, lock_texts, uv_cache=locks.uv_cache_dir(), gpu_build=gpu_build
+    )
 
 
 def _reusable(engine: Any, chain: list, force: bool, stack: str) -> dict[str, Any]:
@@ -204,6 +208,9 @@ def _build_container(run: _Run) -> None:
         )
         if note:
             notes.append(note)
+    gpu_build, gpu_note = docker_engine.gpus_for_containers(engine)
+    if gpu_note:
+        notes.append(gpu_note)
     inputs = {
         "base_image": ref,
         "base_image_id": image_id,
@@ -213,7 +220,7 @@ def _build_container(run: _Run) -> None:
         "notes": tuple(notes + lock_notes),
         **machine_inputs(packer),
     }
-    chain = container_chain(run, inputs, lock_texts)
+    chain = container_chain(run, inputs, lock_texts, gpu_build=gpu_build)
     final = chain[-1]
     reuse = _reusable(engine, chain, req.force, run.stack.name)
     if req.dry_run:
@@ -228,6 +235,8 @@ def _build_container(run: _Run) -> None:
             image = reuse[stage.input_hash]
             if stage.final and stage.plan.image_ref not in image.tags:
                 image.tag(stage.plan.image_repository, stage.plan.image_tag)
+            if stage.final and SMOKE_LABEL not in (image.labels or {}):
+                publish.label_smoke(engine, stage.plan.image_ref)  # built before it was labelled
         echo(
             f"skipped: {plan.image_ref} is already built from identical inputs "
             f"(input hash {plan.input_hash[:12]}, image {existing.short_id}); "

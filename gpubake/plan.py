@@ -50,6 +50,8 @@ SMOKE_LABEL = f"{LABEL_PREFIX}.smoke"  # SMOKE_PASSED or SMOKE_CPU_CHECKED
 SMOKE_DIGEST_LABEL = f"{LABEL_PREFIX}.smoke-digest"  # sha256 of gpu-smoke's JSON report
 VERSION_LABEL = "org.opencontainers.image.version"  # the immutable tag
 CREATED_LABEL = "org.opencontainers.image.created"
+#: Where the build's gpu-smoke writes its report (playbooks/smoke.yml's gpu_smoke_test_report)
+SMOKE_REPORT = "/etc/gpubake/smoke-report.json"
 SMOKE_PASSED = "passed"  # gpu-smoke ran its GPU checks and passed
 SMOKE_CPU_CHECKED = "cpu-checked"  # built without a GPU: only the CPU-side checks ran (passed)
 
@@ -68,10 +70,11 @@ def immutable_tag(stack: Stack, created: str, digest: str) -> str:
     return f"{framework_version(stack)}-cu{cuda}-py{stack.python}-{os_key}-{day}-{digest[:12]}"
 
 
-def rolling_tags(stack: Stack) -> list[str]:
-    """Tags moved to each newly published image of a stack, e.g. [2.15-cu132, latest]."""
-    minor = ".".join(framework_version(stack).split(".")[:2])
-    return [f"{minor}-cu{stack.cuda.replace('.', '')}", "latest"]
+def rolling_tags(version: str, cuda: str) -> list[str]:
+    """Tags moved to each newly published image of a stack, from its framework version and
+    CUDA (the image's labels), e.g. [2.15-cu132, latest]."""
+    minor = ".".join(version.split(".")[:2])
+    return [f"{minor}-cu{cuda.replace('.', '')}", "latest"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ def _core_ansible_vars(stack: Stack, target: str, require_gpu: bool) -> dict[str
         "python_env_uv_sha256": dict(tools["uv"]["sha256"]),
         "base_user_name": DEFAULT_USER,
         "gpu_smoke_test_args": ["--require-gpu"] if require_gpu else [],
+        "gpu_smoke_test_report": SMOKE_REPORT,
     }
     if stack.miniforge:
         data["python_env_miniforge_version"] = stack.miniforge["version"]
@@ -410,8 +414,8 @@ def _target_specifics(
             FRAMEWORK_LABEL: stack.framework,
             FRAMEWORK_VERSION_LABEL: framework_version(stack),
             CUDA_LABEL: stack.cuda,
-            MIN_DRIVER_LABEL: stack.driver_branch,
-            CC_LABEL: ",".join(stacks.compute_capabilities(stack)),
+            MIN_DRIVER_LABEL: str(stacks.min_driver_branch(stack.cuda)),
+            CC_LABEL: ",".join(stacks.compute_capabilities(stack.cuda)),
             PYTHON_LABEL: stack.python,
             OS_LABEL: stack.os.key,
             f"{LABEL_PREFIX}.version": __version__,
@@ -421,8 +425,7 @@ def _target_specifics(
             labels["org.opencontainers.image.base.digest"] = base_image_id
         if created is not None:
             stamp = created.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            labels[CREATED_LABEL] = stamp
-            labels[VERSION_LABEL] = immutable_tag(stack, stamp, digest)
+            labels[CREATED_LABEL] = stamp  # the immutable tag: gpubake.stages, last stage
         if git_revision:
             labels["org.opencontainers.image.revision"] = git_revision
         packer_vars = {

@@ -24,11 +24,13 @@ from typing import Any
 import docker
 import docker.errors
 import docker.types
+import requests
 from docker.models.images import Image
 
 from gpubake import GpubakeError, docker_engine, machine, registry, selection, stacks
 from gpubake.plan import (
     CC_LABEL,
+    CREATED_LABEL,
     CUDA_LABEL,
     FRAMEWORK_LABEL,
     FRAMEWORK_VERSION_LABEL,
@@ -40,14 +42,13 @@ from gpubake.plan import (
     SMOKE_DIGEST_LABEL,
     SMOKE_LABEL,
     SMOKE_PASSED,
+    SMOKE_REPORT,
     STACK_LABEL,
     VERSION_LABEL,
     rolling_tags,
 )
 
 Echo = Callable[[str], None]
-SMOKE_REPORT = "/etc/gpubake/smoke-report.json"
-GPU_SMOKE = "/usr/local/bin/gpu-smoke"
 PASSED, CPU_CHECKED = SMOKE_PASSED, SMOKE_CPU_CHECKED
 
 
@@ -60,13 +61,19 @@ class PublishError(GpubakeError):
 
 def _read_file(engine: docker.DockerClient, image: str, path: str) -> bytes:
     """A file of an image, read from a container that is created and never started."""
-    box = engine.containers.create(image, entrypoint=["/bin/true"], user="root")
+    try:
+        box = engine.containers.create(image, entrypoint=["/bin/true"], user="root")
+    except docker.errors.APIError as exc:
+        raise PublishError(f"cannot read {path} of {image}: {exc.explanation}") from None
     try:
         stream, _ = box.get_archive(path)
         with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
             member = tar.extractfile(tar.getmembers()[0])
-            assert member is not None
+            if member is None:
+                raise PublishError(f"{path} of {image} is not a file")
             return member.read()
+    except docker.errors.NotFound:
+        raise PublishError(f"{image} has no {path}: did gpu-smoke run in it?") from None
     finally:
         box.remove(force=True)
 
@@ -81,13 +88,25 @@ def smoke_result(report: dict[str, Any]) -> str:
 
 def label_smoke(engine: docker.DockerClient, ref: str) -> Image:
     """Re-tag `ref` as the same layers with the gpu-smoke result and the report's digest as
-    labels (a LABEL-only image: no layer is added). Packer commits the image before gpubake
-    can know the result, so the labels are set here."""
+    labels (a LABEL-only image: no layer is added), and the compute capabilities with the
+    framework's own list where gpu-smoke read one (torch's arch list): Packer commits the
+    image before gpubake can know them, so they are set here."""
     report = _read_file(engine, ref, SMOKE_REPORT)
-    result = smoke_result(json.loads(report))
-    digest = "sha256:" + hashlib.sha256(report).hexdigest()
+    try:
+        parsed = json.loads(report)
+    except ValueError:
+        raise PublishError(f"{SMOKE_REPORT} of {ref} is not JSON: rebuild with --force") from None
+    labels = {
+        SMOKE_LABEL: smoke_result(parsed),
+        SMOKE_DIGEST_LABEL: "sha256:" + hashlib.sha256(report).hexdigest(),
+    }
+    archs = (parsed.get("versions") or {}).get("torch_archs")
+    if archs:
+        labels[CC_LABEL] = archs
     base = engine.images.get(ref)
-    dockerfile = f"FROM {base.id}\nLABEL {SMOKE_LABEL}={result} {SMOKE_DIGEST_LABEL}={digest}\n"
+    dockerfile = f"FROM {base.id}\nLABEL " + " ".join(
+        f"{key}={json.dumps(value)}" for key, value in labels.items()
+    )
     try:
         image, _ = engine.images.build(
             fileobj=io.BytesIO(dockerfile.encode()), tag=ref, rm=True, pull=False
@@ -185,54 +204,115 @@ def push(
     local_ref = f"gpubake/{stack.name}:{tag}"
     image = _local(engine, stack.name, tag)
     smoke = _check_pushable(image, local_ref, allow_cpu_checked)
-    immutable = image.labels[VERSION_LABEL]
+    labels = image.labels
+    if labels.get(STACK_LABEL) != stack.name:
+        raise PublishError(
+            f"{local_ref} is an image of stack {labels.get(STACK_LABEL)!r}, not {stack.name}: "
+            "retag it, or push it with its own --stack"
+        )
+    immutable = labels[VERSION_LABEL]
     repository = reg.repository(stack.name)
     remote = reg.image(stack.name)
     client.check()  # credentials and TLS first: nothing is sent to a registry that refuses
     held = client.manifest_digest(repository, immutable)
     if held is not None:
-        there = client.image_info(repository, held, machine.this_arch())
-        if there.config_digest != image.id:
-            raise PublishError(
-                f"{remote}:{immutable} already holds another image ({held[:19]}): an immutable "
-                "tag is never moved; build anew (a new date or input hash gives a new tag)"
+        digest, sent = _already_there(client, repository, remote, immutable, held, image), 0
+        echo(f"{remote}:{immutable} already holds this image ({held[:19]}): nothing to send")
+    else:
+        if smoke == CPU_CHECKED:
+            echo(
+                f"--allow-cpu-checked: pushing {local_ref}, whose gpu-smoke ran without a GPU; "
+                f"its label {SMOKE_LABEL}={CPU_CHECKED} says so to everyone who pulls it"
             )
-    if smoke == CPU_CHECKED:
-        echo(
-            f"--allow-cpu-checked: pushing {local_ref}, whose gpu-smoke ran without a GPU; "
-            f"its label {SMOKE_LABEL}={CPU_CHECKED} says so to everyone who pulls it"
-        )
-    echo(f"pushing {local_ref} as {remote}:{immutable}")
-    image.tag(remote, immutable)
-    try:
-        digest, sent = _engine_push(engine, remote, immutable, echo)
-    finally:
-        with contextlib.suppress(docker.errors.APIError):  # the local name was only for pushing
-            engine.images.remove(f"{remote}:{immutable}", noprune=True)
-    remote_digest = client.manifest_digest(repository, immutable)
-    if remote_digest != digest:
+        echo(f"pushing {local_ref} as {remote}:{immutable}")
+        image.tag(remote, immutable)
+        try:
+            digest, sent = _engine_push(engine, remote, immutable, echo)
+        finally:
+            with contextlib.suppress(docker.errors.APIError):  # the name was for pushing only
+                engine.images.remove(f"{remote}:{immutable}", noprune=True)
+        remote_digest = client.manifest_digest(repository, immutable)
+        if remote_digest != digest:
+            raise PublishError(
+                f"{remote}:{immutable} reads back as {remote_digest} after pushing {digest}: "
+                "the registry does not hold what was pushed; rolling tags not moved"
+            )
+        echo(f"{remote}:{immutable} is {digest} ({sent} layer(s) sent)")
+    # last: only once the immutable tag is there and verified
+    moved = _move_rolling(client, repository, remote, image, digest, echo)
+    return Pushed(remote, digest, immutable, tuple(moved), smoke)
+
+
+def _already_there(
+    client: registry.RegistryClient,
+    repository: str,
+    remote: str,
+    immutable: str,
+    held: str,
+    image: Image,
+) -> str:
+    """The digest the registry holds under `immutable` when it is this very image (the same
+    config: the same image id); a refusal when it is another."""
+    there = client.image_info(repository, held, machine.this_arch())
+    if there.config_digest == image.id:
+        return held  # pushed before: not pushed again, so the tag keeps its manifest
+    if there.labels.get(HASH_LABEL) == image.labels.get(HASH_LABEL):
         raise PublishError(
-            f"{remote}:{immutable} reads back as {remote_digest} after pushing {digest}: "
-            "the registry does not hold what was pushed; rolling tags not moved"
+            f"{remote}:{immutable} already holds another build from identical inputs "
+            f"({held[:19]}): it stays published, as an immutable tag is never moved; pull that "
+            "one, or push after a change of inputs"
         )
-    echo(f"{remote}:{immutable} is {digest} ({sent} layer(s) sent)")
-    rolling = rolling_tags(stack)
-    for name in rolling:  # last: only once the immutable tag is there and verified
-        client.put_tag(repository, digest, name)
-        echo(f"moved {remote}:{name} to {digest[:19]}")
-    return Pushed(remote, digest, immutable, tuple(rolling), smoke)
+    raise PublishError(
+        f"{remote}:{immutable} already holds another image ({held[:19]}): an immutable tag is "
+        "never moved; build anew (a new date or input hash gives a new tag)"
+    )
+
+
+def _move_rolling(
+    client: registry.RegistryClient,
+    repository: str,
+    remote: str,
+    image: Image,
+    digest: str,
+    echo: Echo,
+) -> list[str]:
+    """Point the image's rolling tags (from its own labels) at `digest`, except one that
+    names a newer image or one of another architecture, which stays (and is said)."""
+    labels = image.labels
+    moved = []
+    for name in rolling_tags(labels[FRAMEWORK_VERSION_LABEL], labels[CUDA_LABEL]):
+        current = client.manifest_digest(repository, name)
+        if current is not None and current != digest:
+            there = client.image_info(repository, name, machine.this_arch())
+            if there.architecture != image.attrs.get("Architecture"):
+                echo(f"kept {remote}:{name}: it names a {there.architecture} image")
+                continue
+            if there.labels.get(CREATED_LABEL, "") > labels.get(CREATED_LABEL, ""):
+                newer = there.labels.get(VERSION_LABEL, current[:19])
+                echo(f"kept {remote}:{name}: it names a newer image ({newer})")
+                continue
+        if current != digest:
+            client.put_tag(repository, digest, name)
+        moved.append(name)
+        echo(f"{remote}:{name} -> {digest[:19]}")
+    return moved
 
 
 # --------------------------------------------------------------------------- pull and images
 
 
 def candidates(
-    client: registry.RegistryClient, repositories: list[str], arch: str
+    client: registry.RegistryClient, repositories: list[str], arch: str, echo: Echo
 ) -> Iterator[registry.ImageInfo]:
-    """Every tag of the repositories, as the registry describes it (no layer is pulled)."""
+    """Every tag of the repositories, as the registry describes it (no layer is pulled); a
+    tag the registry cannot describe as an image (a signature, an artifact) is passed over
+    with a word."""
     for repository in repositories:
         for tag in client.tags(repository):
-            yield client.image_info(repository, tag, arch)
+            try:
+                yield client.image_info(repository, tag, arch)
+            except registry.RegistryError as exc:
+                echo(f"passed over {repository}:{tag}: {exc}")
 
 
 def explain_lines(chosen: selection.Selection) -> list[str]:
@@ -270,7 +350,7 @@ def pull(
     here = machine.detect(driver, gpu)
     client = registry.RegistryClient(reg.host, insecure=insecure)
     repository = reg.repository(stack.name)
-    found = list(candidates(client, [repository], here.arch))
+    found = list(candidates(client, [repository], here.arch, echo))
     chosen = selection.choose(found, stack.name, here, registry=str(reg))
     lines = tuple(explain_lines(chosen))
     for line in lines if explain else ():
@@ -293,15 +373,25 @@ def pull(
 
 def _smoke_in(engine: docker.DockerClient, ref: str, *, gpu_here: bool) -> tuple[str, bool]:
     """gpu-smoke in a container of `ref`, with this machine's GPUs when it has them (then
-    the GPU checks must run: --require-gpu). Returns its last summary line."""
-    args = [GPU_SMOKE] + (["--require-gpu"] if gpu_here else [])
-    requests = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu_here else []
-    box = engine.containers.run(ref, args, detach=True, device_requests=requests or None)
+    the GPU checks must run: --require-gpu). Returns its summary line."""
+    args = ["gpu-smoke"] + (["--require-gpu"] if gpu_here else [])
+    gpus = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu_here else None
+    box = None
     try:
+        box = engine.containers.create(ref, args, device_requests=gpus)
+        box.start()
         code = box.wait(timeout=600)["StatusCode"]
         output = box.logs().decode(errors="replace")
+    except docker.errors.APIError as exc:
+        hint = " (is the NVIDIA container toolkit installed?)" if gpu_here else ""
+        raise PublishError(
+            f"cannot run gpu-smoke in {ref}: {exc.explanation}{hint}; --no-smoke skips it"
+        ) from None
+    except requests.RequestException as exc:
+        raise PublishError(f"gpu-smoke in {ref} did not finish: {exc}") from None
     finally:
-        box.remove(force=True)
+        if box is not None:
+            box.remove(force=True)
     summary = next(
         (line for line in output.splitlines() if line.startswith("gpu-smoke:")), "no summary"
     )
@@ -328,13 +418,17 @@ class IndexRow:
         return dataclasses.asdict(self)
 
 
-def index(reg: registry.RegistryRef, *, insecure: bool) -> list[IndexRow]:
+def index(reg: registry.RegistryRef, *, insecure: bool, echo: Echo) -> list[IndexRow]:
     """What the registry holds under its namespace, one row per image (rolling tags folded
     into the immutable one)."""
     client = registry.RegistryClient(reg.host, insecure=insecure)
+    # each stack's repository; the catalog adds others where the registry serves one (the
+    # hosted ones mostly do not)
+    repositories = {reg.repository(name) for name in stacks.stack_names()}
     prefix = f"{reg.namespace}/" if reg.namespace else ""
-    repositories = [r for r in client.catalog() if r.startswith(prefix)]
-    found = list(candidates(client, repositories, machine.this_arch()))
+    with contextlib.suppress(registry.RegistryError):
+        repositories |= {r for r in client.catalog() if r.startswith(prefix)}
+    found = list(candidates(client, sorted(repositories), machine.this_arch(), echo))
     rows = []
     for image, aliases in selection.dedupe(found):
         labels = image.labels

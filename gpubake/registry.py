@@ -589,6 +589,15 @@ class RegistryClient:
         index (multi-platform), the linux/`arch` entry is read."""
         _check_repository(repository)
         _check_reference(reference)
+        try:
+            return self._image_info(repository, reference, arch)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # not what OCI says
+            raise RegistryError(
+                f"{repository}:{reference} has a malformed manifest or config "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _image_info(self, repository: str, reference: str, arch: str) -> ImageInfo:
         found = self._manifest(repository, reference)
         if found is None:
             raise RegistryError(f"{repository}:{reference} is not in registry {self.host}")

@@ -160,11 +160,13 @@ def _newest_first(item: tuple[ImageInfo, _Labels]) -> tuple[datetime, str]:
 
 
 def stacks_for_driver(branch: int, *, exclude: str | None = None) -> list[str]:
-    """Stacks of images/stacks.yml whose driver branch is at most `branch`."""
+    """Stacks of images/stacks.yml whose images run on driver `branch` (the minimum of their
+    CUDA major: the label images carry)."""
     return [
         name
         for name in stacks.stack_names()
-        if name != exclude and int(str(stacks.raw_stack(name)["driver_branch"])) <= branch
+        if name != exclude
+        and stacks.min_driver_branch(str(stacks.raw_stack(name)["cuda"])) <= branch
     ]
 
 

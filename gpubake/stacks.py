@@ -495,17 +495,23 @@ def _open_module(gpu: Gpu | None, forced: str | None) -> bool:
     return gpu.open_kernel_module != "unsupported"
 
 
-def compute_capabilities(stack: Stack) -> tuple[str, ...]:
-    """The compute capabilities of the GPUs in images/gpus.yml the stack runs on (its CUDA
-    builds for them and its driver branch supports them), sorted: an image's label."""
-    found = set()
-    for key in gpu_names():
-        try:
-            _check_gpu(stack.name, get_gpu(key), stack.cuda, stack.driver_branch, "docker")
-        except StackError:
-            continue
-        found.add(get_gpu(key).compute_capability)
-    return tuple(sorted(found, key=_major_minor))
+def min_driver_branch(cuda: str) -> int:
+    """The oldest driver branch that runs CUDA `cuda`: its major's min_driver in
+    images/gpus.yml (minor-version compatibility), e.g. 580 for 13.x, 450 for 11.x."""
+    table = gpus_data()["cuda"][str(_major_minor(cuda)[0])]
+    return _ver(str(table["min_driver"])).release[0]
+
+
+def compute_capabilities(cuda: str) -> tuple[str, ...]:
+    """The compute capabilities CUDA `cuda` builds for, as images/gpus.yml knows them (each
+    known GPU's and each architecture's first, from the CUDA major's min_cc on), sorted: the
+    label a plan writes; a build replaces it with the framework's own list where the
+    framework reports one (gpu-smoke: torch's arch list)."""
+    data = gpus_data()
+    lowest = _major_minor(str(data["cuda"][str(_major_minor(cuda)[0])]["min_cc"]))
+    known = {str(g["compute_capability"]) for g in data["gpus"].values()}
+    known |= {str(a["min_cc"]) for a in data["architectures"].values()}
+    return tuple(sorted((c for c in known if _major_minor(c) >= lowest), key=_major_minor))
 
 
 def _check_gpu(name: str, gpu: Gpu, cuda: str, branch: str, target: str) -> None:

@@ -108,10 +108,12 @@ def _hashed_vars(variables: Mapping[str, Any], roles: tuple[str, ...]) -> dict[s
         # the build-time CA bundle is gone from the image; where it was read from is not hashed
         and not key.startswith("build_ca_")
     }
-    # a path on this machine (the lock's text is hashed), and where the download cache is
-    # mounted (a mount is not committed: the image is the same with or without it)
+    # a path on this machine (the lock's text is hashed), where the download cache is
+    # mounted (a mount is not committed: the image is the same with or without it), and
+    # whether gpu-smoke had a GPU to check (the same image, checked more or less fully)
     kept.pop("python_env_lock_file", None)
     kept.pop("python_env_cache_dir", None)
+    kept.pop("gpu_smoke_test_args", None)
     if "manifest_build" in kept:  # holds the final hash itself
         kept["manifest_build"] = {
             k: v for k, v in kept["manifest_build"].items() if k != "input_hash"
@@ -148,9 +150,12 @@ def plan_chain(
     locks: Mapping[str, Lock],
     *,
     uv_cache: Path | None,
+    gpu_build: bool = False,
 ) -> list[Stage]:
     """The stages that build `stack`'s image, its parents' first. `plan_for(s)` is the whole
-    plan of stack s (gpubake.plan.make_plan); `locks[s.name]` is s's checked lock."""
+    plan of stack s (gpubake.plan.make_plan); `locks[s.name]` is s's checked lock. With
+    `gpu_build` (this machine's GPUs can be given to a container) the stages that run
+    gpu-smoke get them, and gpu-smoke must then run its GPU checks (--require-gpu)."""
     spec = stacks_data()["container_stages"]["stages"]
     cuda_pattern = stacks_data()["cuda_wheels"]
     chain: list[Stage] = []
@@ -175,6 +180,9 @@ def plan_chain(
                 variables.pop("build_ca_environment", None)
             variables["gpubake_smoke"] = bool(spec[name].get("smoke", False))
             packer_vars = dict(whole.packer_vars)
+            if gpu_build and variables["gpubake_smoke"]:
+                variables["gpu_smoke_test_args"] = ["--require-gpu"]
+                packer_vars["container_gpus"] = ["--gpus", "all"]
             if lock_text:
                 variables["python_env_lock_no_deps"] = lock_part == "cuda"
                 if lock_part == "cuda":

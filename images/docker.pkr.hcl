@@ -32,6 +32,12 @@ variable "docker_changes" {
   default     = []
 }
 
+variable "container_gpus" {
+  type        = list(string)
+  description = "docker run options giving the build container this machine's GPUs (e.g. [\"--gpus\", \"all\"]) for gpu-smoke's GPU checks; empty: none."
+  default     = []
+}
+
 variable "cache_volumes" {
   type        = map(string)
   description = "Host folders bind-mounted into the build container (the download cache); a mount is not committed into the image."
@@ -44,7 +50,7 @@ source "docker" "gpubake" {
   commit        = true
   container_dir = "/tmp/packer-files"
   # as root: a stage may start from an image whose USER is gpubake (a derived stack's parent)
-  run_command = ["-d", "-i", "-t", "-u", "root", "--name", var.container_name, "{{.Image}}", "/bin/sh"]
+  run_command = concat(["-d", "-i", "-t", "-u", "root", "--name", var.container_name], var.container_gpus, ["{{.Image}}", "/bin/sh"])
   volumes     = var.cache_volumes
   changes     = var.docker_changes
 }

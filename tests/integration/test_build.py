@@ -133,6 +133,21 @@ def test_image_labels_user_and_manifest(engine, built):
     assert manifest["torch_build"]["cuda"] == stack.cuda
 
 
+def test_container_image_has_no_workstation_tools_and_stale_apt_lists(engine, built):
+    """Role params of playbooks/container.yml reach the roles role stack includes: no git or
+    tmux (base_workstation_tools: false); image_cleanup dates the emptied apt lists to 1970,
+    so a later stage's apt refreshes them instead of finding no package."""
+    script = (
+        "dpkg-query -W -f='${Package} ${Status}\\n' git tmux 2>/dev/null | grep -c installed;"
+        " stat -c %Y /var/lib/apt/lists; find /var/lib/apt/lists -type f ! -name lock | wc -l;"
+        " test -e /var/lib/apt/periodic/update-success-stamp && echo stamp || echo no-stamp"
+    )
+    out = engine.containers.run(
+        IMAGE, ["sh", "-c", script], remove=True, user="root", entrypoint=[]
+    ).decode()
+    assert out.split() == ["0", "0", "0", "no-stamp"], out
+
+
 def test_container_runs_as_non_root_and_imports_torch(engine, built):
     code = "import os, torch, torchvision; print(os.getuid(), torch.__version__.split('+')[0])"
     out = engine.containers.run(IMAGE, ["python", "-c", code], remove=True).decode().split()

@@ -893,3 +893,10 @@ def test_auto_framework_with_nothing_installed_says_so(capsys, gpus_json):
     rc, report = run([], probe, None, capsys=capsys, gpus_file=gpus_json)
     assert rc == 0
     assert checks(report)["framework"]["detail"].startswith("no deep-learning framework found")
+
+
+def test_arch_flags_become_compute_capabilities():
+    """torch's arch flags (read without a GPU) are what an image's label says it runs on."""
+    flags = "sm_75 sm_80 sm_86 sm_90 sm_90a sm_100 sm_120 compute_120"
+    assert gs.archs(flags) == ["7.5", "8.0", "8.6", "9.0", "10.0", "12.0"]
+    assert gs.archs("") == []

@@ -35,9 +35,8 @@ def test_immutable_tag_names_versions_date_and_hash():
     cuda = stack.cuda.replace(".", "")
     assert tag == f"{torch}-cu{cuda}-py{stack.python}-debian12-20261201-4e5d614f236a"
     assert plan_mod.check_tag(tag) == tag  # a valid Docker tag
-    assert rolling_tags(stack) == [f"{'.'.join(torch.split('.')[:2])}-cu132", "latest"]
-    mxnet = stacks.resolve("mxnet")
-    assert rolling_tags(mxnet)[0] == "1.9-cu117"
+    assert rolling_tags(torch, stack.cuda) == [f"{'.'.join(torch.split('.')[:2])}-cu132", "latest"]
+    assert rolling_tags("1.9.1", "11.7")[0] == "1.9-cu117"
 
 
 def test_container_labels_say_what_pulling_needs():
@@ -45,17 +44,21 @@ def test_container_labels_say_what_pulling_needs():
     labels = plan.labels
     stack = plan.stack
     assert labels[plan_mod.STACK_LABEL] == "pytorch"
-    assert labels[plan_mod.MIN_DRIVER_LABEL] == stack.driver_branch == "580"
+    # the oldest driver CUDA 13 runs on (gpus.yml), not the branch a VM image installs
+    assert labels[plan_mod.MIN_DRIVER_LABEL] == "580"
     ccs = labels[plan_mod.CC_LABEL].split(",")
-    # CUDA 13 builds for Turing (7.5) on; no Volta (7.0), no Kepler (3.7)
-    assert "7.5" in ccs and "9.0" in ccs and "7.0" not in ccs and "3.7" not in ccs
+    # CUDA 13 builds for Turing (7.5) on, Blackwell too; no Volta (7.0), no Kepler (3.7)
+    assert {"7.5", "9.0", "10.0"} <= set(ccs) and "7.0" not in ccs and "3.7" not in ccs
     assert labels["io.gpubake.framework-version"] == dict(stack.packages)["torch"]
     assert labels["org.opencontainers.image.source"].startswith("https://")
     assert labels["org.opencontainers.image.base.digest"] == "sha256:" + "b" * 64
-    assert labels[plan_mod.VERSION_LABEL].endswith("-20261201-" + plan.input_hash[:12])
-    # and a legacy stack on CUDA 11 runs on older GPUs and drivers
-    mx = _plan("mxnet", created=WHEN).labels
-    assert mx[plan_mod.MIN_DRIVER_LABEL] == "535" and "7.0" in mx[plan_mod.CC_LABEL].split(",")
+    # the immutable tag names the last stage's hash: gpubake.stages sets it
+    assert plan_mod.VERSION_LABEL not in labels
+    # and a legacy stack on CUDA 11 runs on older GPUs and drivers (minor-version
+    # compatibility from 450.80.02), though its VM images install 535
+    mx = _plan("mxnet", created=WHEN)
+    assert mx.stack.driver_branch == "535" and mx.labels[plan_mod.MIN_DRIVER_LABEL] == "450"
+    assert "7.0" in mx.labels[plan_mod.CC_LABEL].split(",")
 
 
 def test_the_immutable_tag_names_the_last_stages_hash():

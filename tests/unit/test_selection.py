@@ -286,10 +286,11 @@ def test_driver_535_gets_the_mxnet_image():
 
 def test_gpu_the_image_is_not_built_for():
     k80 = on("k80_470_no_cc")
-    # an R470 host: the driver is the first thing to fix, and no stack runs on 470
+    # an R470 host: the driver is the first thing to fix, or a CUDA 11 stack (450+) runs
     sel = choose(registry_images(), "pytorch", k80, registry=REGISTRY)
     assert sel.refusal == (
-        "driver 470 is older than every pytorch image's minimum (580): update the driver"
+        "driver 470 is older than every pytorch image's minimum (580): update the driver, "
+        "or pull a stack that runs on 470 (mxnet)"
     )
     # stated as a K80 with driver 580: the compute capability rejects it
     stated = Machine("580", k80.gpus[:1], "amd64")

@@ -206,3 +206,30 @@ def test_every_stage_role_is_one_the_stack_role_applies():
             | {"mxnet": LOCKS["fastai"], "pytorch-conda": LOCKS["fastai"]},
         ):
             assert set(stage.roles) <= applied, (stage.label, set(stage.roles) - applied)
+
+
+def test_a_gpu_build_gives_the_smoke_stage_the_gpus_and_requires_them():
+    """On a machine whose GPUs Docker can pass on, the stage that runs gpu-smoke gets them
+    (docker run --gpus all) and gpu-smoke must run its GPU checks; the image is the same,
+    so no stage's hash changes."""
+
+    def chain(gpu_build: bool):
+        def plan_for(stack):
+            args = {"base_image": "gpubake/base:debian-12", "base_image_id": "sha256:abc"}
+            return make_plan(stack, **args)
+
+        return stages.plan_chain(
+            resolve("fastai"), plan_for, LOCKS, uv_cache=None, gpu_build=gpu_build
+        )
+
+    cpu, gpu = chain(False), chain(True)
+    assert [s.input_hash for s in cpu] == [s.input_hash for s in gpu]
+    for plain, with_gpu in zip(cpu, gpu, strict=True):
+        assert plain.plan.packer_vars.get("container_gpus") is None
+        assert plain.plan.ansible_vars["gpu_smoke_test_args"] == []
+        if with_gpu.smoke:
+            assert with_gpu.plan.packer_vars["container_gpus"] == ["--gpus", "all"]
+            assert with_gpu.plan.ansible_vars["gpu_smoke_test_args"] == ["--require-gpu"]
+        else:  # only the stages that run gpu-smoke see the GPUs
+            assert "container_gpus" not in with_gpu.plan.packer_vars
+    assert [s.smoke for s in gpu].count(True) == 3  # pytorch's, the notebook's, fastai's finish

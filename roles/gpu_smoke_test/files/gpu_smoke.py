@@ -445,7 +445,9 @@ class TorchAdapter:
         import torch  # type: ignore[import-not-found]
 
         self.torch = torch
-        return {"version": torch.__version__, "cuda": torch.version.cuda}
+        # the GPU architectures the wheel's kernels are built for (no GPU needed to read)
+        flags = getattr(torch._C, "_cuda_getArchFlags", lambda: "")() or ""
+        return {"version": torch.__version__, "cuda": torch.version.cuda, "archs": archs(flags)}
 
     def cuda_info(self) -> dict[str, Any]:
         available = bool(self.torch.cuda.is_available())
@@ -537,6 +539,14 @@ class TorchAdapter:
         dst = t.empty_like(src)
         ms = self._time_ms(device, lambda: dst.copy_(src), runs=15, warm_s=0.1)
         return 2.0 * nbytes / (ms / 1e3) / 1e9  # bytes read + bytes written
+
+
+def archs(flags: str) -> list[str]:
+    """Compute capabilities of a build's arch flags, e.g. "sm_75 sm_90a sm_120" ->
+    ["7.5", "9.0", "12.0"] (PTX-only "compute_XX" entries left out)."""
+    found = {m.group(1) for m in re.finditer(r"\bsm_(\d+)", flags)}
+    ccs = sorted((int(n[:-1]), int(n[-1])) for n in found if len(n) >= 2)
+    return [f"{major}.{minor}" for major, minor in ccs]
 
 
 def cudnn_version(v: int) -> str | None:
@@ -853,6 +863,8 @@ class TorchChecks:
                 self.s.add(name, SKIPPED, "torch did not import")
             return
         self.s.versions["torch"], self.s.versions["torch_cuda"] = info["version"], info.get("cuda")
+        if info.get("archs"):
+            self.s.versions["torch_archs"] = ",".join(info["archs"])
         self.s.fw_cuda = info.get("cuda")
         build = f"CUDA {self.s.fw_cuda}" if self.s.fw_cuda else "CPU-only build"
         self.s.add(TORCH_IMPORT, PASSED, f"torch {info['version']} ({build})")
