@@ -19,7 +19,8 @@ QUERY = ("name", "driver_version", "compute_cap")
 #: platform.machine() as the OCI architecture names images carry
 ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 _DRIVER_RE = re.compile(r"^\d{3,4}(?:\.\d{1,3}){0,2}$")
-_CC_RE = re.compile(r"^\d{1,2}\.\d$")
+#: a compute capability as nvidia-smi and the labels write it, e.g. 8.6, 10.0
+CC_RE = re.compile(r"^\d{1,2}\.\d$")
 
 Runner = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -81,7 +82,7 @@ def parse_nvidia_smi(
         name, version = fields[0], fields[1]
         driver = driver or version
         key = gpu_key(name, gpus_data)
-        cc = fields[2] if len(fields) == 3 and _CC_RE.match(fields[2]) else ""
+        cc = fields[2] if len(fields) == 3 and CC_RE.match(fields[2]) else ""
         if not cc and key is not None:
             cc = str(gpus_data["gpus"][key]["compute_capability"])
         gpus.append(GpuInfo(name=name, compute_capability=cc, key=key))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from gpubake import stacks
-from gpubake.machine import GpuInfo, Machine
+from gpubake.machine import CC_RE, GpuInfo, Machine
 
 # The labels the build side sets (gpubake.plan holds their names: the one copy).
 from gpubake.plan import CC_LABEL as COMPUTE_CAPABILITIES
@@ -25,7 +25,6 @@ from gpubake.plan import STACK_LABEL as STACK
 from gpubake.plan import VERSION_LABEL as VERSION
 from gpubake.registry import ImageInfo
 
-_CC_RE = re.compile(r"^\d{1,2}\.\d$")
 _RFC3339_RE = re.compile(
     r"^(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d:\d\d)(?:\.(\d+))?([Zz]|[+-]\d\d:\d\d)$"
 )
@@ -106,7 +105,7 @@ def _labels(image: ImageInfo) -> _Labels:
     if not driver.isdigit():
         raise bad(MIN_DRIVER)
     ccs = [c.strip() for c in get(COMPUTE_CAPABILITIES).split(",")]
-    if not all(_CC_RE.match(c) for c in ccs):
+    if not all(CC_RE.match(c) for c in ccs):
         raise bad(COMPUTE_CAPABILITIES)
     try:
         created = parse_created(get(CREATED))
