@@ -216,8 +216,10 @@ def _variant(engine, name: str, labels: dict[str, str], *, new_layer_mb: int = 0
 def variants(engine, built, first_push):
     immutable = built.labels[plan_mod.VERSION_LABEL]
     names = {
-        # another image under the same immutable tag
+        # another image under the same immutable tag: a rebuild from identical inputs
         "changed": {"io.gpubake.test": "changed"},
+        # and one from other inputs (another input hash)
+        "other": {plan_mod.HASH_LABEL: "0" * 64},
         # a newer build: its own immutable tag, a later date
         "newer": {
             plan_mod.VERSION_LABEL: immutable + "-newer",
@@ -245,18 +247,18 @@ def variants(engine, built, first_push):
             engine.images.remove(image_id, force=True)
 
 
-def test_an_immutable_tag_is_never_moved(plain, first_push, variants):
+@pytest.mark.parametrize(
+    ("variant", "needle"),
+    [
+        ("changed", "already holds another build from identical inputs"),
+        ("other", "already holds another image"),
+    ],
+)
+def test_an_immutable_tag_is_never_moved(plain, first_push, variants, variant, needle):
     before = _digests(plain)
-    proc = gpubake(
-        "push",
-        "--registry",
-        _where(plain),
-        "--tag",
-        "changed",
-        "--insecure",
-        "--allow-cpu-checked",
-    )
-    assert_one_line_error(proc, "already holds another image")
+    where = ["--registry", _where(plain), "--insecure", "--allow-cpu-checked"]
+    proc = gpubake("push", "--tag", variant, *where)
+    assert_one_line_error(proc, needle)
     assert "an immutable tag is never moved" in proc.stderr
     assert _digests(plain) == before
 
