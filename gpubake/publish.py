@@ -457,9 +457,14 @@ def index(reg: registry.RegistryRef, *, insecure: bool, echo: Echo) -> list[Inde
 
 
 def gpu_names_for(ccs: list[str]) -> str:
-    """The GPU models of images/gpus.yml whose compute capability an image is built for."""
-    keys = [k for k in stacks.gpu_names() if stacks.get_gpu(k).compute_capability in ccs]
-    return ", ".join(keys) if keys else "?"
+    """The GPU models of images/gpus.yml an image runs on (its kernels built for their
+    compute capability, or an older one of the same major)."""
+    runs = [
+        k
+        for k in stacks.gpu_names()
+        if selection.runs_on(stacks.get_gpu(k).compute_capability, ccs)
+    ]
+    return ", ".join(runs) if runs else "?"
 
 
 def table(rows: list[IndexRow]) -> str:
