@@ -129,11 +129,14 @@ def recap(output: str) -> dict[str, int]:
 
 
 def freeze(box, prefix: str) -> list[str]:
+    # --quiet: no "Using Python ... at: <prefix>" on stderr, which run_in's output interleaves
+    # with stdout (once seen joined to the first package: "/opt/lock-asix==1.17.0")
     rc, out = run_in(
-        box, "/usr/local/bin/uv", "pip", "freeze", "--no-cache", "--python", f"{prefix}/bin/python"
-    )
+        box, "/usr/local/bin/uv", "pip", "freeze", "--quiet", "--no-cache", "--python",
+        f"{prefix}/bin/python",
+    )  # fmt: skip
     assert rc == 0, out
-    return [line for line in out.split() if "==" in line]  # not uv's "Using Python ..."
+    return [line for line in out.split() if "==" in line]
 
 
 @pytest.fixture(scope="module")
