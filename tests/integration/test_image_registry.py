@@ -170,7 +170,15 @@ def test_pull_chooses_by_driver_and_gpu_pulls_by_digest_and_runs_gpu_smoke(
     engine, built, plain, first_push
 ):
     original = built.id
-    engine.images.remove(original, force=True)  # nothing uses it: its own layer goes too
+    try:  # its own layer goes with it (on a fresh engine nothing is built on it yet)
+        engine.images.remove(original, force=True)
+    except docker.errors.APIError as exc:
+        if "dependent child images" not in str(exc):
+            raise
+        pytest.skip(
+            f"{IMAGE} has child images here (an earlier run's notebook images): it cannot be "
+            "removed to be pulled back; a fresh engine (CI) runs this"
+        )
     with pytest.raises(docker.errors.ImageNotFound):
         engine.images.get(original)
     try:
