@@ -21,6 +21,7 @@ import click
 
 from gpubake import GpubakeError, resources, stacks, targets
 from gpubake.plan import (
+    SMOKE_CPU_CHECKED,
     SMOKE_LABEL,
     BuildPlan,
     CloudOptions,
@@ -282,7 +283,7 @@ def _build_container(run: _Run) -> None:
     how = " (on the CPU only: no GPU here, so its GPU checks did not run)"
     echo(
         f"built {plan.image_ref}{size} in {elapsed(started)}; gpu-smoke passed in it"
-        + (how if smoke == publish.CPU_CHECKED else "")
+        + (how if smoke == SMOKE_CPU_CHECKED else "")
     )
     dropped = docker_engine.drop_replaced(engine, previous, image)
     if dropped:

@@ -49,7 +49,6 @@ from gpubake.plan import (
 )
 
 Echo = Callable[[str], None]
-PASSED, CPU_CHECKED = SMOKE_PASSED, SMOKE_CPU_CHECKED
 
 
 class PublishError(GpubakeError):
@@ -83,7 +82,7 @@ def smoke_result(report: dict[str, Any]) -> str:
     the CPU-side checks ran (and passed)."""
     if not report.get("ok"):
         raise PublishError("gpu-smoke's report says it failed: the image does not count as built")
-    return PASSED if report.get("gpu_visible") else CPU_CHECKED
+    return SMOKE_PASSED if report.get("gpu_visible") else SMOKE_CPU_CHECKED
 
 
 def label_smoke(engine: docker.DockerClient, ref: str) -> Image:
@@ -153,12 +152,12 @@ def _check_pushable(image: Image, ref: str, allow_cpu_checked: bool) -> str:
             f"{ref} carries no gpu-smoke result or immutable tag label (built by an older "
             "gpubake?): rebuild it with `gpubake build --force`"
         )
-    if smoke == CPU_CHECKED and not allow_cpu_checked:
+    if smoke == SMOKE_CPU_CHECKED and not allow_cpu_checked:
         raise PublishError(
             f"{ref} was checked on a CPU only (no GPU, so gpu-smoke's GPU checks did not "
             "run): push it with --allow-cpu-checked, or build it on a GPU machine"
         )
-    if smoke not in (CPU_CHECKED, PASSED):
+    if smoke not in (SMOKE_CPU_CHECKED, SMOKE_PASSED):
         raise PublishError(f"{ref}: gpu-smoke did not pass ({SMOKE_LABEL}={smoke}): not pushed")
     return smoke
 
@@ -219,10 +218,10 @@ def push(
         digest, sent = _already_there(client, repository, remote, immutable, held, image), 0
         echo(f"{remote}:{immutable} already holds this image ({held[:19]}): nothing to send")
     else:
-        if smoke == CPU_CHECKED:
+        if smoke == SMOKE_CPU_CHECKED:
             echo(
                 f"--allow-cpu-checked: pushing {local_ref}, whose gpu-smoke ran without a GPU; "
-                f"its label {SMOKE_LABEL}={CPU_CHECKED} says so to everyone who pulls it"
+                f"its label {SMOKE_LABEL}={SMOKE_CPU_CHECKED} says so to everyone who pulls it"
             )
         echo(f"pushing {local_ref} as {remote}:{immutable}")
         image.tag(remote, immutable)

@@ -172,11 +172,10 @@ def stacks_for_driver(branch: int, *, exclude: str | None = None) -> list[str]:
 def _stacks_for_gpu(gpu: GpuInfo, branch: int, exclude: str | None) -> list[str]:
     """Stacks whose CUDA builds for this GPU (gpus.yml's min_cc of the CUDA major) and whose
     driver branch this machine has."""
-    table = stacks.gpus_data()["cuda"]
     out = []
     for name in stacks_for_driver(branch, exclude=exclude):
-        major = str(stacks.raw_stack(name)["cuda"]).split(".")[0]
-        if major in table and cc_key(gpu.compute_capability) >= cc_key(str(table[major]["min_cc"])):
+        min_cc = str(stacks.cuda_major_facts(str(stacks.raw_stack(name)["cuda"]))["min_cc"])
+        if cc_key(gpu.compute_capability) >= cc_key(min_cc):
             out.append(name)
     return out
 

@@ -495,11 +495,15 @@ def _open_module(gpu: Gpu | None, forced: str | None) -> bool:
     return gpu.open_kernel_module != "unsupported"
 
 
+def cuda_major_facts(cuda: str) -> Mapping[str, Any]:
+    """images/gpus.yml's facts of CUDA `cuda`'s major version: min_cc, min_driver."""
+    return gpus_data()["cuda"][str(_major_minor(cuda)[0])]
+
+
 def min_driver_branch(cuda: str) -> int:
     """The oldest driver branch that runs CUDA `cuda`: its major's min_driver in
     images/gpus.yml (minor-version compatibility), e.g. 580 for 13.x, 450 for 11.x."""
-    table = gpus_data()["cuda"][str(_major_minor(cuda)[0])]
-    return _ver(str(table["min_driver"])).release[0]
+    return _ver(str(cuda_major_facts(cuda)["min_driver"])).release[0]
 
 
 def compute_capabilities(cuda: str) -> tuple[str, ...]:
@@ -508,15 +512,14 @@ def compute_capabilities(cuda: str) -> tuple[str, ...]:
     label a plan writes; a build replaces it with the framework's own list where the
     framework reports one (gpu-smoke: torch's arch list)."""
     data = gpus_data()
-    lowest = _major_minor(str(data["cuda"][str(_major_minor(cuda)[0])]["min_cc"]))
+    lowest = _major_minor(str(cuda_major_facts(cuda)["min_cc"]))
     known = {str(g["compute_capability"]) for g in data["gpus"].values()}
     known |= {str(a["min_cc"]) for a in data["architectures"].values()}
     return tuple(sorted((c for c in known if _major_minor(c) >= lowest), key=_major_minor))
 
 
 def _check_gpu(name: str, gpu: Gpu, cuda: str, branch: str, target: str) -> None:
-    cuda_major = str(_major_minor(cuda)[0])
-    min_cc = str(gpus_data()["cuda"][cuda_major]["min_cc"])
+    min_cc = str(cuda_major_facts(cuda)["min_cc"])
     if _major_minor(gpu.compute_capability) < _major_minor(min_cc):
         fit = [
             k
