@@ -1,4 +1,4 @@
-"""The gpubake command line: build, stacks, render, smoke.
+"""The gpubake command line: build, stacks, render, smoke, push / pull / images, job.
 
 `python build.py ...` is the same as `gpubake build ...`.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,7 +69,8 @@ def _stack_options(func):  # type: ignore[no-untyped-def]
         metavar="KEY=VALUE",
         help="Override a stack value: python, cuda, driver_branch, open_kernel_module, "
         "driver_source / cuda_source (nvidia: NVIDIA's CUDA repository, the default; distro: "
-        "the OS's own packages) or packages.<name>. Repeatable.",
+        "the OS's own packages), job_runner (true/false: gpubake-job, in VM images by "
+        "default, in containers on request) or packages.<name>. Repeatable.",
     )(func)
     func = click.option(
         "--gpu",
@@ -536,6 +539,62 @@ def images_cmd(registry_text: str, as_json: bool, insecure: bool) -> None:
         _echo(f"no gpubake images in {registry_text}")
     else:
         click.echo(publish.table(rows))
+
+
+@cli.group(name="job")
+def job_group() -> None:
+    """Training jobs on gpubake images (the runner gpubake-job, role job_runner)."""
+
+
+def _job_runner(*args: str) -> int:
+    """Run the runner the images hold (roles/job_runner/files/gpubake_job.py) with this
+    Python, whose boto3 / google-cloud-storage the sync client then uses."""
+    from gpubake.resources import data_root
+
+    files = data_root() / "roles" / "job_runner" / "files"
+    env = {**os.environ, "GPUBAKE_JOB_CONFIG": os.environ.get("GPUBAKE_JOB_CONFIG", os.devnull)}
+    return subprocess.call([sys.executable, str(files / "gpubake_job.py"), *args], env=env)
+
+
+@job_group.command(name="local")
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False),
+    help="Where the job's code, checkpoints, results and logs go "
+    "(default: ~/.cache/gpubake/jobs/<id>).",
+)
+def job_local_cmd(spec: str, work_dir: str | None) -> None:
+    """Run the job SPEC (a JSON file) on this machine, as an instance would, to try it
+    before paying for one.
+
+    The same runner as in the images: the code is fetched, earlier checkpoints restored,
+    the command run with $GPUBAKE_CKPT_DIR, $GPUBAKE_RESULTS_DIR and $GPUBAKE_PREEMPT_FILE
+    set, and they are synced to the spec's results location (gs:// or s3://, with this
+    machine's credentials) every sync_interval and at the end, with _SUCCESS, _FAILED or
+    _PREEMPTED. Unlike an instance, the dataset disk is not mounted, the command runs as
+    you, and nothing is powered off. Exit status: 0 success, 1 the job failed, 2 a bad spec
+    or an unusable results location, 3 preempted.
+
+    \b
+    Example spec:
+      {"gpubake_job": 1, "command": ["python", "train.py"],
+       "code": {"url": "gs://my-bucket/code/train.tar.gz"},
+       "results": "gs://my-bucket/runs/first", "sync_interval": "5m",
+       "max_run_time": "6h"}
+    """
+    code = _job_runner("local", spec, *(["--work-dir", work_dir] if work_dir else []))
+    if code:
+        sys.exit(code)
+
+
+@job_group.command(name="validate")
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+def job_validate_cmd(spec: str) -> None:
+    """Check the job SPEC and print it with every default filled in (one-line error if bad)."""
+    code = _job_runner("validate", spec)
+    if code:
+        sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

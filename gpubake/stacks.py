@@ -115,6 +115,8 @@ class Stack:
     parent: Stack | None = None
     roles: tuple[str, ...] = ()
     container: Mapping[str, Any] = field(default_factory=dict)
+    # role job_runner (gpubake-job): in VM images and hosts by default, in containers on request
+    job_runner: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(dataclasses.replace(self, parent=None))
@@ -234,6 +236,7 @@ VAR_KEYS = (
     "open_kernel_module",
     "driver_source",
     "cuda_source",
+    "job_runner",
     "packages.<name>",
 )
 #: Where the driver and the CUDA toolkit come from: NVIDIA's CUDA repository or the OS's own
@@ -355,6 +358,7 @@ def resolve(
     _check_cuda_driver(name, cuda, branch)
 
     open_module = _open_module(gpu_info, variables.get("open_kernel_module"))
+    job_runner = _flag("job_runner", variables, default=targets.get(target).kind != "container")
     if driver_source == "distro" and open_module and not distro_packages(osinfo).open_module:
         required = gpu_info is not None and gpu_info.open_kernel_module == "required"
         if required or "open_kernel_module" in variables:
@@ -416,7 +420,17 @@ def resolve(
         parent=parent,
         roles=tuple(raw["roles"]),
         container=dict(raw["container"]),
+        job_runner=job_runner,
     )
+
+
+def _flag(key: str, variables: Mapping[str, str], *, default: bool) -> bool:
+    value = variables.get(key)
+    if value is None:
+        return default
+    if value.lower() not in ("true", "false"):
+        raise StackError(f"--var {key} '{value}' is not true or false: write e.g. --var {key}=true")
+    return value.lower() == "true"
 
 
 def _check_sources(

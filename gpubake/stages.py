@@ -89,6 +89,9 @@ def stage_roles(stack: Stack, name: str) -> tuple[str, ...]:
             roles += _own_roles(stack)
         else:
             roles.append(role)
+    if stack.job_runner and name == stage_names(stack)[-1]:
+        added = stacks_data()["container_stages"]["on_request"]["job_runner"]
+        roles = [r for r in added if r not in roles] + roles
     return tuple(roles)
 
 

@@ -73,8 +73,11 @@ def systemd_container(
     *,
     boot_timeout: float = 60,
     ports: dict[str, Any] | None = None,
+    volumes: dict[str, Any] | None = None,
+    **options: Any,
 ) -> Iterator[Any]:
-    """A booted systemd container (`systemctl is-system-running` says running or degraded)."""
+    """A booted systemd container (`systemctl is-system-running` says running or degraded).
+    `volumes` are added to the cgroup mount; `options` go to containers.run (e.g. cap_add)."""
     box = engine.containers.run(
         image,
         ports=ports or {},
@@ -82,8 +85,9 @@ def systemd_container(
         detach=True,
         cgroupns="host",
         tmpfs={"/run": "rw,exec", "/run/lock": "rw"},
-        volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
+        volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}, **(volumes or {})},
         environment={"container": "docker"},
+        **options,
     )
     try:
         state = ""

@@ -1,0 +1,1043 @@
+#!/usr/bin/python3
+"""gpubake-job: run one training job on a gpubake instance, then always shut it down.
+
+Standard library only (it runs on the OS's python3, 3.10 and newer, whatever the training
+environment holds). At boot (`gpubake-job boot`, from gpubake-job.service) it looks for a job
+spec in the instance metadata (GCE attribute `gpubake-job`, EC2 user-data that is a JSON
+object with "gpubake_job"); without one it does nothing. With one it:
+
+- mounts the dataset disk read-only, fetches the code (a tarball or folder in a bucket, or a
+  git URL at a commit), restores earlier checkpoints from the results location;
+- runs the command as a non-root user in its own process group, with the Python environment
+  and CUDA on PATH, its output to journald (field GPUBAKE_JOB_ID) and to <results>/logs/;
+- syncs $GPUBAKE_CKPT_DIR and $GPUBAKE_RESULTS_DIR to the results location every
+  sync_interval and at the end (local writes, then a sync: never checkpoints through gcsfuse);
+- watches for preemption (GCE: long-polls of instance/preempted and instance/maintenance-event;
+  EC2: IMDSv2 spot/instance-action every 5 s, rebalance hints), and on a notice signals the
+  job's process group, touches $GPUBAKE_PREEMPT_FILE and makes a final sync within the window;
+- writes _SUCCESS, _FAILED or _PREEMPTED, then powers off (or stays up for a while if the
+  spec says so). The unit's ExecStopPost (`gpubake-job backstop`) powers off a machine whose
+  runner died; a transient systemd timer powers off one whose runner hung past max_run_time.
+
+`gpubake-job local SPEC` runs a spec on this machine without mounting or powering off, to
+try a job before paying for it. Test hooks (documented, as google-auth and botocore have
+theirs): GCE_METADATA_HOST, AWS_EC2_METADATA_SERVICE_ENDPOINT, GPUBAKE_CLOUD (gce, ec2, none),
+GPUBAKE_POWEROFF_COMMAND, GPUBAKE_EC2_POLL_SECONDS, GPUBAKE_JOB_CONFIG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = Path("/etc/gpubake/job-runner.json")
+STATE_DIR = Path("/run/gpubake-job")  # tmpfs: a reboot forgets a finished job
+SPEC_VERSION = 1
+GCE_ATTRIBUTE = "gpubake-job"
+DEADLINE_UNIT = "gpubake-job-deadline"
+STAY_UNIT = "gpubake-job-stay"
+# Seconds from a preemption notice to the hard stop, when the notice does not say.
+WINDOWS = {"gce": 30.0, "ec2": 120.0}
+# Seconds kept back from the window for the final sync, the marker and the power-off.
+SYNC_RESERVE = {"gce": 12.0, "ec2": 40.0}
+SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+_DURATION = re.compile(r"^(\d+)\s*([smh]?)$")
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BUCKET_URL = re.compile(r"^(gs|s3)://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$")
+_GIT_URL = re.compile(r"^(https://|ssh://|git@|file://).+")
+_COMMIT = re.compile(r"^[0-9a-fA-F]{7,40}$|^[A-Za-z0-9._/-]+$")
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "user": "gpubake",
+    "env_prefix": "/opt/gpubake/env",
+    "sync": [sys.executable, str(Path(__file__).resolve().with_name("gpubake_sync.py"))],
+    "poweroff": ["systemctl", "poweroff"],
+    "work_root": "/var/lib/gpubake-job",
+}
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run: the message is one line naming the field and the fix."""
+
+
+class StepError(RuntimeError):
+    """A step of the job failed (code fetch, mount, sync): one line for _FAILED and the log."""
+
+
+# ---------------------------------------------------------------------------- the job spec
+
+FIELDS = {
+    "gpubake_job": "spec format version (1)",
+    "id": "job id, [a-z0-9-], up to 63 characters",
+    "command": "the command: a list of arguments, or one string run by bash",
+    "code": "where the code comes from: {url: gs://|s3:// tarball or folder, or a git URL "
+    "with commit}",
+    "dataset": "{device, mount (/mnt/dataset), read_only (true)}",
+    "results": "gs://BUCKET/PREFIX or s3://BUCKET/PREFIX",
+    "checkpoint_dir": "local directory for checkpoints ($GPUBAKE_CKPT_DIR)",
+    "sync_interval": "seconds (or 30s, 5m, 1h) between syncs, at least 10",
+    "preempt_signal": "SIGINT (default) or SIGTERM",
+    "grace_period": "seconds the job gets to stop after the signal",
+    "env": "environment variables for the command",
+    "max_run_time": "hard deadline: the job is stopped and the machine powered off after it",
+    "on_end": "poweroff (default) or stay",
+    "stay_minutes": "with on_end stay: minutes before the machine powers off anyway",
+    "user": "the non-root user the command runs as",
+}
+
+
+def _duration(field: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and _DURATION.match(value.strip()):
+        number, unit = _DURATION.match(value.strip()).groups()  # type: ignore[union-attr]
+        seconds = int(number) * {"": 1, "s": 1, "m": 60, "h": 3600}[unit]
+    else:
+        raise SpecError(f"{field} {value!r} is not a duration: write seconds or e.g. '5m', '2h'")
+    if seconds < minimum:
+        raise SpecError(f"{field} {value!r} is shorter than {minimum} s")
+    return seconds
+
+
+def _bucket_url(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not _BUCKET_URL.match(value):
+        raise SpecError(
+            f"{field} {value!r} is not a bucket URL: write gs://BUCKET/PREFIX or s3://BUCKET/PREFIX"
+        )
+    return value.rstrip("/")
+
+
+def parse_spec(text: str, *, now: datetime.datetime | None = None) -> dict[str, Any]:
+    """The checked spec with every default filled in; SpecError (one line) otherwise."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"the job spec is not JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(raw, dict):
+        raise SpecError('the job spec is not a JSON object: write {"gpubake_job": 1, ...}')
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise SpecError(
+            f"unknown field {unknown[0]!r} in the job spec: the fields are {', '.join(FIELDS)}"
+        )
+    if raw.get("gpubake_job") != SPEC_VERSION:
+        raise SpecError(f"gpubake_job must be {SPEC_VERSION} (the spec format version)")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    spec: dict[str, Any] = {"gpubake_job": SPEC_VERSION}
+    spec["id"] = raw.get("id") or now.strftime("job-%Y%m%d-%H%M%S")
+    if not isinstance(spec["id"], str) or not _ID.match(spec["id"]):
+        raise SpecError(f"id {spec['id']!r} is not a job id: use a-z, 0-9 and '-', up to 63")
+    command = raw.get("command")
+    if isinstance(command, str) and command.strip():
+        spec["command"] = command
+    elif (
+        isinstance(command, list)
+        and command
+        and all(isinstance(a, str) for a in command)
+        and command[0]
+    ):
+        spec["command"] = list(command)
+    else:
+        raise SpecError(
+            "command is missing or empty: give a list of arguments or one shell string, "
+            'e.g. "command": ["python", "train.py"]'
+        )
+    if "results" not in raw:
+        raise SpecError("results is missing: give gs://BUCKET/PREFIX or s3://BUCKET/PREFIX")
+    spec["results"] = _bucket_url("results", raw["results"])
+    spec["code"] = _code(raw.get("code"))
+    spec["dataset"] = _dataset(raw.get("dataset"))
+    for key in ("checkpoint_dir",):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value.startswith("/")):
+            raise SpecError(f"{key} {value!r} is not an absolute path")
+        spec[key] = value
+    spec["sync_interval"] = _duration("sync_interval", raw.get("sync_interval", 300), 10)
+    preempt = raw.get("preempt_signal", "SIGINT")
+    if preempt not in SIGNALS:
+        raise SpecError(f"preempt_signal {preempt!r} is not SIGINT or SIGTERM")
+    spec["preempt_signal"] = preempt
+    spec["grace_period"] = _duration("grace_period", raw.get("grace_period", 20))
+    spec["max_run_time"] = (
+        _duration("max_run_time", raw["max_run_time"], 1)
+        if raw.get("max_run_time") is not None
+        else None
+    )
+    env = raw.get("env", {})
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise SpecError('env must map variable names to strings, e.g. {"EPOCHS": "3"}')
+    reserved = sorted(k for k in env if k.startswith("GPUBAKE_"))
+    if reserved:
+        raise SpecError(f"env {reserved[0]} is reserved: gpubake-job sets the GPUBAKE_ variables")
+    spec["env"] = dict(env)
+    on_end = raw.get("on_end", "poweroff")
+    if on_end not in ("poweroff", "stay"):
+        raise SpecError(f"on_end {on_end!r} is not poweroff or stay")
+    spec["on_end"] = on_end
+    spec["stay_minutes"] = _duration("stay_minutes", raw.get("stay_minutes", 60), 1)
+    user = raw.get("user")
+    if user is not None and (not isinstance(user, str) or user == "root" or not user):
+        raise SpecError(f"user {user!r} cannot run the job: name a non-root user")
+    spec["user"] = user
+    return spec
+
+
+def _code(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"url": value}
+    if not isinstance(value, dict) or set(value) - {"url", "commit"} or "url" not in value:
+        raise SpecError('code must be {"url": ..., "commit": ...} (commit for git URLs only)')
+    url, commit = value["url"], value.get("commit")
+    if isinstance(url, str) and _BUCKET_URL.match(url):
+        if commit is not None:
+            raise SpecError("code.commit is for git URLs: a bucket URL names the code itself")
+        return {"url": url}
+    if isinstance(url, str) and _GIT_URL.match(url):
+        if not isinstance(commit, str) or not _COMMIT.match(commit):
+            raise SpecError(f"code.commit is missing for git URL {url}: pin the commit to run")
+        return {"url": url, "commit": commit}
+    raise SpecError(
+        f"code.url {url!r} is neither a bucket URL (gs://, s3://) nor a git URL (https://, ssh://)"
+    )
+
+
+def _dataset(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or "device" not in value:
+        raise SpecError('dataset must be {"device": NAME_OR_PATH, "mount": "/mnt/dataset"}')
+    extra = sorted(set(value) - {"device", "mount", "read_only"})
+    if extra:
+        raise SpecError(f"unknown field dataset.{extra[0]}: use device, mount, read_only")
+    device, mount = value["device"], value.get("mount", "/mnt/dataset")
+    if not isinstance(device, str) or not device:
+        raise SpecError("dataset.device is empty: name the attached disk or give its path")
+    if not isinstance(mount, str) or not mount.startswith("/") or mount == "/":
+        raise SpecError(f"dataset.mount {mount!r} is not an absolute directory")
+    read_only = value.get("read_only", True)
+    if not isinstance(read_only, bool):
+        raise SpecError("dataset.read_only must be true or false")
+    return {"device": device, "mount": mount, "read_only": read_only}
+
+
+# ------------------------------------------------------------------------ clouds, metadata
+
+
+def detect_cloud() -> str:
+    """gce, ec2 or none: GPUBAKE_CLOUD, then the metadata overrides, then DMI."""
+    forced = os.environ.get("GPUBAKE_CLOUD", "").strip().lower()
+    if forced in ("gce", "ec2", "none"):
+        return forced
+    if os.environ.get("GCE_METADATA_HOST"):
+        return "gce"
+    if os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT"):
+        return "ec2"
+    for path, prefix, cloud in (
+        ("/sys/class/dmi/id/product_name", "Google", "gce"),
+        ("/sys/devices/virtual/dmi/id/board_asset_tag", "i-", "ec2"),
+    ):
+        with contextlib.suppress(OSError):
+            if Path(path).read_text(encoding="utf-8").strip().startswith(prefix):
+                return cloud
+    return "none"
+
+
+def _gce_base() -> str:
+    host = os.environ.get("GCE_METADATA_HOST", "metadata.google.internal")
+    return f"http://{host}/computeMetadata/v1/"
+
+
+def _ec2_base() -> str:
+    return os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
+
+
+def _http(
+    method: str, url: str, headers: dict[str, str], timeout: float
+) -> tuple[int, str, dict[str, str]]:
+    """(status, body, headers); a 4xx/5xx is a status, not an exception."""
+    request = urllib.request.Request(url, method=method, headers=headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return (
+                response.status,
+                response.read().decode("utf-8", "replace"),
+                dict(response.headers),
+            )
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode("utf-8", "replace"), dict(err.headers or {})
+
+
+def gce_get(path: str, *, etag: str = "", wait: int = 0) -> tuple[int, str, str]:
+    """GET a GCE metadata path: (status, value, ETag); `wait` long-polls for a change."""
+    url = _gce_base() + path
+    if wait:
+        url += f"?wait_for_change=true&timeout_sec={wait}" + (f"&last_etag={etag}" if etag else "")
+    status, body, headers = _http(
+        "GET", url, {"Metadata-Flavor": "Google"}, timeout=wait + 10 if wait else 5
+    )
+    return status, body, headers.get("ETag", headers.get("etag", ""))
+
+
+class Imds:
+    """EC2 IMDSv2: a session token, renewed when the service says it is no longer valid."""
+
+    def __init__(self) -> None:
+        self.token = ""
+
+    def _token(self) -> str:
+        status, body, _ = _http(
+            "PUT",
+            f"{_ec2_base()}/latest/api/token",
+            {"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+            timeout=5,
+        )
+        if status != 200:
+            raise OSError(f"IMDSv2 token request answered {status}")
+        return body.strip()
+
+    def get(self, path: str) -> tuple[int, str]:
+        for _ in range(2):
+            if not self.token:
+                self.token = self._token()
+            status, body, _ = _http(
+                "GET",
+                f"{_ec2_base()}/latest/{path}",
+                {"X-aws-ec2-metadata-token": self.token},
+                timeout=5,
+            )
+            if status != 401:
+                return status, body
+            self.token = ""
+        return status, body
+
+
+def find_spec(cloud: str) -> str | None:
+    """The job spec's text from the instance metadata, None when the instance has none."""
+    if cloud == "gce":
+        status, body, _ = gce_get(f"instance/attributes/{GCE_ATTRIBUTE}")
+        if status == 404:
+            return None
+        if status != 200:
+            raise OSError(f"the metadata server answered {status} for the job spec")
+        return body
+    if cloud == "ec2":
+        status, body = Imds().get("user-data")
+        if status == 404:
+            return None
+        if status != 200:
+            raise OSError(f"IMDS answered {status} for the user-data")
+        try:  # user-data is often a cloud-init script: only a gpubake spec is a job
+            is_job = "gpubake_job" in json.loads(body)
+        except (ValueError, TypeError):
+            is_job = False
+        return body if is_job else None
+    return None
+
+
+class Notice:
+    """A preemption notice, set once by whichever watcher sees it first."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason = ""
+        self.window = 0.0
+        self.seen_at = 0.0
+        self._lock = threading.Lock()
+
+    def raise_(self, reason: str, window: float) -> None:
+        with self._lock:
+            if not self.event.is_set():
+                self.reason, self.window, self.seen_at = reason, window, time.monotonic()
+                self.event.set()
+
+
+def watch_gce(path: str, bad: tuple[str, ...], notice: Notice, stop: threading.Event, log) -> None:
+    """Long-poll one GCE metadata value until it takes a value in `bad`."""
+    etag = ""
+    while not stop.is_set():
+        try:
+            status, value, etag_now = gce_get(path, etag=etag, wait=60 if etag else 0)
+        except OSError as exc:  # the server restarts, the network blips: try again soon
+            log(f"metadata {path}: {exc}; retrying")
+            stop.wait(1)
+            continue
+        if status != 200:
+            stop.wait(1)
+            continue
+        etag = etag_now or etag
+        if value.strip() in bad:
+            notice.raise_(f"GCE {path} = {value.strip()}", WINDOWS["gce"])
+            return
+
+
+def watch_ec2(notice: Notice, stop: threading.Event, log, on_rebalance) -> None:
+    """Poll spot/instance-action (404 until a notice) and the rebalance recommendation."""
+    imds, interval = Imds(), float(os.environ.get("GPUBAKE_EC2_POLL_SECONDS", "5"))
+    rebalance_seen = False
+    while not stop.is_set():
+        try:
+            status, body = imds.get("meta-data/spot/instance-action")
+            if status == 200:
+                window = WINDOWS["ec2"]
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    when = json.loads(body)["time"].replace("Z", "+00:00")
+                    left = datetime.datetime.fromisoformat(when) - datetime.datetime.now(
+                        datetime.timezone.utc
+                    )
+                    window = max(10.0, min(window, left.total_seconds()))
+                notice.raise_(f"EC2 spot/instance-action {body.strip()}", window)
+                return
+            if not rebalance_seen:
+                status, body = imds.get("meta-data/events/recommendations/rebalance")
+                if status == 200:
+                    rebalance_seen = True
+                    log(f"EC2 rebalance recommendation {body.strip()}: syncing early")
+                    on_rebalance()
+        except OSError as exc:
+            log(f"IMDS: {exc}; retrying")
+        stop.wait(interval)
+
+
+# --------------------------------------------------------------------------------- logging
+
+
+class JobLog:
+    """The runner's and the job's lines: to journald (field GPUBAKE_JOB_ID, so the logging
+    agents ship them tagged) or stdout, and to the log file synced to <results>/logs/."""
+
+    def __init__(self, job_id: str, path: Path | None) -> None:
+        self.job_id, self.path = job_id, path
+        self._file = None
+        self._lock = threading.Lock()
+        self._journal: socket.socket | None = None
+        if Path("/run/systemd/journal/socket").exists() and os.environ.get("INVOCATION_ID"):
+            with contextlib.suppress(OSError):
+                self._journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._journal.connect("/run/systemd/journal/socket")
+
+    def open(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a", encoding="utf-8", buffering=1)
+
+    def __call__(self, line: str, *, source: str = "runner") -> None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        text = line if source == "job" else f"gpubake-job: {line}"
+        with self._lock:
+            if self._file is not None:
+                self._file.write(f"{stamp} {text}\n")
+            sent = False
+            if self._journal is not None:
+                fields = (
+                    f"MESSAGE={text}\nSYSLOG_IDENTIFIER=gpubake-job\nPRIORITY=6\n"
+                    f"GPUBAKE_JOB_ID={self.job_id}\nGPUBAKE_SOURCE={source}\n"
+                )
+                with contextlib.suppress(OSError):
+                    self._journal.send(fields.encode("utf-8", "replace"))
+                    sent = True
+            if not sent:
+                print(text, flush=True)
+
+
+# ---------------------------------------------------------------------------------- runner
+
+
+def load_config() -> dict[str, Any]:
+    config = dict(DEFAULT_CONFIG)
+    path = Path(os.environ.get("GPUBAKE_JOB_CONFIG", CONFIG_FILE))
+    if path.is_file():
+        config.update(json.loads(path.read_text(encoding="utf-8")))
+    if os.environ.get("GPUBAKE_POWEROFF_COMMAND"):
+        config["poweroff"] = shlex.split(os.environ["GPUBAKE_POWEROFF_COMMAND"])
+    return config
+
+
+class State:
+    """What the backstop needs to know, in /run (tmpfs): the job, its end action, whether
+    the runner got as far as its own shutdown."""
+
+    def __init__(self, directory: Path, *, enabled: bool = True) -> None:
+        self.path = directory / "state.json"
+        self.data: dict[str, Any] = {}
+        self.enabled = enabled  # a local run powers nothing off: no backstop to inform
+
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+
+class Runner:
+    def __init__(self, config: dict[str, Any], *, local: bool, work: Path | None) -> None:
+        self.config, self.local = config, local
+        self.work_override = work
+        self.state = State(STATE_DIR, enabled=not local)
+        self.cloud = detect_cloud()
+        self.log = JobLog("-", None)
+        self.spec: dict[str, Any] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.notice = Notice()
+        self.stop = threading.Event()
+        self._sync_lock = threading.Lock()
+        self.mounted: Path | None = None
+
+    # -- sync ---------------------------------------------------------------------------
+
+    def sync_tool(self, *args: str, timeout: float = 600) -> str:
+        """Run the sync client; StepError with its one-line error when it fails."""
+        try:
+            proc = subprocess.run(
+                [*self.config["sync"], *args],
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, timeout),
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise StepError(f"sync {args[0]} did not finish in {timeout:.0f} s") from None
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+            raise StepError(lines[-1])
+        return proc.stdout
+
+    def sync(self, *, timeout: float = 600, final: bool = False) -> None:
+        """Upload checkpoints, results and logs (only what changed)."""
+        with self._sync_lock:
+            deadline = time.monotonic() + timeout
+            results = self.spec["results"]
+            for local, remote in (
+                (self.ckpt_dir, f"{results}/checkpoints"),
+                (self.results_dir, f"{results}/results"),
+                (self.logs_dir, f"{results}/logs"),
+            ):
+                state = self.work / f".sync-{local.name}.json"
+                left = deadline - time.monotonic()
+                try:
+                    out = self.sync_tool(
+                        "upload", str(local), remote, "--state", str(state), timeout=left
+                    )
+                except StepError as exc:
+                    self.log(f"sync of {local} to {remote} failed: {exc}")
+                    if final:
+                        raise
+                    continue
+                uploaded = [ln for ln in out.splitlines() if ln.startswith("uploaded ")]
+                if uploaded and local != self.logs_dir:
+                    self.log(f"synced {len(uploaded)} file(s) of {local.name} to {remote}")
+
+    def marker(self, name: str, **fields: Any) -> None:
+        body = json.dumps(
+            {
+                "job": self.spec.get("id"),
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                **fields,
+            }
+        )
+        self.sync_tool("put", f"{self.spec['results']}/{name}", body, timeout=20)
+        self.log(f"wrote {self.spec['results']}/{name}: {body}")
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def prepare_dirs(self) -> None:
+        if self.work_override:
+            root = self.work_override
+        elif self.local:
+            cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+            root = Path(cache) / "gpubake" / "jobs" / self.spec["id"]
+        else:
+            root = Path(self.config["work_root"]) / self.spec["id"]
+        self.work = root
+        self.ckpt_dir = Path(self.spec["checkpoint_dir"] or root / "checkpoints")
+        self.results_dir = root / "results"
+        self.logs_dir = root / "logs"
+        self.code_dir = root / "code"
+        self.preempt_file = root / "PREEMPTED"
+        for directory in (root, self.ckpt_dir, self.results_dir, self.logs_dir, self.code_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.log.open(self.logs_dir / "job.log")
+
+    def mount_dataset(self) -> None:
+        dataset = self.spec["dataset"]
+        if dataset is None:
+            return
+        mount = Path(dataset["mount"])
+        if self.local:
+            self.log(f"local run: the dataset is not mounted; {mount} is used as it is")
+            return
+        device = dataset["device"]
+        if not device.startswith("/"):
+            if self.cloud != "gce":
+                raise StepError(
+                    f"dataset.device {device!r}: give the device's path on {self.cloud}"
+                )
+            device = f"/dev/disk/by-id/google-{device}"
+        source = Path(device)
+        if not source.exists():
+            raise StepError(f"dataset device {device} does not exist: is the disk attached?")
+        mount.mkdir(parents=True, exist_ok=True)
+        options = ["ro"] if dataset["read_only"] else ["rw"]
+        if source.is_dir():  # a directory standing in for a disk (tests, a host path)
+            argv = ["mount", "--bind", "-o", ",".join(options), str(source), str(mount)]
+        else:
+            kind = subprocess.run(
+                ["blkid", "-o", "value", "-s", "TYPE", str(source)],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+            if dataset["read_only"] and kind in ("ext3", "ext4"):
+                options.append("noload")  # no journal replay: it would write to the disk
+            argv = ["mount", "-o", ",".join(options), str(source), str(mount)]
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise StepError(f"mounting {device} at {mount} failed: {proc.stderr.strip()}")
+        self.mounted = mount
+        if dataset["read_only"]:
+            probe = mount / ".gpubake-write-probe"
+            try:
+                probe.write_text("x", encoding="utf-8")
+            except OSError:
+                pass
+            else:
+                probe.unlink()
+                raise StepError(f"{mount} was mounted read-only but takes writes")
+        self.log(f"mounted {device} at {mount} ({','.join(options)})")
+
+    def fetch_code(self) -> Path:
+        code = self.spec["code"]
+        if code is None:
+            return self.work
+        if code["url"].startswith(("gs://", "s3://")):
+            self.sync_tool("fetch-code", code["url"], str(self.code_dir), timeout=900)
+        else:
+            for argv in (
+                ["git", "clone", "--quiet", code["url"], str(self.code_dir)],
+                ["git", "-C", str(self.code_dir), "checkout", "--quiet", code["commit"]],
+            ):
+                proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    lines = proc.stderr.strip().splitlines() or ["no output"]
+                    raise StepError(f"{' '.join(argv[:2])} failed: {lines[-1]}")
+        self.log(f"fetched the code from {code['url']}")
+        return self.code_dir
+
+    def restore_checkpoints(self) -> None:
+        """A rerun of a preempted job starts from its last synced checkpoint."""
+        out = self.sync_tool(
+            "download", f"{self.spec['results']}/checkpoints", str(self.ckpt_dir), timeout=900
+        )
+        count = sum(1 for ln in out.splitlines() if ln.startswith("downloaded "))
+        if count:
+            self.log(f"restored {count} checkpoint file(s) from {self.spec['results']}/checkpoints")
+
+    def _user(self) -> pwd.struct_passwd | None:
+        if self.local and os.geteuid() != 0:
+            return None
+        name = self.spec["user"] or self.config["user"]
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            raise StepError(f"user {name} does not exist: name an existing non-root user") from None
+
+    def start(self, cwd: Path) -> None:
+        user = self._user()
+        if user is not None:
+            for path in (self.work, self.ckpt_dir, self.results_dir, self.code_dir):
+                for name in [path, *path.rglob("*")]:
+                    os.lchown(name, user.pw_uid, user.pw_gid)
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": user.pw_dir if user else os.environ.get("HOME", str(self.work)),
+            "USER": user.pw_name if user else os.environ.get("USER", ""),
+            "LOGNAME": user.pw_name if user else os.environ.get("LOGNAME", ""),
+            "PYTHONUNBUFFERED": "1",
+            **self.spec["env"],
+            "GPUBAKE_JOB_ID": self.spec["id"],
+            "GPUBAKE_CKPT_DIR": str(self.ckpt_dir),
+            "GPUBAKE_RESULTS_DIR": str(self.results_dir),
+            "GPUBAKE_PREEMPT_FILE": str(self.preempt_file),
+            "GPUBAKE_ENV_PREFIX": self.config["env_prefix"],
+        }
+        if self.spec["dataset"]:
+            env["GPUBAKE_DATASET_DIR"] = self.spec["dataset"]["mount"]
+        if self.local:  # the caller's PATH (their environment) and terminal settings
+            env = {**os.environ, **env, "PATH": os.environ.get("PATH", env["PATH"])}
+        # a login shell reads /etc/profile.d (CUDA's PATH); the environment goes in front of it
+        # (the trap of a root startup script that finds no Python)
+        prelude = (
+            'if [ -d "$GPUBAKE_ENV_PREFIX/bin" ]; then PATH="$GPUBAKE_ENV_PREFIX/bin:$PATH"; '
+            'export PATH VIRTUAL_ENV="$GPUBAKE_ENV_PREFIX"; fi; '
+        )
+        command = self.spec["command"]
+        if isinstance(command, str):
+            argv = ["bash", "-lc", prelude + command]
+        else:
+            argv = ["bash", "-lc", prelude + 'exec "$@"', "gpubake-job", *command]
+        kwargs: dict[str, Any] = {}
+        if user is not None and os.geteuid() == 0:
+            kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        self.log(f"starting {command!r} in {cwd} as {user.pw_name if user else 'this user'}")
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the notice goes to all of it
+            **kwargs,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
+            self.log(raw.decode("utf-8", "replace").rstrip("\n"), source="job")
+
+    def signal_job(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def stop_job(self, sig: int, grace: float) -> int:
+        """Signal the job's process group, wait `grace`, then kill what is left."""
+        assert self.proc is not None
+        self.signal_job(sig)
+        try:
+            return self.proc.wait(timeout=max(0.0, grace))
+        except subprocess.TimeoutExpired:
+            self.log(f"the job did not stop within {grace:.0f} s: killing it")
+            self.signal_job(signal.SIGKILL)
+            return self.proc.wait()
+
+    # -- watchers -----------------------------------------------------------------------
+
+    def start_watchers(self) -> None:
+        if self.cloud == "gce":
+            for path, bad in (
+                ("instance/preempted", ("TRUE",)),
+                ("instance/maintenance-event", ("TERMINATE_ON_HOST_MAINTENANCE",)),
+            ):
+                threading.Thread(
+                    target=watch_gce,
+                    args=(path, bad, self.notice, self.stop, self.log),
+                    daemon=True,
+                ).start()
+        elif self.cloud == "ec2":
+            threading.Thread(
+                target=watch_ec2,
+                args=(self.notice, self.stop, self.log, self._sync_soon),
+                daemon=True,
+            ).start()
+        threading.Thread(target=self._periodic_sync, daemon=True).start()
+
+    def _sync_soon(self) -> None:
+        threading.Thread(target=self.sync, kwargs={"timeout": 300}, daemon=True).start()
+
+    def _periodic_sync(self) -> None:
+        while not self.stop.wait(self.spec["sync_interval"]):
+            self.sync(timeout=self.spec["sync_interval"])
+
+    def arm_deadline(self) -> None:
+        """A transient timer that powers off even if this runner hangs past max_run_time."""
+        limit = self.spec["max_run_time"]
+        if self.local or not limit or not shutil.which("systemd-run"):
+            return
+        after = limit + self.spec["grace_period"] + 120  # the runner's own stop comes first
+        env = [f"--setenv=GPUBAKE_POWEROFF_COMMAND={shlex.join(self.config['poweroff'])}"]
+        proc = subprocess.run(
+            [
+                "systemd-run",
+                f"--unit={DEADLINE_UNIT}",
+                f"--on-active={after}s",
+                *env,
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "poweroff",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            self.log(f"could not arm the {after} s deadline timer: {proc.stderr.strip()}")
+
+    # -- the job ------------------------------------------------------------------------
+
+    def run(self, spec_text: str) -> int:
+        """Run the job; returns the runner's exit status (0: the job succeeded)."""
+        self.state.update(job=None, on_end="poweroff", shut_down=False, started=time.time())
+        try:
+            self.spec = parse_spec(spec_text)
+        except SpecError as exc:
+            self.log(f"bad job spec: {exc}")
+            self._fail_early(spec_text, f"bad job spec: {exc}")
+            return 2
+        self.log = JobLog(self.spec["id"], None)
+        self.state.update(job=self.spec["id"], on_end=self.spec["on_end"])
+        self.prepare_dirs()
+        self.state.update(results=self.spec["results"], work=str(self.work))
+        self.log(f"job {self.spec['id']} on {self.cloud}; results in {self.spec['results']}")
+        try:
+            self.sync_tool("check", self.spec["results"], timeout=60)
+        except StepError as exc:
+            self.log(f"the results location cannot be used: {exc}")
+            return 2
+        self.arm_deadline()
+        try:
+            self.mount_dataset()
+            cwd = self.fetch_code()
+            self.restore_checkpoints()
+            self.start_watchers()
+            self.start(cwd)
+        except (StepError, OSError) as exc:
+            self.log(f"the job could not start: {exc}")
+            self._finish_failed(f"the job could not start: {exc}", None)
+            return 1
+        return self._supervise()
+
+    def _supervise(self) -> int:
+        assert self.proc is not None
+        limit = self.spec["max_run_time"]
+        started = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                break
+            if self.notice.event.wait(0.2):
+                return self._preempted()
+            if limit and time.monotonic() - started > limit:
+                self.log(f"the job ran past max_run_time ({limit} s): stopping it")
+                code = self.stop_job(signal.SIGTERM, self.spec["grace_period"])
+                self._finish_failed(f"max_run_time {limit} s exceeded", code)
+                return 1
+        code = self.proc.wait()
+        time.sleep(0.2)  # let the pump write the job's last lines
+        self.stop.set()
+        if code == 0:
+            self.log("the job succeeded")
+            try:
+                self.sync(final=True)
+                self.marker("_SUCCESS", exit_code=0)
+            except StepError as exc:
+                self.log(f"the final sync failed: {exc}")
+                return 1
+            return 0
+        self._finish_failed(f"the command exited with {code}", code)
+        return 1
+
+    def _finish_failed(self, reason: str, code: int | None) -> None:
+        self.stop.set()
+        try:
+            self.sync(final=True)
+        except StepError as exc:
+            self.log(f"the final sync failed: {exc}")
+        with contextlib.suppress(StepError):
+            self.marker("_FAILED", exit_code=code, reason=reason)
+
+    def _preempted(self) -> int:
+        notice = self.notice
+        window = notice.window
+        reserve = SYNC_RESERVE.get(self.cloud, 12.0)
+        grace = min(float(self.spec["grace_period"]), max(2.0, window - reserve))
+        sig = SIGNALS[self.spec["preempt_signal"]]
+        self.preempt_file.touch()
+        self.signal_job(sig)
+        self.log(
+            f"preemption notice ({notice.reason}): sent {self.spec['preempt_signal']} to "
+            f"the job, {grace:.0f} s to stop"
+        )
+        code = self.stop_job(sig, grace)
+        self.stop.set()
+        left = window - (time.monotonic() - notice.seen_at) - 3
+        try:
+            self.sync(timeout=max(3.0, left), final=True)
+        except StepError as exc:
+            self.log(f"the final sync after the notice failed: {exc}")
+        with contextlib.suppress(StepError):
+            self.marker("_PREEMPTED", exit_code=code, reason=notice.reason)
+        return 3
+
+    def _fail_early(self, spec_text: str, reason: str) -> None:
+        """A spec that does not parse: write _FAILED if its results location can be read."""
+        try:
+            results = _bucket_url("results", json.loads(spec_text).get("results"))
+        except (SpecError, ValueError, AttributeError):
+            return
+        self.spec = {"id": None, "results": results}
+        with contextlib.suppress(StepError):
+            self.marker("_FAILED", exit_code=None, reason=reason)
+
+    # -- the end ------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Unmount, then power off (or schedule it after stay_minutes)."""
+        self.stop.set()
+        if self.mounted is not None:
+            subprocess.run(["umount", str(self.mounted)], capture_output=True, check=False)
+        if self.local:
+            return
+        if self.spec.get("on_end") == "stay":
+            minutes = self.spec["stay_minutes"]
+            self.log(f"on_end stay: the machine powers off in {minutes} min")
+            subprocess.run(
+                [
+                    "systemd-run",
+                    f"--unit={STAY_UNIT}",
+                    f"--on-active={minutes * 60}s",
+                    f"--setenv=GPUBAKE_POWEROFF_COMMAND={shlex.join(self.config['poweroff'])}",
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "poweroff",
+                ],
+                capture_output=True,
+                check=False,
+            )
+            self.state.update(shut_down=True)
+            return
+        self.state.update(shut_down=True)
+        poweroff(self.config, self.log)
+
+
+def poweroff(config: dict[str, Any], log) -> None:
+    log(f"powering off: {shlex.join(config['poweroff'])}")
+    proc = subprocess.run(config["poweroff"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        log(f"power-off command failed ({proc.returncode}): {proc.stderr.strip()}")
+
+
+# ------------------------------------------------------------------------------- commands
+
+
+def cmd_boot(config: dict[str, Any]) -> int:
+    runner = Runner(config, local=False, work=None)
+    try:
+        text = find_spec(runner.cloud)
+    except OSError as exc:
+        print(f"gpubake-job: cannot read the job spec from the {runner.cloud} metadata: {exc}")
+        return 1
+    if text is None:
+        print(f"gpubake-job: no job spec on this instance ({runner.cloud}): nothing to do")
+        return 0
+    return _run_and_finish(runner, text)
+
+
+def _run_and_finish(runner: Runner, text: str) -> int:
+    status = 1
+    try:
+        status = runner.run(text)
+    except Exception:  # the runner's own bug must not keep the machine up
+        runner.log("the runner failed: " + traceback.format_exc().strip().replace("\n", " | "))
+    finally:
+        runner.finish()
+    return status
+
+
+def cmd_backstop(config: dict[str, Any]) -> int:
+    """ExecStopPost: the runner is gone; power off unless it got to its own shutdown."""
+    state = State(STATE_DIR).read()
+    if not state or state.get("shut_down") or state.get("on_end") == "stay":
+        return 0
+    log = JobLog(state.get("job") or "-", None)
+    log("the runner ended before its shutdown: powering off (backstop)")
+    if state.get("results") and state.get("job"):
+        with contextlib.suppress(Exception):
+            subprocess.run(
+                [
+                    *config["sync"],
+                    "put",
+                    f"{state['results']}/_FAILED",
+                    json.dumps(
+                        {
+                            "job": state["job"],
+                            "exit_code": None,
+                            "reason": "the runner died (backstop)",
+                        }
+                    ),
+                ],
+                capture_output=True,
+                timeout=20,
+                check=False,
+            )
+    State(STATE_DIR).update(**state, shut_down=True)
+    poweroff(config, log)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpubake-job", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("boot", help="run the instance's job spec, if it has one (the unit's start)")
+    run = sub.add_parser("run", help="run a spec file on this instance, powering off at the end")
+    run.add_argument("spec")
+    local = sub.add_parser("local", help="run a spec file here: no mount, no power-off")
+    local.add_argument("spec")
+    local.add_argument("--work-dir", type=Path, help="where the job's files go")
+    check = sub.add_parser("validate", help="check a spec file and print it with its defaults")
+    check.add_argument("spec")
+    sub.add_parser("backstop", help="power off if the runner died (the unit's ExecStopPost)")
+    sub.add_parser("poweroff", help="power off now (the deadline and stay timers)")
+    args = parser.parse_args(argv)
+    config = load_config()
+    if args.command == "boot":
+        return cmd_boot(config)
+    if args.command == "backstop":
+        return cmd_backstop(config)
+    if args.command == "poweroff":
+        poweroff(config, JobLog("-", None))
+        return 0
+    try:
+        text = Path(args.spec).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"gpubake-job: cannot read {args.spec}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        try:
+            print(json.dumps(parse_spec(text), indent=2))
+        except SpecError as exc:
+            print(f"gpubake-job: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "local":
+        runner = Runner(config, local=True, work=args.work_dir)
+        return _run_and_finish(runner, text)
+    return _run_and_finish(Runner(config, local=False, work=None), text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
