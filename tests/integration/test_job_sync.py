@@ -1,0 +1,532 @@
+"""gpubake_sync.py (the images' results/checkpoint sync client) against real servers on loopback:
+moto's S3 server and gcp-storage-emulator, one of each for the module, a fresh bucket a test.
+
+The command line is what the job runner uses, so the exit codes, stdout lines and the one-line
+stderr are asserted through it; the rest calls the module's functions, which is faster.
+GPUBAKE_SYNC_PYTHON=/path/to/python runs the command line with another interpreter (an image's
+3.10 or 3.12 with roles/job_runner/files/requirements.txt installed)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.object_stores import ObjectStoreServer, gcs_server, s3_server
+
+ROOT = Path(__file__).resolve().parents[2]
+SYNC = ROOT / "roles" / "job_runner" / "files" / "gpubake_sync.py"
+PYTHON = os.environ.get("GPUBAKE_SYNC_PYTHON") or sys.executable
+# Variables of the caller's environment that would point a client elsewhere than our server.
+FOREIGN_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "STORAGE_EMULATOR_HOST",
+    "AWS_ENDPOINT_URL",
+)
+
+
+def _load_sync():
+    spec = importlib.util.spec_from_file_location("gpubake_sync", SYNC)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sync = _load_sync()
+
+
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def server(request):
+    with (s3_server if request.param == "s3" else gcs_server)() as srv:
+        yield srv
+
+
+@pytest.fixture
+def url(server: ObjectStoreServer, monkeypatch) -> str:
+    """s3:// or gs:// of a fresh bucket, with this process's environment pointed at the server
+    (for the functions; the command line gets the same through cli())."""
+    for name in FOREIGN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    server.make_bucket(bucket)
+    return f"{server.kind}://{bucket}"
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
+    return subprocess.run(
+        [PYTHON, str(SYNC), *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def assert_error(result: subprocess.CompletedProcess, line: str) -> None:
+    """Exit 2 and exactly `line` (one line) on stderr."""
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 2, result
+    assert result.stderr == line + "\n"
+
+
+def bucket_of(url: str) -> str:
+    return url.split("://", 1)[1].split("/", 1)[0]
+
+
+def remote_files(server: ObjectStoreServer, url: str) -> dict[str, bytes]:
+    """Every object of url's bucket and its bytes, read with the native client."""
+    bucket = bucket_of(url)
+    client = server.client()
+    if server.kind == "s3":
+        listing = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+        return {
+            o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listing
+        }
+    return {b.name: b.download_as_bytes() for b in client.list_blobs(bucket)}
+
+
+def put_remote(server: ObjectStoreServer, url: str, key: str, data: bytes) -> None:
+    """Write an object with the native client (as another tool would: no gpubake metadata)."""
+    bucket = bucket_of(url)
+    if server.kind == "s3":
+        server.client().put_object(Bucket=bucket, Key=key, Body=data)
+    else:
+        server.client().bucket(bucket).blob(key).upload_from_string(data)
+
+
+def local_files(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    files = {
+        "metrics.json": b'{"loss": 0.25}\n',
+        "ckpt/step-100/model.bin": os.urandom(3000),
+        "ckpt/step-100/optimizer.bin": os.urandom(1500),
+        "ckpt/empty.txt": b"",
+        "logs/a b/run log.txt": b"step 1\nstep 2\n",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tarball(members: dict[str, bytes], mode: str = "w:gz", extra=()) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+# -- check --------------------------------------------------------------------------------------
+
+
+def test_check_existing_bucket(server, url):
+    result = cli(server.env, "check", f"{url}/run1")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"ok {url}/run1\n", "")
+
+
+def test_check_missing_bucket_is_one_line(server, url):
+    missing = f"{server.kind}://no-such-{uuid.uuid4().hex[:12]}/run1"
+    result = cli(server.env, "check", missing)
+    assert_error(result, f"gpubake-sync: bucket '{bucket_of(missing)}' does not exist ({missing})")
+    with pytest.raises(sync.SyncError, match="does not exist"):
+        sync.check(missing)
+
+
+def test_check_unreachable_endpoint_is_one_line(server, url):
+    closed = f"http://127.0.0.1:{closed_port()}"
+    env = {k: v.replace(server.endpoint, closed) for k, v in server.env.items()}
+    result = cli(env, "check", f"{url}/run1")
+    assert_error(
+        result, f"gpubake-sync: cannot reach {url}/run1: Connection refused (endpoint {closed})"
+    )
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_missing_credentials_are_one_line(scheme, tmp_path):
+    # no credentials anywhere, and no look-up of a cloud metadata server either
+    env = {
+        "HOME": str(tmp_path),
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "NO_GCE_CHECK": "true",
+        "GCE_METADATA_HOST": f"127.0.0.1:{closed_port()}",
+        "GCE_METADATA_IP": f"127.0.0.1:{closed_port()}",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}",
+    }
+    hidden = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ROLE_ARN")
+    clean = {k: v for k, v in os.environ.items() if k not in (*FOREIGN_ENV, *hidden)}
+    result = subprocess.run(
+        [PYTHON, str(SYNC), "check", f"{scheme}://some-bucket/run1"],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    cloud = "AWS" if scheme == "s3" else "Google Cloud"
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"gpubake-sync: no usable {cloud} credentials for {scheme}://some-bucket/run1: "
+    )
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_permission_denied_is_reported_as_such(monkeypatch):
+    from botocore.exceptions import ClientError
+    from google.api_core.exceptions import Forbidden
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    denied = ClientError(
+        {
+            "Error": {"Code": "AccessDenied", "Message": "Access Denied"},
+            "ResponseMetadata": {"HTTPStatusCode": 403},
+        },
+        "ListObjectsV2",
+    )
+    s3 = sync._S3(sync._Location("s3://b-1/run1"))
+    with pytest.raises(sync.SyncError) as err, s3.errors():
+        raise denied
+    assert str(err.value) == "permission denied on s3://b-1/run1: AccessDenied: Access Denied"
+    gcs = sync._GCS(sync._Location("gs://b-1/run1"))
+    with pytest.raises(sync.SyncError) as err, gcs.errors():
+        raise Forbidden("caller does not have storage.objects.list access")
+    assert str(err.value) == (
+        "permission denied on gs://b-1/run1: caller does not have storage.objects.list access"
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "line"),
+    [
+        (
+            "http://x/y",
+            "gpubake-sync: unsupported URL 'http://x/y': "
+            "expected gs://BUCKET/PREFIX or s3://BUCKET/PREFIX",
+        ),
+        ("gs://", "gpubake-sync: no bucket in URL 'gs://'"),
+        (
+            "s3://Bad_Bucket/x",
+            "gpubake-sync: invalid bucket name 'Bad_Bucket' in s3://Bad_Bucket/x",
+        ),
+    ],
+)
+def test_bad_urls_are_one_line_errors(bad, line, tmp_path):
+    for args in (["check", bad], ["upload", str(tmp_path), bad], ["fetch-code", bad, "d"]):
+        assert_error(cli({}, *args), line)
+    with pytest.raises(sync.SyncError) as err:
+        sync.parse_url(bad)
+    assert f"gpubake-sync: {err.value}" == line
+
+
+def test_parse_url_keeps_bucket_and_prefix():
+    assert sync.parse_url("gs://my-bucket/runs/r1/") == ("gs", "my-bucket", "runs/r1")
+    assert sync.parse_url("s3://my.bucket") == ("s3", "my.bucket", "")
+    assert sync.parse_url("gs://my_bucket/x") == ("gs", "my_bucket", "x")  # '_' is fine on GCS
+    for bad in ("s3://my_bucket/x", "s3://ab/x", "s3://192.168.1.1/x", "ftp://b/x", "gs:/b/x"):
+        with pytest.raises(sync.SyncError):
+            sync.parse_url(bad)
+
+
+def test_usage_errors_are_one_line():
+    result = cli({}, "upload", "only-one-arg")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("gpubake-sync: ")
+    assert "Traceback" not in result.stderr
+
+
+# -- upload -------------------------------------------------------------------------------------
+
+
+def test_upload_nested_tree(server, url, tmp_path):
+    files = make_tree(tmp_path / "out")
+    (tmp_path / "out" / "latest").symlink_to("ckpt/step-100/model.bin")  # not followed
+    (tmp_path / "out" / "x.bin.gpubake-part").write_bytes(b"torn")  # a killed download's
+    result = cli(server.env, "upload", str(tmp_path / "out"), f"{url}/run1")
+    assert (result.returncode, result.stderr) == (0, "")
+    expected = [f"uploaded {rel} ({len(files[rel])} B)" for rel in sorted(files)]
+    total = sum(len(d) for d in files.values())
+    assert result.stdout.splitlines() == [
+        *expected,
+        f"upload done: {len(files)} uploaded ({total} B), 0 unchanged, to {url}/run1",
+    ]
+    assert remote_files(server, url) == {f"run1/{rel}": data for rel, data in files.items()}
+
+
+def test_upload_again_sends_only_what_changed(server, url, tmp_path):
+    out = tmp_path / "out"
+    files = make_tree(out)
+    assert sync.upload(out, f"{url}/run1") == sorted(files)
+    assert sync.upload(out, f"{url}/run1") == []
+    result = cli(server.env, "upload", str(out), f"{url}/run1")
+    assert (
+        result.stdout == f"upload done: 0 uploaded (0 B), {len(files)} unchanged, to {url}/run1\n"
+    )
+
+    # same size, other bytes: only the md5 can tell
+    changed = os.urandom(3000)
+    (out / "ckpt/step-100/model.bin").write_bytes(changed)
+    (out / "new.txt").write_text("new\n")
+    assert sync.upload(out, f"{url}/run1") == ["ckpt/step-100/model.bin", "new.txt"]
+    remote = remote_files(server, url)
+    assert remote["run1/ckpt/step-100/model.bin"] == changed
+    assert remote["run1/new.txt"] == b"new\n"
+
+    # never deletes: a file gone locally stays remote
+    (out / "metrics.json").unlink()
+    assert sync.upload(out, f"{url}/run1") == []
+    assert "run1/metrics.json" in remote_files(server, url)
+
+
+def test_state_file_spares_rehashing_unchanged_files(server, url, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    files = make_tree(out)
+    state = tmp_path / "sync-state.json"
+    hashed: list[str] = []
+    real_md5 = sync._file_md5
+
+    def counting_md5(path):
+        hashed.append(path.as_posix().rsplit("/out/", 1)[-1].rsplit("/other/", 1)[-1])
+        return real_md5(path)
+
+    monkeypatch.setattr(sync, "_file_md5", counting_md5)
+    sync.upload(out, f"{url}/run1", state=state)
+    assert sorted(hashed) == sorted(files)
+    hashed.clear()
+    assert sync.upload(out, f"{url}/run1", state=state) == []
+    assert hashed == []  # all from the state file
+
+    model = out / "ckpt/step-100/model.bin"
+    model.write_bytes(os.urandom(3000))  # new mtime, same size
+    assert sync.upload(out, f"{url}/run1", state=state) == ["ckpt/step-100/model.bin"]
+    assert hashed == ["ckpt/step-100/model.bin"]
+
+    # another folder's state is not trusted, even for a file of the same name, size and mtime
+    other = tmp_path / "other"
+    other.mkdir()
+    twin = other / "metrics.json"
+    twin.write_bytes(files["metrics.json"].upper())
+    mtime_ns = (out / "metrics.json").stat().st_mtime_ns
+    os.utime(twin, ns=(mtime_ns, mtime_ns))
+    hashed.clear()
+    assert sync.upload(other, f"{url}/run2", state=state) == ["metrics.json"]
+    assert hashed == ["metrics.json"]
+
+
+def test_identical_object_from_another_tool_is_not_uploaded(server, url, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "same.txt").write_bytes(b"identical bytes\n")
+    (out / "differs.txt").write_bytes(b"local bytes\n")
+    put_remote(server, url, "run1/same.txt", b"identical bytes\n")  # no gpubake-md5 metadata
+    put_remote(server, url, "run1/differs.txt", b"other bytes\n")  # same size, other content
+    assert sync.upload(out, f"{url}/run1") == ["differs.txt"]
+    assert remote_files(server, url)["run1/differs.txt"] == b"local bytes\n"
+
+
+@pytest.mark.parametrize("server", ["s3"], indirect=True)
+def test_s3_multipart_object_is_compared_by_its_md5_metadata(server, url, tmp_path, monkeypatch):
+    monkeypatch.setattr(sync, "S3_MULTIPART_BYTES", 5 << 20)  # S3's smallest part
+    out = tmp_path / "out"
+    out.mkdir()
+    big = out / "big.bin"
+    big.write_bytes(os.urandom(6 << 20))
+    assert sync.upload(out, f"{url}/run1") == ["big.bin"]
+    head = server.client().head_object(Bucket=bucket_of(url), Key="run1/big.bin")
+    assert "-" in head["ETag"]  # multipart: the ETag is no md5
+    md5 = hashlib.md5(big.read_bytes(), usedforsecurity=False).hexdigest()
+    assert head["Metadata"]["gpubake-md5"] == md5
+    assert sync.upload(out, f"{url}/run1") == []
+    big.write_bytes(os.urandom(6 << 20))
+    assert sync.upload(out, f"{url}/run1") == ["big.bin"]
+
+
+def test_missing_local_dir_uploads_nothing(server, url, tmp_path):
+    result = cli(server.env, "upload", str(tmp_path / "absent"), f"{url}/run1")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"nothing to upload: {tmp_path / 'absent'} does not exist\n"
+    assert remote_files(server, url) == {}
+
+
+# -- download -----------------------------------------------------------------------------------
+
+
+def test_download_reproduces_the_tree(server, url, tmp_path):
+    files = make_tree(tmp_path / "out")
+    sync.upload(tmp_path / "out", f"{url}/run1")
+    put_remote(server, url, "run10/not-this-run.txt", b"x")  # a sibling prefix, not a child
+    result = cli(server.env, "download", f"{url}/run1", str(tmp_path / "back"))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "downloaded ckpt/step-100/model.bin (3000 B)" in result.stdout.splitlines()
+    assert local_files(tmp_path / "back") == files
+
+
+def test_download_of_nothing_writes_nothing(server, url, tmp_path):
+    assert sync.download(f"{url}/empty", tmp_path / "dest") == []
+    assert not (tmp_path / "dest").exists()
+
+
+def test_download_refuses_names_escaping_the_folder(server, url, tmp_path):
+    # the emulator cannot store a '..' name; '//' (an absolute remainder) shows the same check
+    bad = "run1/../evil" if server.kind == "s3" else "run1//etc/evil"
+    put_remote(server, url, "run1/good.txt", b"good")
+    put_remote(server, url, bad, b"evil")
+    dest = tmp_path / "a" / "dest"
+    result = cli(server.env, "download", f"{url}/run1", str(dest))
+    assert_error(
+        result,
+        f"gpubake-sync: refusing object '{bad}' from {url}/run1: its name would escape {dest}",
+    )
+    assert not dest.exists()  # checked before anything was written
+    assert not (tmp_path / "a" / "evil").exists()
+
+
+# -- put, fetch-code ----------------------------------------------------------------------------
+
+
+def test_put_writes_a_marker(server, url):
+    result = cli(server.env, "put", f"{url}/run1/_SUCCESS", "done\n")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"wrote {url}/run1/_SUCCESS (5 B)\n"
+    assert remote_files(server, url) == {"run1/_SUCCESS": b"done\n"}
+    with pytest.raises(sync.SyncError, match="put needs an object name after the bucket"):
+        sync.put_text(url, "x")
+
+
+def test_fetch_code_from_a_tarball(server, url, tmp_path):
+    code = {"train.py": b"print('hi')\n", "pkg/__init__.py": b"", "pkg/util.py": b"X = 1\n"}
+    put_remote(server, url, "code/job.tar.gz", tarball(code, "w:gz"))
+    result = cli(server.env, "fetch-code", f"{url}/code/job.tar.gz", str(tmp_path / "src"))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (
+        f"fetch-code done: 3 files from tarball {url}/code/job.tar.gz into {tmp_path / 'src'}\n"
+    )
+    assert local_files(tmp_path / "src") == code
+    # .tgz and plain .tar too
+    put_remote(server, url, "code/job.tgz", tarball({"a.py": b"A\n"}, "w:gz"))
+    put_remote(server, url, "code/job.tar", tarball({"b.py": b"B\n"}, "w"))
+    assert sync.fetch_code(f"{url}/code/job.tgz", tmp_path / "tgz") == ["a.py"]
+    assert sync.fetch_code(f"{url}/code/job.tar", tmp_path / "tar") == ["b.py"]
+    assert (tmp_path / "tgz/a.py").read_bytes() == b"A\n"
+    assert (tmp_path / "tar/b.py").read_bytes() == b"B\n"
+
+
+def test_fetch_code_from_a_folder(server, url, tmp_path):
+    code = {"train.py": b"print('hi')\n", "conf/base.yaml": b"lr: 0.1\n"}
+    for rel, data in code.items():
+        put_remote(server, url, f"code/v1/{rel}", data)
+    assert sorted(sync.fetch_code(f"{url}/code/v1", tmp_path / "src")) == sorted(code)
+    assert local_files(tmp_path / "src") == code
+
+
+def test_fetch_code_of_nothing_is_one_line(server, url, tmp_path):
+    where = f"{url}/code/none.tar.gz"
+    assert_error(
+        cli(server.env, "fetch-code", where, str(tmp_path / "src")),
+        f"gpubake-sync: no code at {where} (no tarball and no folder)",
+    )
+    with pytest.raises(sync.SyncError) as err:
+        sync.fetch_code(f"{url}/code/none", tmp_path / "src")
+    assert str(err.value) == f"no code at {url}/code/none (no tarball and no folder)"
+    assert not (tmp_path / "src").exists()
+
+
+def test_fetch_code_refuses_an_escaping_tarball(server, url, tmp_path):
+    put_remote(server, url, "code/evil.tar.gz", tarball({"ok.py": b"1", "../evil": b"evil"}))
+    dest = tmp_path / "job" / "src"
+    result = cli(server.env, "fetch-code", f"{url}/code/evil.tar.gz", str(dest))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"gpubake-sync: refusing tarball {url}/code/evil.tar.gz: ")
+    assert "evil" in result.stderr.split(": ", 2)[2]
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "job" / "evil").exists()
+    assert local_files(dest) == {}  # checked before anything was written
+
+
+# -- tarball checks without a server, with and without tarfile's data filter -------------------
+
+
+def _link(name: str, target: str, kind=tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def _device(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.CHRTYPE
+    return info
+
+
+@pytest.mark.parametrize("data_filter", [True, False], ids=["data-filter", "own-checks"])
+@pytest.mark.parametrize(
+    ("members", "extra"),
+    [
+        ({"../evil": b"x"}, ()),
+        ({"/tmp/gpubake-abs-evil": b"x"}, ()),
+        ({}, (_link("up", "../../outside"),)),
+        ({}, (_link("abs", "/etc/passwd"),)),
+        ({}, (_link("hard", "../outside", tarfile.LNKTYPE),)),
+        ({}, (_device("dev"),)),
+    ],
+    ids=["parent", "absolute", "symlink-out", "symlink-abs", "hardlink-out", "device"],
+)
+def test_unsafe_tarballs_are_refused(tmp_path, monkeypatch, data_filter, members, extra):
+    if data_filter and not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python has no tarfile.data_filter")
+    monkeypatch.setattr(sync, "_HAVE_DATA_FILTER", data_filter)
+    path = tmp_path / "t.tar"
+    path.write_bytes(tarball({"fine.txt": b"ok", **members}, "w", extra))
+    dest = tmp_path / "dest"
+    with pytest.raises(sync.SyncError, match=r"^refusing tarball gs://b/t\.tar: "):
+        sync._extract(path, dest, "gs://b/t.tar")
+    assert list(dest.iterdir()) == []
+    assert not (tmp_path / "evil").exists()
+
+
+@pytest.mark.parametrize("data_filter", [True, False], ids=["data-filter", "own-checks"])
+def test_safe_tarball_with_inner_link_extracts(tmp_path, monkeypatch, data_filter):
+    monkeypatch.setattr(sync, "_HAVE_DATA_FILTER", data_filter)
+    path = tmp_path / "t.tar"
+    path.write_bytes(tarball({"pkg/a.py": b"A = 1\n"}, "w", (_link("pkg/b.py", "a.py"),)))
+    assert sync._extract(path, tmp_path / "dest", "gs://b/t.tar") == ["pkg/a.py"]
+    assert (tmp_path / "dest/pkg/b.py").read_bytes() == b"A = 1\n"
