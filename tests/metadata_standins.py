@@ -18,6 +18,7 @@ read `gce_requests` to see that the runner long-polled.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -56,12 +57,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: str = "", headers: dict[str, str] | None = None) -> None:
         data = body.encode()
-        self.send_response(status)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        # a client that went away mid long-poll (a killed runner) is no error of the server's
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.send_response(status)
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
     # -- GCE ------------------------------------------------------------------------
 

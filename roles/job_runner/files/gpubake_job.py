@@ -666,7 +666,7 @@ class Runner:
             self.log(f"restored {count} checkpoint file(s) from {self.spec['results']}/checkpoints")
 
     def _user(self) -> pwd.struct_passwd | None:
-        if self.local and os.geteuid() != 0:
+        if self.local:  # `gpubake job local`: the command runs as whoever runs it
             return None
         name = self.spec["user"] or self.config["user"]
         try:
@@ -970,32 +970,27 @@ def _run_and_finish(runner: Runner, text: str) -> int:
 
 def cmd_backstop(config: dict[str, Any]) -> int:
     """ExecStopPost: the runner is gone; power off unless it got to its own shutdown."""
-    state = State(STATE_DIR).read()
-    if not state or state.get("shut_down") or state.get("on_end") == "stay":
+    state = State(STATE_DIR)
+    state.data = state.read()
+    if not state.data or state.data.get("shut_down") or state.data.get("on_end") == "stay":
         return 0
-    log = JobLog(state.get("job") or "-", None)
+    job_id, results = state.data.get("job"), state.data.get("results")
+    log = JobLog(job_id or "-", None)
     log("the runner ended before its shutdown: powering off (backstop)")
-    if state.get("results") and state.get("job"):
-        with contextlib.suppress(Exception):
+    try:
+        if job_id and results:
+            marker = {"job": job_id, "exit_code": None, "reason": "the runner died (backstop)"}
             subprocess.run(
-                [
-                    *config["sync"],
-                    "put",
-                    f"{state['results']}/_FAILED",
-                    json.dumps(
-                        {
-                            "job": state["job"],
-                            "exit_code": None,
-                            "reason": "the runner died (backstop)",
-                        }
-                    ),
-                ],
+                [*config["sync"], "put", f"{results}/_FAILED", json.dumps(marker)],
                 capture_output=True,
                 timeout=20,
                 check=False,
             )
-    State(STATE_DIR).update(**state, shut_down=True)
-    poweroff(config, log)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log(f"could not write _FAILED: {exc}")
+    finally:
+        state.update(shut_down=True)
+        poweroff(config, log)
     return 0
 
 

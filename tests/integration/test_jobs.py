@@ -1,0 +1,453 @@
+"""Training jobs for real, with no cloud: gpubake-job in a systemd container made from a gpubake
+image (the default stack built with --var job_runner=true, plus systemd), the job spec and the
+preemption notices from loopback stand-ins of the GCE metadata server and EC2's IMDSv2
+(tests/metadata_standins.py), results synced to real GCS- and S3-protocol servers
+(gcp-storage-emulator, moto) on the Docker bridge, and the power-off replaced by a command
+that records when it was called (the test machine is never powered off).
+
+The training script is real PyTorch on the CPU: one optimiser step and a `torch.save`
+checkpoint a second, resumable, stopping cleanly on SIGINT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import HOST_BUNDLE, ROOT, run_in
+from tests.integration.systemd_helpers import systemd_container
+from tests.metadata_standins import metadata_standin
+from tests.object_stores import gcs_server, s3_server
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+SYNC = ROOT / "roles" / "job_runner" / "files" / "gpubake_sync.py"
+JOB_TAG = "itest-job"
+SYSTEMD_REPOSITORY = "gpubake/test-job-systemd"
+POWEROFF_LOG = "/run/gpubake-test-poweroff"
+DATASET = "/srv/dataset-disk"
+
+TRAIN = r"""
+import json, os, signal, sys, time
+from pathlib import Path
+
+import torch
+
+ckpt = Path(os.environ["GPUBAKE_CKPT_DIR"]) / "model.pt"
+results = Path(os.environ["GPUBAKE_RESULTS_DIR"])
+steps = int(os.environ.get("STEPS", "3"))
+stop = {"at": None}
+signal.signal(signal.SIGINT, lambda *_: stop.update(at=time.time()))
+
+facts = {"python": sys.executable, "path": os.environ["PATH"], "uid": os.getuid(),
+         "pgid_is_own": os.getpgid(0) == os.getpid(), "torch": torch.__version__}
+data = os.environ.get("GPUBAKE_DATASET_DIR")
+if data:
+    facts["dataset"] = (Path(data) / "train.csv").read_text()
+    try:
+        (Path(data) / "written-by-job").write_text("x")
+        facts["dataset_write"] = "allowed"
+    except OSError as exc:
+        facts["dataset_write"] = exc.strerror
+(results / "facts.json").write_text(json.dumps(facts))
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+step = 0
+if ckpt.exists():
+    state = torch.load(ckpt)
+    model.load_state_dict(state["model"])
+    step = state["step"]
+    print(f"resumed at step {step}", flush=True)
+x, y = torch.randn(64, 4), torch.randn(64, 1)
+while step < steps:
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    step += 1
+    torch.save({"model": model.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
+    os.replace(ckpt.with_suffix(".tmp"), ckpt)  # a sync never sees half a checkpoint
+    (results / "last_step").write_text(str(step))
+    print(f"step {step} loss {loss.item():.4f}", flush=True)
+    if stop["at"] is not None:
+        (results / "sigint_at").write_text(repr(stop["at"]))
+        print(f"SIGINT: stopping after step {step}", flush=True)
+        sys.exit(130)
+    time.sleep(1)
+(results / "metrics.json").write_text(json.dumps({"steps": step, "loss": loss.item()}))
+sys.exit(int(os.environ.get("EXIT_CODE", "0")))
+"""
+
+
+def _gateway(engine: Any) -> str:
+    """The Docker bridge's address on this machine: what a container reaches the host by."""
+    config = engine.networks.get("bridge").attrs["IPAM"]["Config"]
+    return next(c["Gateway"] for c in config if "Gateway" in c)
+
+
+@pytest.fixture(scope="module")
+def job_image(engine) -> str:
+    """gpubake/pytorch:itest-job (the runner on request) with systemd added on top."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpubake", "build", "--target", "docker", "--tag", JOB_TAG,
+         "--var", "job_runner=true", "--ca-bundle", str(HOST_BUNDLE)],
+        capture_output=True, text=True, timeout=3600, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    image = engine.images.get(f"gpubake/pytorch:{JOB_TAG}")
+    tag = image.id.split(":", 1)[1][:12]
+    ref = f"{SYSTEMD_REPOSITORY}:{tag}"
+    if engine.images.list(ref):
+        return ref
+    install = (
+        "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+        "--no-install-recommends systemd systemd-sysv dbus && apt-get clean && "
+        "rm -rf /var/lib/apt/lists/*"
+    )
+    box = engine.containers.run(
+        image.id, ["sh", "-c", install], user="root", detach=True, entrypoint=[],
+        name=f"gpubake-jobsd-{uuid.uuid4().hex[:8]}",
+    )  # fmt: skip
+    try:
+        status = box.wait(timeout=900)
+        assert status["StatusCode"] == 0, box.logs().decode()[-3000:]
+        box.commit(SYSTEMD_REPOSITORY, tag, changes=["USER root", 'CMD ["/sbin/init"]'])
+    finally:
+        box.remove(force=True)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def stores(engine) -> Iterator[dict[str, Any]]:
+    gateway = _gateway(engine)
+    with (
+        s3_server(host=gateway) as s3,
+        gcs_server(host=gateway) as gcs,
+        metadata_standin(host=gateway) as md,
+    ):
+        yield {"s3": s3, "gs": gcs, "md": md}
+
+
+@pytest.fixture(scope="module")
+def machine(engine, job_image, stores, tmp_path_factory) -> Iterator[Any]:
+    """The booted "instance": its dataset disk is a host directory bind-mounted where an
+    attached disk's device would be; the runner mounts it read-only itself."""
+    disk = tmp_path_factory.mktemp("dataset-disk")
+    (disk / "train.csv").write_text("x,y\n1,2\n")
+    disk.chmod(0o755)  # readable by the job's user, as a dataset disk's files are
+    (disk / "train.csv").chmod(0o644)
+    md, s3, gcs = stores["md"], stores["s3"], stores["gs"]
+    environment = {
+        **s3.env,
+        **gcs.env,
+        "GCE_METADATA_HOST": md.host_port,
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": md.url,
+        "GPUBAKE_POWEROFF_COMMAND": "/usr/local/bin/test-poweroff",
+        "GPUBAKE_EC2_POLL_SECONDS": "1",
+    }
+    with systemd_container(
+        engine,
+        job_image,
+        volumes={str(disk): {"bind": DATASET, "mode": "rw"}},
+        cap_add=["SYS_ADMIN"],  # mount(8) for the dataset disk, as on a VM
+        security_opt=["apparmor=unconfined", "seccomp=unconfined"],
+    ) as box:
+        # at boot, with no cloud and no spec, the unit ran and did nothing
+        _, said = run_in(box, "journalctl", "-u", "gpubake-job", "--no-pager", "-o", "cat")
+        assert "no job spec on this instance" in said, said
+        _write(box, "/usr/local/bin/test-poweroff", f"#!/bin/sh\ndate +%s.%N >> {POWEROFF_LOG}\n")
+        dropin = "".join(f'Environment="{k}={v}"\n' for k, v in environment.items())
+        _write(box, "/etc/systemd/system/gpubake-job.service.d/test.conf", f"[Service]\n{dropin}")
+        _exec(box, "systemctl daemon-reload")
+        yield box
+
+
+def _write(box: Any, path: str, text: str) -> None:
+    data = text.encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(Path(path).name)
+        info.size, info.mode = len(data), 0o755
+        tar.addfile(info, io.BytesIO(data))
+    _exec(box, f"mkdir -p {Path(path).parent}")
+    assert box.put_archive(str(Path(path).parent), buf.getvalue())
+
+
+def _exec(box: Any, script: str) -> str:
+    code, out = run_in(box, "bash", "-c", script)
+    assert code == 0, out
+    return out
+
+
+def _put_code(store: Any, bucket: str, tmp_path: Path) -> str:
+    """The training code as a tarball in the bucket; returns its URL."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = TRAIN.encode()
+        info = tarfile.TarInfo("train.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    folder = tmp_path / f"code-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    (folder / "train.tar.gz").write_bytes(buf.getvalue())
+    scheme = "s3" if "AWS_ENDPOINT_URL" in store.env else "gs"
+    _sync(store, "upload", str(folder), f"{scheme}://{bucket}/code")
+    return f"{scheme}://{bucket}/code/train.tar.gz"
+
+
+def _sync(store: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, str(SYNC), *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **store.env}, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+class Objects(dict):
+    """{relative path: bytes} of the objects under a URL; [] reads one as text."""
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key).decode("utf-8", "replace")
+
+
+def _fetch(store: Any, url: str, dest: Path) -> Objects:
+    """Every object under url, read back with the client the images use."""
+    _sync(store, "download", url, str(dest))
+    return Objects(
+        {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    )
+
+
+class Job:
+    """One job on the machine: its spec, its bucket, what came out."""
+
+    def __init__(self, box, stores, tmp_path, scheme: str, **spec: Any) -> None:
+        self.box, self.md, self.store = box, stores["md"], stores[scheme]
+        self.bucket = f"jobs-{uuid.uuid4().hex[:10]}"
+        self.store.make_bucket(self.bucket)
+        self.id = f"t-{uuid.uuid4().hex[:8]}"
+        self.results = f"{scheme}://{self.bucket}/runs/{self.id}"
+        self.tmp = tmp_path
+        self.spec = {
+            "gpubake_job": 1,
+            "id": self.id,
+            "command": ["python", "train.py"],
+            "code": {"url": _put_code(self.store, self.bucket, tmp_path)},
+            "results": self.results,
+            "sync_interval": 10,
+            **spec,
+        }
+        _exec(box, f"rm -f {POWEROFF_LOG}; systemctl reset-failed gpubake-job || true")
+        self.md.set_gce("instance/preempted", "FALSE")
+        self.md.set_ec2("meta-data/spot/instance-action", None)
+
+    def start(self, cloud: str) -> None:
+        if cloud == "gce":
+            self.md.set_gce("instance/attributes/gpubake-job", json.dumps(self.spec))
+            self.md.set_ec2("user-data", None)
+        else:
+            self.md.set_ec2("user-data", json.dumps(self.spec))
+            self.md.set_gce("instance/attributes/gpubake-job", None)
+        _write(
+            self.box,
+            "/etc/systemd/system/gpubake-job.service.d/cloud.conf",
+            f'[Service]\nEnvironment="GPUBAKE_CLOUD={cloud}"\n',
+        )
+        _exec(self.box, "systemctl daemon-reload && systemctl start --no-block gpubake-job")
+
+    def local(self, name: str) -> str:
+        return f"/var/lib/gpubake-job/{self.id}/{name}"
+
+    def wait_step(self, step: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code, out = run_in(self.box, "cat", self.local("results/last_step"))
+            if code == 0 and out.strip().isdigit() and int(out) >= step:
+                return
+            time.sleep(0.3)
+        pytest.fail(f"the job did not reach step {step}: {self.journal()[-3000:]}")
+
+    def wait_poweroff(self, timeout: float = 120) -> float:
+        """When the power-off command ran (epoch seconds); fails if it never does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code, out = run_in(self.box, "cat", POWEROFF_LOG)
+            if code == 0 and out.strip():
+                return float(out.split()[0])
+            time.sleep(0.3)
+        pytest.fail(f"the machine was not powered off: {self.journal()[-3000:]}")
+
+    def journal(self) -> str:
+        return run_in(self.box, "journalctl", "-u", "gpubake-job", "--no-pager", "-o", "cat")[1]
+
+    def outputs(self) -> Objects:
+        return _fetch(self.store, self.results, self.tmp / f"out-{uuid.uuid4().hex[:6]}")
+
+
+def test_normal_end_syncs_results_and_powers_off(machine, stores, tmp_path):
+    job = Job(
+        machine, stores, tmp_path, "gs",
+        env={"STEPS": "3"}, dataset={"device": DATASET, "mount": "/mnt/dataset"},
+    )  # fmt: skip
+    job.start("gce")
+    job.wait_poweroff()
+    out = job.outputs()
+    assert json.loads(out["_SUCCESS"])["exit_code"] == 0
+    assert json.loads(out["results/metrics.json"])["steps"] == 3
+    assert "checkpoints/model.pt" in out
+    assert "step 3 loss" in out["logs/job.log"]
+    facts = json.loads(out["results/facts.json"])
+    # the environment's Python, with CUDA's profile.d on PATH, as the non-root user, own group
+    assert facts["python"].startswith("/opt/gpubake/env/bin/python"), facts
+    assert facts["path"].split(":")[0] == "/opt/gpubake/env/bin"
+    assert facts["uid"] == 1000 and facts["pgid_is_own"]
+    # the dataset disk was there, read-only
+    assert facts["dataset"] == "x,y\n1,2\n"
+    assert facts["dataset_write"] == "Read-only file system"
+    # the job's lines are in journald, tagged with the job id
+    _, tagged = run_in(machine, "journalctl", f"GPUBAKE_JOB_ID={job.id}", "-o", "cat")
+    assert "step 3 loss" in tagged
+
+
+def _preempted(job: Job, notify) -> None:
+    job.wait_step(3)
+    notified = time.time()
+    notify()
+    powered_off = job.wait_poweroff(timeout=60)
+    out = job.outputs()
+    sigint = float(out["results/sigint_at"])
+    assert sigint - notified < 2.0, f"SIGINT came {sigint - notified:.1f} s after the notice"
+    assert powered_off - notified < 30.0, f"powered off {powered_off - notified:.1f} s after"
+    last = int(out["results/last_step"])
+    assert last >= 3
+    marker = json.loads(out["_PREEMPTED"])
+    assert marker["exit_code"] == 130 and "_SUCCESS" not in out
+    # the checkpoint in the results location is the last one the job wrote, when it stopped
+    _, local = run_in(job.box, "sha256sum", job.local("checkpoints/model.pt"))
+    synced = hashlib.sha256(dict.__getitem__(out, "checkpoints/model.pt")).hexdigest()
+    assert local.split()[0] == synced
+    code, _ = run_in(job.box, "test", "-e", job.local("PREEMPTED"))
+    assert code == 0  # $GPUBAKE_PREEMPT_FILE was touched
+    assert f"SIGINT: stopping after step {last}" in out["logs/job.log"]
+
+
+def test_gce_preemption_signals_the_job_and_keeps_its_checkpoint(machine, stores, tmp_path):
+    job = Job(machine, stores, tmp_path, "gs", env={"STEPS": "1000"})
+    job.start("gce")
+    _preempted(job, stores["md"].preempt)
+    assert "instance/preempted = TRUE" in job.journal()
+
+
+def test_ec2_spot_notice_signals_the_job_and_keeps_its_checkpoint(machine, stores, tmp_path):
+    job = Job(machine, stores, tmp_path, "s3", env={"STEPS": "1000"})
+    job.start("ec2")
+    _preempted(job, stores["md"].spot_notice)
+    assert "EC2 spot/instance-action" in job.journal()
+
+
+def test_failing_command_writes_failed_and_powers_off(machine, stores, tmp_path):
+    job = Job(machine, stores, tmp_path, "s3", env={"STEPS": "1", "EXIT_CODE": "3"})
+    job.start("gce")
+    job.wait_poweroff()
+    out = job.outputs()
+    assert json.loads(out["_FAILED"])["exit_code"] == 3
+    assert "step 1 loss" in out["logs/job.log"]
+    assert "_SUCCESS" not in out
+
+
+def test_killed_runner_still_powers_off(machine, stores, tmp_path):
+    job = Job(machine, stores, tmp_path, "gs", env={"STEPS": "1000"})
+    job.start("gce")
+    job.wait_step(1)
+    _exec(machine, "systemctl kill --signal=SIGKILL --kill-whom=main gpubake-job")
+    job.wait_poweroff(timeout=60)
+    assert "powering off (backstop)" in job.journal()
+    assert "the runner died" in job.outputs()["_FAILED"]
+
+
+def test_job_past_max_run_time_is_stopped(machine, stores, tmp_path):
+    job = Job(machine, stores, tmp_path, "gs", env={"STEPS": "1000"}, max_run_time=12)
+    job.start("gce")
+    job.wait_poweroff(timeout=90)
+    out = job.outputs()
+    assert "max_run_time 12 s exceeded" in out["_FAILED"]
+    assert int(out["results/last_step"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("change", "expect"),
+    [
+        ({"epochs": 3}, "unknown field 'epochs'"),
+        ({"command": []}, "command is missing or empty"),
+    ],
+)
+def test_bad_spec_writes_failed_and_powers_off(machine, stores, tmp_path, change, expect):
+    job = Job(machine, stores, tmp_path, "gs")
+    job.spec.update(change)
+    job.start("gce")
+    job.wait_poweroff(timeout=60)
+    assert expect in job.journal()
+    assert expect in job.outputs()["_FAILED"]
+
+
+def test_unreachable_results_still_powers_off(machine, stores, tmp_path):
+    job = Job(machine, stores, tmp_path, "gs")
+    job.spec["results"] = f"gs://no-such-bucket-{uuid.uuid4().hex[:6]}/x"
+    job.start("gce")
+    job.wait_poweroff(timeout=60)
+    assert "the results location cannot be used" in job.journal()
+
+
+def test_job_local_runs_the_same_runner(stores, tmp_path):
+    """`gpubake job local`: the same runner on this machine, nothing mounted or powered off."""
+    store = stores["s3"]
+    bucket = f"local-{uuid.uuid4().hex[:8]}"
+    store.make_bucket(bucket)
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "train.py").write_text(
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['GPUBAKE_RESULTS_DIR'], 'done').write_text('yes')\n"
+        "pathlib.Path(os.environ['GPUBAKE_CKPT_DIR'], 'ckpt').write_text('1')\n"
+    )
+    _sync(store, "upload", str(code_dir), f"s3://{bucket}/code")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({
+        "gpubake_job": 1, "id": "local-try", "command": [sys.executable, "train.py"],
+        "code": {"url": f"s3://{bucket}/code"}, "results": f"s3://{bucket}/run",
+    }))  # fmt: skip
+    env = {**os.environ, **store.env, "GPUBAKE_CLOUD": "none"}
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpubake", "job", "local", str(spec), "--work-dir", str(work)],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = _fetch(store, f"s3://{bucket}/run", tmp_path / "out")
+    assert out["results/done"] == "yes" and out["checkpoints/ckpt"] == "1"
+    assert json.loads(out["_SUCCESS"])["job"] == "local-try"
+    assert "powering off" not in proc.stdout
+
+    spec.write_text(json.dumps({"gpubake_job": 1, "command": "true", "results": "ftp://x"}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpubake", "job", "local", str(spec)],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "is not a bucket URL" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
