@@ -387,6 +387,24 @@ def test_job_past_max_run_time_is_stopped(machine, stores, tmp_path):
     out = job.outputs()
     assert "max_run_time 12 s exceeded" in out["_FAILED"]
     assert int(out["results/last_step"]) >= 1
+    # the backstop timer for a hung runner was armed, and disarmed by the runner's own end
+    assert "armed the deadline: power-off in 152 s" in job.journal()
+    code, _ = run_in(machine, "systemctl", "is-active", "gpubake-job-deadline.timer")
+    assert code != 0
+
+
+def test_on_end_stay_keeps_the_machine_up_for_a_while(machine, stores, tmp_path):
+    job = Job(machine, stores, tmp_path, "gs", command="true", on_end="stay", stay_minutes=5)
+    job.start("gce")
+    deadline = time.monotonic() + 60
+    while "powers off in 5 min" not in job.journal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "on_end stay: the machine powers off in 5 min" in job.journal()
+    assert "_SUCCESS" in job.outputs()
+    _, out = run_in(machine, "systemctl", "show", "-p", "ActiveState", "gpubake-job-stay.timer")
+    assert out.strip() == "ActiveState=active"
+    assert run_in(machine, "test", "-e", POWEROFF_LOG)[0] != 0  # not powered off (yet)
+    _exec(machine, "systemctl stop gpubake-job-stay.timer")
 
 
 @pytest.mark.parametrize(
@@ -405,12 +423,20 @@ def test_bad_spec_writes_failed_and_powers_off(machine, stores, tmp_path, change
     assert expect in job.outputs()["_FAILED"]
 
 
-def test_unreachable_results_still_powers_off(machine, stores, tmp_path):
+@pytest.mark.parametrize(
+    ("results", "expect"),
+    [
+        (f"gs://no-such-bucket-{uuid.uuid4().hex[:6]}/x", "the results location cannot be used"),
+        ("gs://Bad_Bucket/x", "is not a bucket URL"),
+    ],
+    ids=["unreachable", "bad-url"],
+)
+def test_unusable_results_still_powers_off(machine, stores, tmp_path, results, expect):
     job = Job(machine, stores, tmp_path, "gs")
-    job.spec["results"] = f"gs://no-such-bucket-{uuid.uuid4().hex[:6]}/x"
+    job.spec["results"] = results
     job.start("gce")
     job.wait_poweroff(timeout=60)
-    assert "the results location cannot be used" in job.journal()
+    assert expect in job.journal()
 
 
 def test_job_local_runs_the_same_runner(stores, tmp_path):

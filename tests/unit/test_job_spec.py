@@ -158,3 +158,22 @@ def test_ec2_user_data_and_spot_notice(monkeypatch):
         assert notice.event.wait(5)
         assert 80 <= notice.window <= 90  # the notice's own time, not the default 120 s
         watcher.join(5)
+
+
+def test_gce_host_maintenance_counts_as_a_notice(monkeypatch):
+    with metadata_standin() as md:
+        monkeypatch.setenv("GCE_METADATA_HOST", md.host_port)
+        notice, stop = job.Notice(), threading.Event()
+        bad = ("TERMINATE_ON_HOST_MAINTENANCE",)
+        watcher = threading.Thread(
+            target=job.watch_gce,
+            args=("instance/maintenance-event", bad, notice, stop, lambda _l: None),
+        )
+        watcher.start()
+        md.set_gce("instance/maintenance-event", "MIGRATE_ON_HOST_MAINTENANCE")
+        time.sleep(0.5)
+        assert not notice.event.is_set()  # a live migration is no reason to stop
+        md.set_gce("instance/maintenance-event", "TERMINATE_ON_HOST_MAINTENANCE")
+        assert notice.event.wait(5)
+        assert "TERMINATE_ON_HOST_MAINTENANCE" in notice.reason
+        watcher.join(5)

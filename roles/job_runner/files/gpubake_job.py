@@ -515,6 +515,7 @@ class Runner:
         self.stop = threading.Event()
         self._sync_lock = threading.Lock()
         self.mounted: Path | None = None
+        self.deadline_armed = False
 
     # -- sync ---------------------------------------------------------------------------
 
@@ -797,6 +798,9 @@ class Runner:
         )
         if proc.returncode != 0:
             self.log(f"could not arm the {after} s deadline timer: {proc.stderr.strip()}")
+        else:
+            self.deadline_armed = True
+            self.log(f"armed the deadline: power-off in {after} s even if this runner hangs")
 
     # -- the job ------------------------------------------------------------------------
 
@@ -912,6 +916,10 @@ class Runner:
             subprocess.run(["umount", str(self.mounted)], capture_output=True, check=False)
         if self.local:
             return
+        if self.deadline_armed:  # the runner got here itself: the backstop timer is not needed
+            subprocess.run(
+                ["systemctl", "stop", f"{DEADLINE_UNIT}.timer"], capture_output=True, check=False
+            )
         if self.spec.get("on_end") == "stay":
             minutes = self.spec["stay_minutes"]
             self.log(f"on_end stay: the machine powers off in {minutes} min")
