@@ -9,7 +9,6 @@ GPUBAKE_SYNC_PYTHON=/path/to/python runs the command line with another interpret
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import os
 import socket
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.modules import load_file
 from tests.object_stores import ObjectStoreServer, gcs_server, s3_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,14 +39,7 @@ FOREIGN_ENV = (
 )
 
 
-def _load_sync():
-    spec = importlib.util.spec_from_file_location("gpubake_sync", SYNC)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sync = _load_sync()
+sync = load_file(SYNC, "gpubake_sync")
 
 
 @pytest.fixture(scope="module", params=["s3", "gs"])

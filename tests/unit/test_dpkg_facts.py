@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.modules import load_file
+
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = importlib.util.spec_from_file_location("dpkg_facts", ROOT / "plugins/modules/dpkg_facts.py")
-assert SPEC is not None and SPEC.loader is not None
-facts = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(facts)
+facts = load_file(ROOT / "plugins/modules/dpkg_facts.py", "dpkg_facts")
 
 
 def test_installed_packages_only_in_package_facts_shape():

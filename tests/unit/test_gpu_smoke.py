@@ -15,20 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.modules import load_file
+
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "gpubake" / "gpu_smoke.py"
 GPUS_YML = ROOT / "images" / "gpus.yml"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_smoke_under_test", MODULE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-gs = _load()
+gs = load_file(MODULE, "gpu_smoke_under_test")
 MODELS = yaml.safe_load(GPUS_YML.read_text())["gpus"]
 H100 = "NVIDIA H100 80GB HBM3"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 import time
@@ -11,18 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.metadata_standins import metadata_standin
+from tests.modules import load_file
 
 RUNNER = Path(__file__).resolve().parents[2] / "roles" / "job_runner" / "files" / "gpubake_job.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpubake_job", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-job = _load()
+job = load_file(RUNNER, "gpubake_job")
 GOOD = {"gpubake_job": 1, "command": ["python", "train.py"], "results": "gs://bucket/runs/a"}
 
 

@@ -781,21 +781,7 @@ class Runner:
         if self.local or not limit or not shutil.which("systemd-run"):
             return
         after = limit + self.spec["grace_period"] + 120  # the runner's own stop comes first
-        env = [f"--setenv=GPUBAKE_POWEROFF_COMMAND={shlex.join(self.config['poweroff'])}"]
-        proc = subprocess.run(
-            [
-                "systemd-run",
-                f"--unit={DEADLINE_UNIT}",
-                f"--on-active={after}s",
-                *env,
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "poweroff",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        proc = poweroff_timer(self.config, DEADLINE_UNIT, after)
         if proc.returncode != 0:
             self.log(f"could not arm the {after} s deadline timer: {proc.stderr.strip()}")
         else:
@@ -923,23 +909,37 @@ class Runner:
         if self.spec.get("on_end") == "stay":
             minutes = self.spec["stay_minutes"]
             self.log(f"on_end stay: the machine powers off in {minutes} min")
-            subprocess.run(
-                [
-                    "systemd-run",
-                    f"--unit={STAY_UNIT}",
-                    f"--on-active={minutes * 60}s",
-                    f"--setenv=GPUBAKE_POWEROFF_COMMAND={shlex.join(self.config['poweroff'])}",
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "poweroff",
-                ],
-                capture_output=True,
-                check=False,
-            )
+            proc = poweroff_timer(self.config, STAY_UNIT, minutes * 60)
+            if proc.returncode != 0:
+                self.log(f"could not arm the stay timer: {proc.stderr.strip()}: powering off now")
+                self.state.update(shut_down=True)
+                poweroff(self.config, self.log)
+                return
             self.state.update(shut_down=True)
             return
         self.state.update(shut_down=True)
         poweroff(self.config, self.log)
+
+
+def poweroff_timer(
+    config: dict[str, Any], unit: str, seconds: int
+) -> subprocess.CompletedProcess[str]:
+    """A transient systemd timer that runs `gpubake-job poweroff` in `seconds`, whatever
+    becomes of this process."""
+    return subprocess.run(
+        [
+            "systemd-run",
+            f"--unit={unit}",
+            f"--on-active={seconds}s",
+            f"--setenv=GPUBAKE_POWEROFF_COMMAND={shlex.join(config['poweroff'])}",
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "poweroff",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def poweroff(config: dict[str, Any], log) -> None:
