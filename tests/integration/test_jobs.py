@@ -477,3 +477,43 @@ def test_job_local_runs_the_same_runner(stores, tmp_path):
     assert proc.returncode == 2
     assert "is not a bucket URL" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_job_local_fetches_code_from_git_at_a_commit(stores, tmp_path):
+    """code: a git URL pinned to a commit; a later commit on the branch is not what runs."""
+    store = stores["gs"]
+    bucket = f"git-{uuid.uuid4().hex[:8]}"
+    store.make_bucket(bucket)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    script = (
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ['GPUBAKE_RESULTS_DIR'], 'v').write_text('{}')\n"
+    )
+    (repo / "train.py").write_text(script.format("pinned"))
+    git("add", "train.py")
+    git("commit", "-qm", "pinned")
+    pinned = git("rev-parse", "HEAD")
+    (repo / "train.py").write_text(script.format("later"))
+    git("commit", "-qam", "later")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({
+        "gpubake_job": 1, "id": "git-try", "command": [sys.executable, "train.py"],
+        "code": {"url": f"file://{repo}", "commit": pinned}, "results": f"gs://{bucket}/run",
+    }))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpubake", "job", "local", str(spec), "--work-dir",
+         str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, **store.env, "GPUBAKE_CLOUD": "none"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _fetch(store, f"gs://{bucket}/run", tmp_path / "out")["results/v"] == "pinned"
