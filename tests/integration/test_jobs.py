@@ -393,6 +393,36 @@ def test_job_past_max_run_time_is_stopped(machine, stores, tmp_path):
     assert code != 0
 
 
+def test_hung_runner_is_powered_off_by_the_deadline_timer(machine, stores, tmp_path):
+    """The runner itself stops (SIGSTOP): the transient timer armed at the start powers off
+    at max_run_time + grace_period + the slack (here 3 s instead of 120 s)."""
+    job = Job(machine, stores, tmp_path, "gs", command="sleep 600", max_run_time=4, grace_period=1)
+    _write(
+        machine,
+        "/etc/systemd/system/gpubake-job.service.d/slack.conf",
+        '[Service]\nEnvironment="GPUBAKE_DEADLINE_SLACK_SECONDS=3"\n',
+    )
+    try:
+        job.start("gce")
+        deadline = time.monotonic() + 60
+        while "armed the deadline" not in job.journal() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _exec(machine, "systemctl kill --signal=SIGSTOP --kill-whom=main gpubake-job")
+        armed = time.time()
+        powered_off = job.wait_poweroff(timeout=60)
+        assert 3 < powered_off - armed < 20, powered_off - armed
+    finally:  # end the stopped runner; its backstop must be done before the next test
+        _exec(
+            machine,
+            "systemctl kill --signal=SIGKILL gpubake-job; rm -f "
+            "/etc/systemd/system/gpubake-job.service.d/slack.conf; systemctl daemon-reload; "
+            "for _ in $(seq 150); do systemctl show -p ActiveState --value gpubake-job | "
+            "grep -qxE 'active|activating|deactivating' || break; sleep 0.2; done",
+        )
+    assert "armed the deadline: power-off in 8 s" in job.journal()
+    assert "max_run_time" not in job.outputs().get("_FAILED", b"").decode()  # not the runner
+
+
 def test_on_end_stay_keeps_the_machine_up_for_a_while(machine, stores, tmp_path):
     job = Job(machine, stores, tmp_path, "gs", command="true", on_end="stay", stay_minutes=5)
     job.start("gce")

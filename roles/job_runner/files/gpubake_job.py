@@ -22,7 +22,8 @@ object with "gpubake_job"); without one it does nothing. With one it:
 `gpubake-job local SPEC` runs a spec on this machine without mounting or powering off, to
 try a job before paying for it. Test hooks (documented, as google-auth and botocore have
 theirs): GCE_METADATA_HOST, AWS_EC2_METADATA_SERVICE_ENDPOINT, GPUBAKE_CLOUD (gce, ec2, none),
-GPUBAKE_POWEROFF_COMMAND, GPUBAKE_EC2_POLL_SECONDS, GPUBAKE_JOB_CONFIG.
+GPUBAKE_POWEROFF_COMMAND, GPUBAKE_EC2_POLL_SECONDS, GPUBAKE_DEADLINE_SLACK_SECONDS,
+GPUBAKE_JOB_CONFIG.
 """
 
 from __future__ import annotations
@@ -780,7 +781,9 @@ class Runner:
         limit = self.spec["max_run_time"]
         if self.local or not limit or not shutil.which("systemd-run"):
             return
-        after = limit + self.spec["grace_period"] + 120  # the runner's own stop comes first
+        # the runner's own stop (grace, final sync) comes first; the timer is for a hung runner
+        slack = int(os.environ.get("GPUBAKE_DEADLINE_SLACK_SECONDS", "120"))
+        after = limit + self.spec["grace_period"] + slack
         proc = poweroff_timer(self.config, DEADLINE_UNIT, after)
         if proc.returncode != 0:
             self.log(f"could not arm the {after} s deadline timer: {proc.stderr.strip()}")
@@ -930,6 +933,7 @@ def poweroff_timer(
         [
             "systemd-run",
             f"--unit={unit}",
+            "--collect",  # unloaded once done, so the next job can arm its own
             f"--on-active={seconds}s",
             f"--setenv=GPUBAKE_POWEROFF_COMMAND={shlex.join(config['poweroff'])}",
             sys.executable,
