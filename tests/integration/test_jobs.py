@@ -38,6 +38,10 @@ JOB_TAG = "itest-job"
 SYSTEMD_REPOSITORY = "gpubake/test-job-systemd"
 POWEROFF_LOG = "/run/gpubake-test-poweroff"
 DATASET = "/srv/dataset-disk"
+WAIT_INACTIVE = (
+    "for _ in $(seq 300); do systemctl show -p ActiveState --value gpubake-job | "
+    "grep -qxE 'active|activating|deactivating' || break; sleep 0.2; done"
+)
 
 TRAIN = r"""
 import json, os, signal, sys, time
@@ -252,7 +256,11 @@ class Job:
             "sync_interval": 10,
             **spec,
         }
-        _exec(box, f"rm -f {POWEROFF_LOG}; systemctl reset-failed gpubake-job || true")
+        # the last job's unit (its backstop included) is done before this one starts
+        _exec(
+            box,
+            f"{WAIT_INACTIVE}; rm -f {POWEROFF_LOG}; systemctl reset-failed gpubake-job || true",
+        )
         self.md.set_gce("instance/preempted", "FALSE")
         self.md.set_ec2("meta-data/spot/instance-action", None)
 
@@ -360,6 +368,16 @@ def test_ec2_spot_notice_signals_the_job_and_keeps_its_checkpoint(machine, store
     assert "EC2 spot/instance-action" in job.journal()
 
 
+def test_system_shutdown_is_a_notice_too(machine, stores, tmp_path):
+    """A Spot VM's soft-off: systemd stops the unit (SIGTERM to the runner) as the notice
+    comes; the job still gets SIGINT, its checkpoint is synced, _PREEMPTED is written."""
+    job = Job(machine, stores, tmp_path, "gs", env={"STEPS": "1000"})
+    job.start("gce")
+    _preempted(job, lambda: _exec(machine, "systemctl stop --no-block gpubake-job"))
+    assert "SIGTERM: the system is shutting down" in job.journal()
+    assert "powering off (backstop)" not in job.journal()
+
+
 def test_failing_command_writes_failed_and_powers_off(machine, stores, tmp_path):
     job = Job(machine, stores, tmp_path, "s3", env={"STEPS": "1", "EXIT_CODE": "3"})
     job.start("gce")
@@ -416,8 +434,7 @@ def test_hung_runner_is_powered_off_by_the_deadline_timer(machine, stores, tmp_p
             machine,
             "systemctl kill --signal=SIGKILL gpubake-job; rm -f "
             "/etc/systemd/system/gpubake-job.service.d/slack.conf; systemctl daemon-reload; "
-            "for _ in $(seq 150); do systemctl show -p ActiveState --value gpubake-job | "
-            "grep -qxE 'active|activating|deactivating' || break; sleep 0.2; done",
+            + WAIT_INACTIVE,
         )
     assert "armed the deadline: power-off in 8 s" in job.journal()
     assert "max_run_time" not in job.outputs().get("_FAILED", b"").decode()  # not the runner
@@ -429,12 +446,14 @@ def test_on_end_stay_keeps_the_machine_up_for_a_while(machine, stores, tmp_path)
     deadline = time.monotonic() + 60
     while "powers off in 5 min" not in job.journal() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert "on_end stay: the machine powers off in 5 min" in job.journal()
-    assert "_SUCCESS" in job.outputs()
-    _, out = run_in(machine, "systemctl", "show", "-p", "ActiveState", "gpubake-job-stay.timer")
-    assert out.strip() == "ActiveState=active"
-    assert run_in(machine, "test", "-e", POWEROFF_LOG)[0] != 0  # not powered off (yet)
-    _exec(machine, "systemctl stop gpubake-job-stay.timer")
+    try:
+        assert "on_end stay: the machine powers off in 5 min" in job.journal()
+        assert "_SUCCESS" in job.outputs()
+        _, out = run_in(machine, "systemctl", "show", "-p", "ActiveState", "gpubake-job-stay.timer")
+        assert out.strip() == "ActiveState=active"
+        assert run_in(machine, "test", "-e", POWEROFF_LOG)[0] != 0  # not powered off (yet)
+    finally:  # its power-off must not land in a later test
+        _exec(machine, "systemctl stop gpubake-job-stay.timer || true")
 
 
 @pytest.mark.parametrize(
@@ -497,7 +516,7 @@ def test_job_local_runs_the_same_runner(stores, tmp_path):
     out = _fetch(store, f"s3://{bucket}/run", tmp_path / "out")
     assert out["results/done"] == "yes" and out["checkpoints/ckpt"] == "1"
     assert json.loads(out["_SUCCESS"])["job"] == "local-try"
-    assert "powering off" not in proc.stdout
+    assert "powered off" not in proc.stdout and "power-off" not in proc.stdout
 
     spec.write_text(json.dumps({"gpubake_job": 1, "command": "true", "results": "ftp://x"}))
     proc = subprocess.run(

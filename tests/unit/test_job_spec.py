@@ -72,6 +72,10 @@ def test_durations_and_shapes():
         ({"user": "root"}, "name a non-root user"),
         ({"id": "Bad_ID"}, "is not a job id"),
         ({"on_end": "reboot"}, "is not poweroff or stay"),
+        ({"checkpoint_dir": "/"}, "is a system directory"),
+        ({"checkpoint_dir": "/opt/gpubake"}, "is a system directory"),
+        ({"checkpoint_dir": "/mnt/../etc"}, "is a system directory"),
+        ({"checkpoint_dir": "ckpt"}, "is not an absolute path"),
     ],
 )
 def test_bad_specs_are_one_line(changes, message):

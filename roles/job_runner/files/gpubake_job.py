@@ -60,6 +60,26 @@ WINDOWS = {"gce": 30.0, "ec2": 120.0}
 # Seconds kept back from the window for the final sync, the marker and the power-off.
 SYNC_RESERVE = {"gce": 12.0, "ec2": 40.0}
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+# checkpoint_dir is given to the job's user: never under these
+SYSTEM_DIRS = {
+    "",
+    "bin",
+    "boot",
+    "dev",
+    "etc",
+    "lib",
+    "lib32",
+    "lib64",
+    "opt",
+    "proc",
+    "root",
+    "run",
+    "sbin",
+    "srv",
+    "sys",
+    "usr",
+    "var",
+}
 _DURATION = re.compile(r"^(\d+)\s*([smh]?)$")
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -169,11 +189,17 @@ def parse_spec(text: str, *, now: datetime.datetime | None = None) -> dict[str, 
     spec["results"] = _bucket_url("results", raw["results"])
     spec["code"] = _code(raw.get("code"))
     spec["dataset"] = _dataset(raw.get("dataset"))
-    for key in ("checkpoint_dir",):
-        value = raw.get(key)
-        if value is not None and (not isinstance(value, str) or not value.startswith("/")):
-            raise SpecError(f"{key} {value!r} is not an absolute path")
-        spec[key] = value
+    value = raw.get("checkpoint_dir")
+    if value is not None:
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise SpecError(f"checkpoint_dir {value!r} is not an absolute path")
+        top = Path(value).parts[1] if len(Path(value).parts) > 1 else ""
+        if top in SYSTEM_DIRS or ".." in Path(value).parts:
+            raise SpecError(
+                f"checkpoint_dir {value!r} is a system directory: use e.g. /mnt/checkpoints "
+                "or leave it out (the job's own folder)"
+            )
+    spec["checkpoint_dir"] = value
     spec["sync_interval"] = _duration("sync_interval", raw.get("sync_interval", 300), 10)
     preempt = raw.get("preempt_signal", "SIGINT")
     if preempt not in SIGNALS:
@@ -260,7 +286,9 @@ def detect_cloud() -> str:
         return "ec2"
     for path, prefix, cloud in (
         ("/sys/class/dmi/id/product_name", "Google", "gce"),
-        ("/sys/devices/virtual/dmi/id/board_asset_tag", "i-", "ec2"),
+        ("/sys/devices/virtual/dmi/id/board_asset_tag", "i-", "ec2"),  # Nitro
+        ("/sys/class/dmi/id/sys_vendor", "Amazon EC2", "ec2"),
+        ("/sys/hypervisor/uuid", "ec2", "ec2"),  # Xen (p3, ...)
     ):
         with contextlib.suppress(OSError):
             if Path(path).read_text(encoding="utf-8").strip().startswith(prefix):
@@ -383,7 +411,7 @@ def watch_gce(path: str, bad: tuple[str, ...], notice: Notice, stop: threading.E
     while not stop.is_set():
         try:
             status, value, etag_now = gce_get(path, etag=etag, wait=60 if etag else 0)
-        except OSError as exc:  # the server restarts, the network blips: try again soon
+        except Exception as exc:  # the server restarts, the network blips: try again soon
             log(f"metadata {path}: {exc}; retrying")
             stop.wait(1)
             continue
@@ -419,7 +447,7 @@ def watch_ec2(notice: Notice, stop: threading.Event, log, on_rebalance) -> None:
                     rebalance_seen = True
                     log(f"EC2 rebalance recommendation {body.strip()}: syncing early")
                     on_rebalance()
-        except OSError as exc:
+        except Exception as exc:
             log(f"IMDS: {exc}; retrying")
         stop.wait(interval)
 
@@ -449,9 +477,12 @@ class JobLog:
     def __call__(self, line: str, *, source: str = "runner") -> None:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         text = line if source == "job" else f"gpubake-job: {line}"
+        # journald's native protocol: a newline would start a binary field and drop the entry
+        text = text.replace("\r", " ").replace("\n", " | ")
         with self._lock:
             if self._file is not None:
-                self._file.write(f"{stamp} {text}\n")
+                with contextlib.suppress(OSError):  # a full disk must not stop the runner
+                    self._file.write(f"{stamp} {text}\n")
             sent = False
             if self._journal is not None:
                 fields = (
@@ -515,54 +546,90 @@ class Runner:
         self.notice = Notice()
         self.stop = threading.Event()
         self._sync_lock = threading.Lock()
+        self._background: subprocess.Popen[str] | None = None
         self.mounted: Path | None = None
         self.deadline_armed = False
+        self.timer_at: float | None = None  # when the deadline timer fires (monotonic)
+        self.finishing = False
 
     # -- sync ---------------------------------------------------------------------------
 
-    def sync_tool(self, *args: str, timeout: float = 600) -> str:
-        """Run the sync client; StepError with its one-line error when it fails."""
+    def sync_tool(self, *args: str, timeout: float = 600, background: bool = False) -> str:
+        """Run the sync client; StepError with its one-line error when it fails. A
+        `background` (periodic) run can be cut short by cut_background_sync()."""
+        proc = subprocess.Popen(
+            [*self.config["sync"], *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if background:
+            self._background = proc
         try:
-            proc = subprocess.run(
-                [*self.config["sync"], *args],
-                capture_output=True,
-                text=True,
-                timeout=max(1.0, timeout),
-                check=False,
-            )
+            out, err = proc.communicate(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             raise StepError(f"sync {args[0]} did not finish in {timeout:.0f} s") from None
+        finally:
+            if background:
+                self._background = None
         if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+            lines = err.strip().splitlines() or [f"exit status {proc.returncode}"]
             raise StepError(lines[-1])
-        return proc.stdout
+        return out
+
+    def cut_background_sync(self) -> None:
+        """A notice or the end: the final sync must not wait for a periodic one."""
+        proc = self._background
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
 
     def sync(self, *, timeout: float = 600, final: bool = False) -> None:
-        """Upload checkpoints, results and logs (only what changed)."""
-        with self._sync_lock:
-            deadline = time.monotonic() + timeout
+        """Upload checkpoints, results and logs (only what changed). A final sync cuts a
+        periodic one short and fails (StepError) if any folder could not be synced."""
+        deadline = time.monotonic() + timeout
+        if final:
+            self.stop.set()
+            self.cut_background_sync()
+        if not self._sync_lock.acquire(timeout=max(0.1, deadline - time.monotonic())):
+            raise StepError(f"an earlier sync still ran after {timeout:.0f} s")
+        failed: list[str] = []
+        try:
             results = self.spec["results"]
             for local, remote in (
                 (self.ckpt_dir, f"{results}/checkpoints"),
                 (self.results_dir, f"{results}/results"),
                 (self.logs_dir, f"{results}/logs"),
             ):
+                if self.stop.is_set() and not final:
+                    return  # a final sync follows
                 state = self.work / f".sync-{local.name}.json"
                 left = deadline - time.monotonic()
                 try:
                     out = self.sync_tool(
-                        "upload", str(local), remote, "--state", str(state), timeout=left
+                        "upload",
+                        str(local),
+                        remote,
+                        "--state",
+                        str(state),
+                        timeout=left,
+                        background=not final,
                     )
                 except StepError as exc:
                     self.log(f"sync of {local} to {remote} failed: {exc}")
-                    if final:
-                        raise
+                    failed.append(f"{local.name}: {exc}")
                     continue
                 uploaded = [ln for ln in out.splitlines() if ln.startswith("uploaded ")]
                 if uploaded and local != self.logs_dir:
                     self.log(f"synced {len(uploaded)} file(s) of {local.name} to {remote}")
+        finally:
+            self._sync_lock.release()
+        if final and failed:
+            raise StepError("; ".join(failed))
 
-    def marker(self, name: str, **fields: Any) -> None:
+    def marker(self, name: str, *, timeout: float = 20, **fields: Any) -> None:
         body = json.dumps(
             {
                 "job": self.spec.get("id"),
@@ -570,7 +637,7 @@ class Runner:
                 **fields,
             }
         )
-        self.sync_tool("put", f"{self.spec['results']}/{name}", body, timeout=20)
+        self.sync_tool("put", f"{self.spec['results']}/{name}", body, timeout=timeout)
         self.log(f"wrote {self.spec['results']}/{name}: {body}")
 
     # -- set-up -------------------------------------------------------------------------
@@ -589,6 +656,9 @@ class Runner:
         self.logs_dir = root / "logs"
         self.code_dir = root / "code"
         self.preempt_file = root / "PREEMPTED"
+        # a restarted instance (termination action STOP) keeps /var/lib: start clean
+        self.preempt_file.unlink(missing_ok=True)
+        shutil.rmtree(self.code_dir, ignore_errors=True)
         for directory in (root, self.ckpt_dir, self.results_dir, self.logs_dir, self.code_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self.log.open(self.logs_dir / "job.log")
@@ -643,7 +713,7 @@ class Runner:
     def fetch_code(self) -> Path:
         code = self.spec["code"]
         if code is None:
-            return self.work
+            return self.code_dir  # empty, the job's own
         if code["url"].startswith(("gs://", "s3://")):
             self.sync_tool("fetch-code", code["url"], str(self.code_dir), timeout=900)
         else:
@@ -651,7 +721,17 @@ class Runner:
                 ["git", "clone", "--quiet", code["url"], str(self.code_dir)],
                 ["git", "-C", str(self.code_dir), "checkout", "--quiet", code["commit"]],
             ):
-                proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+                try:
+                    proc = subprocess.run(
+                        argv,
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                        timeout=900,
+                        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+                    )
+                except subprocess.TimeoutExpired:
+                    raise StepError(f"{' '.join(argv[:2])} did not finish in 900 s") from None
                 if proc.returncode != 0:
                     lines = proc.stderr.strip().splitlines() or ["no output"]
                     raise StepError(f"{' '.join(argv[:2])} failed: {lines[-1]}")
@@ -679,7 +759,9 @@ class Runner:
     def start(self, cwd: Path) -> None:
         user = self._user()
         if user is not None:
-            for path in (self.work, self.ckpt_dir, self.results_dir, self.code_dir):
+            # the job's folders only: the work root (logs, sync state, the preempt file), which
+            # the runner writes as root, stays root's, so no link the job plants is followed
+            for path in (self.ckpt_dir, self.results_dir, self.code_dir):
                 for name in [path, *path.rglob("*")]:
                     os.lchown(name, user.pw_uid, user.pw_gid)
         env = {
@@ -727,6 +809,10 @@ class Runner:
         )
         threading.Thread(target=self._pump, daemon=True).start()
 
+    def _on_sigterm(self, _signum: int, _frame: Any) -> None:
+        if not self.finishing:
+            self.notice.raise_("SIGTERM: the system is shutting down", WINDOWS.get(self.cloud, 30))
+
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         for raw in iter(self.proc.stdout.readline, b""):
@@ -746,7 +832,11 @@ class Runner:
         except subprocess.TimeoutExpired:
             self.log(f"the job did not stop within {grace:.0f} s: killing it")
             self.signal_job(signal.SIGKILL)
-            return self.proc.wait()
+            try:  # a process in uninterruptible sleep (a hung GPU) may never go
+                return self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.log("the job did not die after SIGKILL: going on without it")
+                return -9
 
     # -- watchers -----------------------------------------------------------------------
 
@@ -789,6 +879,7 @@ class Runner:
             self.log(f"could not arm the {after} s deadline timer: {proc.stderr.strip()}")
         else:
             self.deadline_armed = True
+            self.timer_at = time.monotonic() + after
             self.log(f"armed the deadline: power-off in {after} s even if this runner hangs")
 
     # -- the job ------------------------------------------------------------------------
@@ -796,6 +887,14 @@ class Runner:
     def run(self, spec_text: str) -> int:
         """Run the job; returns the runner's exit status (0: the job succeeded)."""
         self.state.update(job=None, on_end="poweroff", shut_down=False, started=time.time())
+        if not self.local:
+            # an earlier job of this boot may have left its timers
+            for unit in (DEADLINE_UNIT, STAY_UNIT):
+                subprocess.run(
+                    ["systemctl", "stop", f"{unit}.timer"], capture_output=True, check=False
+                )
+            # a Spot VM's soft-off comes with the notice: systemd stops this unit with SIGTERM
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             self.spec = parse_spec(spec_text)
         except SpecError as exc:
@@ -803,7 +902,9 @@ class Runner:
             self._fail_early(spec_text, f"bad job spec: {exc}")
             return 2
         self.log = JobLog(self.spec["id"], None)
-        self.state.update(job=self.spec["id"], on_end=self.spec["on_end"])
+        self.state.update(
+            job=self.spec["id"], on_end=self.spec["on_end"], stay_minutes=self.spec["stay_minutes"]
+        )
         self.prepare_dirs()
         self.state.update(results=self.spec["results"], work=str(self.work))
         self.log(f"job {self.spec['id']} on {self.cloud}; results in {self.spec['results']}")
@@ -812,13 +913,13 @@ class Runner:
         except StepError as exc:
             self.log(f"the results location cannot be used: {exc}")
             return 2
-        self.arm_deadline()
         try:
             self.mount_dataset()
             cwd = self.fetch_code()
             self.restore_checkpoints()
             self.start_watchers()
             self.start(cwd)
+            self.arm_deadline()  # from the job's start, as _supervise counts max_run_time
         except (StepError, OSError) as exc:
             self.log(f"the job could not start: {exc}")
             self._finish_failed(f"the job could not start: {exc}", None)
@@ -845,19 +946,27 @@ class Runner:
         if code == 0:
             self.log("the job succeeded")
             try:
-                self.sync(final=True)
+                self.sync(final=True, timeout=self.final_budget())
                 self.marker("_SUCCESS", exit_code=0)
             except StepError as exc:
                 self.log(f"the final sync failed: {exc}")
+                with contextlib.suppress(StepError):
+                    self.marker("_FAILED", exit_code=0, reason=f"the final sync failed: {exc}")
                 return 1
             return 0
         self._finish_failed(f"the command exited with {code}", code)
         return 1
 
+    def final_budget(self, default: float = 600) -> float:
+        """Seconds a final sync may take: less when the deadline timer would cut it."""
+        if self.timer_at is None:
+            return default
+        return max(10.0, min(default, self.timer_at - time.monotonic() - 15))
+
     def _finish_failed(self, reason: str, code: int | None) -> None:
         self.stop.set()
         try:
-            self.sync(final=True)
+            self.sync(final=True, timeout=self.final_budget())
         except StepError as exc:
             self.log(f"the final sync failed: {exc}")
         with contextlib.suppress(StepError):
@@ -879,11 +988,12 @@ class Runner:
         self.stop.set()
         left = window - (time.monotonic() - notice.seen_at) - 3
         try:
-            self.sync(timeout=max(3.0, left), final=True)
+            self.sync(timeout=max(3.0, left - 3), final=True)
         except StepError as exc:
             self.log(f"the final sync after the notice failed: {exc}")
+        left = window - (time.monotonic() - notice.seen_at) - 1
         with contextlib.suppress(StepError):
-            self.marker("_PREEMPTED", exit_code=code, reason=notice.reason)
+            self.marker("_PREEMPTED", exit_code=code, reason=notice.reason, timeout=max(2, left))
         return 3
 
     def _fail_early(self, spec_text: str, reason: str) -> None:
@@ -900,6 +1010,7 @@ class Runner:
 
     def finish(self) -> None:
         """Unmount, then power off (or schedule it after stay_minutes)."""
+        self.finishing = True
         self.stop.set()
         if self.mounted is not None:
             subprocess.run(["umount", str(self.mounted)], capture_output=True, check=False)
@@ -913,15 +1024,13 @@ class Runner:
             minutes = self.spec["stay_minutes"]
             self.log(f"on_end stay: the machine powers off in {minutes} min")
             proc = poweroff_timer(self.config, STAY_UNIT, minutes * 60)
-            if proc.returncode != 0:
-                self.log(f"could not arm the stay timer: {proc.stderr.strip()}: powering off now")
+            if proc.returncode == 0:
                 self.state.update(shut_down=True)
-                poweroff(self.config, self.log)
                 return
+            self.log(f"could not arm the stay timer: {proc.stderr.strip()}: powering off now")
+        # marked done only once the command was taken: otherwise the backstop tries again
+        if poweroff(self.config, self.log):
             self.state.update(shut_down=True)
-            return
-        self.state.update(shut_down=True)
-        poweroff(self.config, self.log)
 
 
 def poweroff_timer(
@@ -946,11 +1055,23 @@ def poweroff_timer(
     )
 
 
-def poweroff(config: dict[str, Any], log) -> None:
-    log(f"powering off: {shlex.join(config['poweroff'])}")
-    proc = subprocess.run(config["poweroff"], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        log(f"power-off command failed ({proc.returncode}): {proc.stderr.strip()}")
+def poweroff(config: dict[str, Any], log) -> bool:
+    """Run the power-off command first (nothing, a full disk included, may stand before it),
+    then say so; True when it was taken."""
+    try:
+        proc = subprocess.run(
+            config["poweroff"], capture_output=True, text=True, check=False, timeout=120
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        with contextlib.suppress(Exception):
+            log(f"power-off command {shlex.join(config['poweroff'])} failed: {exc}")
+        return False
+    with contextlib.suppress(Exception):
+        if proc.returncode == 0:
+            log(f"powered off: {shlex.join(config['poweroff'])}")
+        else:
+            log(f"power-off command failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.returncode == 0
 
 
 # ------------------------------------------------------------------------------- commands
@@ -958,11 +1079,18 @@ def poweroff(config: dict[str, Any], log) -> None:
 
 def cmd_boot(config: dict[str, Any]) -> int:
     runner = Runner(config, local=False, work=None)
-    try:
-        text = find_spec(runner.cloud)
-    except OSError as exc:
-        print(f"gpubake-job: cannot read the job spec from the {runner.cloud} metadata: {exc}")
-        return 1
+    deadline = time.monotonic() + 60
+    while True:  # the network may come up after this unit
+        try:
+            text = find_spec(runner.cloud)
+            break
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                print(
+                    f"gpubake-job: cannot read the job spec from the {runner.cloud} metadata: {exc}"
+                )
+                return 1
+            time.sleep(2)
     if text is None:
         print(f"gpubake-job: no job spec on this instance ({runner.cloud}): nothing to do")
         return 0
@@ -984,10 +1112,16 @@ def cmd_backstop(config: dict[str, Any]) -> int:
     """ExecStopPost: the runner is gone; power off unless it got to its own shutdown."""
     state = State(STATE_DIR)
     state.data = state.read()
-    if not state.data or state.data.get("shut_down") or state.data.get("on_end") == "stay":
+    if not state.data or state.data.get("shut_down"):
         return 0
     job_id, results = state.data.get("job"), state.data.get("results")
     log = JobLog(job_id or "-", None)
+    if state.data.get("on_end") == "stay":
+        minutes = int(state.data.get("stay_minutes", 60))
+        if poweroff_timer(config, STAY_UNIT, minutes * 60).returncode == 0:
+            log(f"the runner ended early; on_end stay: the machine powers off in {minutes} min")
+            state.update(shut_down=True)
+            return 0
     log("the runner ended before its shutdown: powering off (backstop)")
     try:
         if job_id and results:
@@ -1001,8 +1135,8 @@ def cmd_backstop(config: dict[str, Any]) -> int:
     except (OSError, subprocess.SubprocessError) as exc:
         log(f"could not write _FAILED: {exc}")
     finally:
-        state.update(shut_down=True)
-        poweroff(config, log)
+        if poweroff(config, log):
+            state.update(shut_down=True)
     return 0
 
 
