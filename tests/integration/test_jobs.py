@@ -265,6 +265,9 @@ class Job:
         self.md.set_ec2("meta-data/spot/instance-action", None)
 
     def start(self, cloud: str) -> None:
+        # where the journal stands before this job: its lines are the ones after
+        shown = _exec(self.box, "journalctl --show-cursor -n 0 -q --no-pager")
+        self.cursor = shown.strip().rsplit("cursor: ", 1)[-1]
         if cloud == "gce":
             self.md.set_gce("instance/attributes/gpubake-job", json.dumps(self.spec))
             self.md.set_ec2("user-data", None)
@@ -301,7 +304,11 @@ class Job:
         pytest.fail(f"the machine was not powered off: {self.journal()[-3000:]}")
 
     def journal(self) -> str:
-        return run_in(self.box, "journalctl", "-u", "gpubake-job", "--no-pager", "-o", "cat")[1]
+        """The unit's journal since this job started (the container runs one job a test)."""
+        return run_in(
+            self.box, "journalctl", "-u", "gpubake-job", f"--after-cursor={self.cursor}",
+            "--no-pager", "-o", "cat",
+        )[1]  # fmt: skip
 
     def outputs(self) -> Objects:
         return _fetch(self.store, self.results, self.tmp / f"out-{uuid.uuid4().hex[:6]}")

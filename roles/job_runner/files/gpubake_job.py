@@ -1044,6 +1044,7 @@ def poweroff_timer(
             f"--unit={unit}",
             "--collect",  # unloaded once done, so the next job can arm its own
             f"--on-active={seconds}s",
+            "--timer-property=AccuracySec=1s",  # a timer's default accuracy is a minute
             f"--setenv=GPUBAKE_POWEROFF_COMMAND={shlex.join(config['poweroff'])}",
             sys.executable,
             str(Path(__file__).resolve()),
