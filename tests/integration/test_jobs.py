@@ -495,6 +495,17 @@ def test_unusable_results_still_powers_off(machine, stores, tmp_path, results, e
     assert expect in job.journal()
 
 
+def _job_local(
+    store: Any, spec: Path, *args: str, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """`gpubake job local SPEC` on this machine (no cloud), with the store's endpoint."""
+    return subprocess.run(
+        [sys.executable, "-m", "gpubake", "job", "local", str(spec), *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+        env={**os.environ, **store.env, "GPUBAKE_CLOUD": "none"},
+    )  # fmt: skip
+
+
 def test_job_local_runs_the_same_runner(stores, tmp_path):
     """`gpubake job local`: the same runner on this machine, nothing mounted or powered off."""
     store = stores["s3"]
@@ -513,12 +524,7 @@ def test_job_local_runs_the_same_runner(stores, tmp_path):
         "gpubake_job": 1, "id": "local-try", "command": [sys.executable, "train.py"],
         "code": {"url": f"s3://{bucket}/code"}, "results": f"s3://{bucket}/run",
     }))  # fmt: skip
-    env = {**os.environ, **store.env, "GPUBAKE_CLOUD": "none"}
-    work = tmp_path / "work"
-    proc = subprocess.run(
-        [sys.executable, "-m", "gpubake", "job", "local", str(spec), "--work-dir", str(work)],
-        capture_output=True, text=True, timeout=300, env=env, check=False,
-    )  # fmt: skip
+    proc = _job_local(store, spec, "--work-dir", str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = _fetch(store, f"s3://{bucket}/run", tmp_path / "out")
     assert out["results/done"] == "yes" and out["checkpoints/ckpt"] == "1"
@@ -526,10 +532,7 @@ def test_job_local_runs_the_same_runner(stores, tmp_path):
     assert "powered off" not in proc.stdout and "power-off" not in proc.stdout
 
     spec.write_text(json.dumps({"gpubake_job": 1, "command": "true", "results": "ftp://x"}))
-    proc = subprocess.run(
-        [sys.executable, "-m", "gpubake", "job", "local", str(spec)],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
-    )  # fmt: skip
+    proc = _job_local(store, spec, timeout=60)
     assert proc.returncode == 2
     assert "is not a bucket URL" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -565,11 +568,6 @@ def test_job_local_fetches_code_from_git_at_a_commit(stores, tmp_path):
         "gpubake_job": 1, "id": "git-try", "command": [sys.executable, "train.py"],
         "code": {"url": f"file://{repo}", "commit": pinned}, "results": f"gs://{bucket}/run",
     }))  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "gpubake", "job", "local", str(spec), "--work-dir",
-         str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, **store.env, "GPUBAKE_CLOUD": "none"},
-    )  # fmt: skip
+    proc = _job_local(store, spec, "--work-dir", str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _fetch(store, f"gs://{bucket}/run", tmp_path / "out")["results/v"] == "pinned"
