@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,23 +145,32 @@ def shared_vm_host(engine: Any) -> Iterator[VmHost]:
     if "value" in _SHARED:
         yield _SHARED["value"]
         return
-    with ssh_host(engine) as (box, login, key, known):
+    stack = _SHARED["stack"] = ExitStack()
+    try:
+        box, login, key, known = stack.enter_context(ssh_host(engine))
         args = (*STACK_ARGS, "--ca-bundle", str(HOST_BUNDLE), "-v")
-        try:
-            first = build_over_ssh(login, key, known, *args, timeout=3600)
-            assert first.returncode == 0, first.output[-12000:]
-            second = build_over_ssh(login, key, known, *args, timeout=1800)
-            assert second.returncode == 0, second.output[-12000:]
-        except BaseException as exc:
-            _SHARED["error"] = exc
-            raise
-        value = _SHARED["value"] = VmHost(box, login, key, known, first, second)
-        print(  # shown with -s
-            f"\nVM playbook over ssh: first run {first.seconds:.0f} s, "
-            f"second {second.seconds:.0f} s"
-        )
-        try:
-            yield value
-        finally:
-            _SHARED.clear()
-            _SHARED["error"] = RuntimeError("the shared VM host was already removed")
+        first = build_over_ssh(login, key, known, *args, timeout=3600)
+        assert first.returncode == 0, first.output[-12000:]
+        second = build_over_ssh(login, key, known, *args, timeout=1800)
+        assert second.returncode == 0, second.output[-12000:]
+    except BaseException as exc:
+        release_vm_host(exc)
+        raise
+    value = _SHARED["value"] = VmHost(box, login, key, known, first, second)
+    print(  # shown with -s
+        f"\nVM playbook over ssh: first run {first.seconds:.0f} s, second {second.seconds:.0f} s"
+    )
+    try:
+        yield value
+    finally:
+        release_vm_host()
+
+
+def release_vm_host(error: BaseException | None = None) -> None:
+    """Remove the container (about 13 GB) now; tests/integration/conftest.py calls this after
+    the last test that uses it, so it does not hold the disk while later modules build images."""
+    stack = _SHARED.pop("stack", None)
+    _SHARED.pop("value", None)
+    _SHARED.setdefault("error", error or RuntimeError("the shared VM host was already removed"))
+    if stack is not None:
+        stack.close()
