@@ -76,6 +76,9 @@ def test_durations_and_shapes():
         ({"checkpoint_dir": "/opt/gpubake"}, "is a system directory"),
         ({"checkpoint_dir": "/mnt/../etc"}, "is a system directory"),
         ({"checkpoint_dir": "ckpt"}, "is not an absolute path"),
+        ({"params": {"LR": "1"}}, "params must map names"),
+        ({"params": {"lr": 1}}, "params must map names"),
+        ({"params": ["lr"]}, "params must map names"),
     ],
 )
 def test_bad_specs_are_one_line(changes, message):
@@ -83,6 +86,14 @@ def test_bad_specs_are_one_line(changes, message):
         parse(**changes)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_sweep_params_are_kept():
+    assert parse()["params"] == {}
+    assert parse(params={"lr": "1e-3", "batch_size": "32"})["params"] == {
+        "lr": "1e-3",
+        "batch_size": "32",
+    }
 
 
 def test_not_json_and_not_an_object():

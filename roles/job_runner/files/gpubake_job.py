@@ -82,6 +82,7 @@ SYSTEM_DIRS = {
 }
 _DURATION = re.compile(r"^(\d+)\s*([smh]?)$")
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_PARAM_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BUCKET_URL = re.compile(r"^(gs|s3)://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$")
 _GIT_URL = re.compile(r"^(https://|ssh://|git@|file://).+")
@@ -119,6 +120,7 @@ FIELDS = {
     "preempt_signal": "SIGINT (default) or SIGTERM",
     "grace_period": "seconds the job gets to stop after the signal",
     "env": "environment variables for the command",
+    "params": "a sweep's values {name: value}, seen by the command as $GPUBAKE_PARAM_<NAME>",
     "max_run_time": "hard deadline: the job is stopped and the machine powered off after it",
     "on_end": "poweroff (default) or stay",
     "stay_minutes": "with on_end stay: minutes before the machine powers off anyway",
@@ -220,6 +222,12 @@ def parse_spec(text: str, *, now: datetime.datetime | None = None) -> dict[str, 
     if reserved:
         raise SpecError(f"env {reserved[0]} is reserved: gpubake-job sets the GPUBAKE_ variables")
     spec["env"] = dict(env)
+    params = raw.get("params", {})
+    if not isinstance(params, dict) or not all(
+        isinstance(k, str) and _PARAM_NAME.match(k) and isinstance(v, str) for k, v in params.items()
+    ):
+        raise SpecError('params must map names (a-z, 0-9, _) to strings, e.g. {"lr": "1e-3"}')
+    spec["params"] = dict(params)
     on_end = raw.get("on_end", "poweroff")
     if on_end not in ("poweroff", "stay"):
         raise SpecError(f"on_end {on_end!r} is not poweroff or stay")
@@ -777,6 +785,7 @@ class Runner:
             "GPUBAKE_RESULTS_DIR": str(self.results_dir),
             "GPUBAKE_PREEMPT_FILE": str(self.preempt_file),
             "GPUBAKE_ENV_PREFIX": self.config["env_prefix"],
+            **{f"GPUBAKE_PARAM_{k.upper()}": v for k, v in self.spec["params"].items()},
         }
         if self.spec["dataset"]:
             env["GPUBAKE_DATASET_DIR"] = self.spec["dataset"]["mount"]

@@ -259,6 +259,10 @@ class _S3:
                 Metadata={MD5_KEY: md5},
             )
 
+    def delete(self, key: str) -> None:
+        with self.errors(key):
+            self.client.delete_object(Bucket=self.loc.bucket, Key=key)
+
 
 class _GCS:
     """google-cloud-storage with a bounded retry; anonymous against STORAGE_EMULATOR_HOST."""
@@ -359,6 +363,10 @@ class _GCS:
             self.bucket.blob(key).download_to_filename(
                 str(path), timeout=self.timeout, retry=self.retry
             )
+
+    def delete(self, key: str) -> None:
+        with self.errors(key):
+            self.bucket.blob(key).delete(timeout=self.timeout, retry=self.retry)
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         blob = self.bucket.blob(key)
@@ -566,6 +574,35 @@ def put_text(url: str, text: str) -> None:
     if not loc.prefix:
         raise SyncError(f"put needs an object name after the bucket: {url}")
     _store(loc).put_bytes(loc.prefix, text.encode("utf-8"), "text/plain; charset=utf-8")
+
+
+def read_text(url: str) -> str | None:
+    """The object at exactly url as text (UTF-8), None when there is none (the laptop reads
+    markers and logs this way)."""
+    loc = _Location(url)
+    store = _store(loc)
+    if not loc.prefix or not store.exists(loc.prefix):
+        return None
+    with tempfile.TemporaryDirectory(prefix="gpubake-sync-") as tmp:
+        path = Path(tmp) / "object"
+        store.download(loc.prefix, path)
+        return path.read_text(encoding="utf-8", errors="replace")
+
+
+def upload_file(path: str | os.PathLike, url: str) -> None:
+    """One local file, as the object at exactly url (the laptop's packed code)."""
+    loc = _Location(url)
+    if not loc.prefix:
+        raise SyncError(f"upload needs an object name after the bucket: {url}")
+    _store(loc).upload(Path(path), loc.prefix, _file_md5(Path(path)))
+
+
+def remove(url: str) -> None:
+    """Delete the object at exactly url (the laptop's write probe)."""
+    loc = _Location(url)
+    if not loc.prefix:
+        raise SyncError(f"remove needs an object name after the bucket: {url}")
+    _store(loc).delete(loc.prefix)
 
 
 def _check_name(member: tarfile.TarInfo) -> None:
