@@ -238,6 +238,8 @@ def _common_labels(stack: Stack, digest: str) -> dict[str, str]:
         "gpubake-cuda": stack.cuda,
         "gpubake-python": stack.python,
         "gpubake-os": stack.os.key,
+        # `gpubake job run` starts only images whose runner (role job_runner) is in
+        "gpubake-job-runner": "true" if stack.job_runner else "false",
         "gpubake-version": __version__,
         # GCP label values hold 63 characters: 40 hex digits (160 bits) of the hash
         "gpubake-input-hash": digest[:40],

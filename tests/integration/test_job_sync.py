@@ -523,3 +523,70 @@ def test_safe_tarball_with_inner_link_extracts(tmp_path, monkeypatch, data_filte
     path.write_bytes(tarball({"pkg/a.py": b"A = 1\n"}, "w", (_link("pkg/b.py", "a.py"),)))
     assert sync._extract(path, tmp_path / "dest", "gs://b/t.tar") == ["pkg/a.py"]
     assert (tmp_path / "dest/pkg/b.py").read_bytes() == b"A = 1\n"
+
+
+# -- the laptop's side (gpubake.jobs.storage): the same client, loaded from the role's files
+
+
+def test_probe_leaves_nothing_and_refuses_a_missing_bucket(url):
+    from gpubake.jobs import storage
+    from gpubake.jobs.launch import JobError
+
+    storage.probe(f"{url}/runs")
+    assert list(sync._store(sync._Location(url)).objects("")) == []
+    missing = url.replace("://t-", "://missing-")
+    with pytest.raises(JobError, match=r"is not writable: bucket .* does not exist") as err:
+        storage.probe(f"{missing}/runs")
+    assert "\n" not in str(err.value)
+
+
+def test_the_newest_marker_tells_how_a_job_ended(url, tmp_path):
+    from gpubake.jobs import storage
+
+    job = f"{url}/runs/j1"
+    assert storage.outcome(job) is None and storage.log_text(job) is None
+    sync.put_text(f"{job}/_PREEMPTED", '{"job": "j1", "time": "2026-12-03T10:00:00+00:00"}')
+    assert storage.outcome(job)["state"] == "preempted"
+    # run again after the preemption, and finished
+    sync.put_text(f"{job}/_SUCCESS", '{"job": "j1", "time": "2026-12-03T11:00:00+00:00"}')
+    assert storage.outcome(job) == {
+        "state": "succeeded",
+        "job": "j1",
+        "time": "2026-12-03T11:00:00+00:00",
+    }
+    sync.put_text(f"{job}/logs/job.log", "step 1\nstep 2\n")
+    assert storage.log_text(job) == "step 1\nstep 2\n"
+    code = tmp_path / "code.tar.gz"
+    code.write_bytes(b"not really a tarball")
+    storage.upload_code(code, f"{job}/code.tar.gz")
+    names = storage.fetch(job, tmp_path / "out", log=lambda _line: None)
+    assert sorted(names) == ["_PREEMPTED", "_SUCCESS", "code.tar.gz", "logs/job.log"]
+    assert (tmp_path / "out" / "code.tar.gz").read_bytes() == b"not really a tarball"
+    sync.remove(f"{job}/code.tar.gz")
+    assert sync.read_text(f"{job}/code.tar.gz") is None
+
+
+def test_job_logs_and_fetch_take_a_results_url(url, tmp_path, server):
+    job = f"{url}/runs/j2"
+    sync.put_text(f"{job}/logs/job.log", "hello from the job\n")
+    env = {**server.env, "XDG_STATE_HOME": str(tmp_path / "state")}
+    clean = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
+    run = [sys.executable, "-m", "gpubake", "job"]
+    logs = subprocess.run(
+        [*run, "logs", job], env={**clean, **env}, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert logs.returncode == 0 and logs.stdout == "hello from the job\n", logs.stderr
+    empty = subprocess.run(
+        [*run, "fetch", f"{url}/runs/none", str(tmp_path / "o")], env={**clean, **env},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert empty.returncode == 1
+    assert (
+        empty.stderr.startswith("gpubake: error: nothing under ") and empty.stderr.count("\n") == 1
+    )
+    unknown = subprocess.run(
+        [*run, "fetch", "job-nope", str(tmp_path / "o")], env={**clean, **env},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "no job 'job-nope' was launched from this machine" in unknown.stderr
