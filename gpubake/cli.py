@@ -597,6 +597,15 @@ def job_validate_cmd(spec: str) -> None:
         sys.exit(code)
 
 
+def _register_job_commands() -> None:
+    from gpubake.jobs import commands
+
+    commands.register(job_group)
+
+
+_register_job_commands()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: click errors and gpubake errors become one line and a non-zero exit."""
     try:

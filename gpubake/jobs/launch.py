@@ -68,6 +68,9 @@ class JobOptions:
     env: tuple[tuple[str, str], ...] = ()
     sync_interval: str | None = None
     name: str = "job"  # the id's prefix
+    # what the VM writes the results with: an AWS instance profile, a GCP service account
+    instance_profile: str | None = None
+    service_account: str = "default"  # the project's default compute service account
 
     def location(self) -> str:
         return f"{self.project}/{self.zone}" if self.cloud == "gcp" else str(self.region)

@@ -477,3 +477,78 @@ def test_a_missing_instance_profile_is_refused(aws_env):
     with pytest.raises(JobError, match=r"^--instance-profile no-such-profile: no such instance"):
         aws.preflight(launch.make_jobs(options))
     assert footprint(world) == before
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def _gpubake(*args: str, tmp_path) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "gpubake", "job", *args],
+        capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+    )  # fmt: skip
+
+
+def test_sweep_status_stop_and_gc_from_the_command_line(aws_env, tmp_path):
+    """`gpubake job sweep` starts 4 instances in moto's EC2; `job status` reads them, `job stop`
+    ends one, `job gc` deletes those past their deadline (--dry-run first: nothing goes)."""
+    ec2 = _client(aws_env.server, "ec2")
+    common = ("--cloud", "aws", "--region", REGION, "--instance-profile", INSTANCE_PROFILE)
+    swept = _gpubake(
+        "sweep", *common, "--results", f"s3://{BUCKET}/cli", "--max-run-duration", "2s",
+        "--param", "lr=1e-3,1e-4", "--param", "bs=32,64",
+        "--", "python", "train.py", "--lr", "{lr}", "--batch-size", "{bs}",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert swept.returncode == 0, swept.stderr
+    sweep = swept.stdout.strip()
+    assert swept.stderr.count("started job") == 4
+    mine = ec2.describe_instances(Filters=[{"Name": f"tag:{SWEEP_LABEL}", "Values": [sweep]}])
+    instances = [i for r in mine["Reservations"] for i in r["Instances"]]
+    assert len(instances) == 4
+    specs = [
+        json.loads(
+            base64.b64decode(
+                ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")[
+                    "UserData"
+                ]["Value"]
+            )
+        )
+        for i in instances
+    ]
+    assert len({s["results"] for s in specs}) == 4
+    assert sorted(tuple(s["command"][3::2]) for s in specs) == [
+        ("1e-3", "32"), ("1e-3", "64"), ("1e-4", "32"), ("1e-4", "64"),
+    ]  # fmt: skip
+
+    status = _gpubake("status", "--sweep", sweep, "--json", tmp_path=tmp_path)
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)
+    assert len(rows) == 4 and {r["vm"] for r in rows} <= {"pending", "running"}
+    assert all(r["outcome"] == "running" and r["cost"].startswith("$") for r in rows)
+    table = _gpubake("status", "--sweep", sweep, tmp_path=tmp_path).stdout
+    assert table.splitlines()[0].split() == ["JOB", "VM", "OUTCOME", "GPU", "RUNTIME", "COST"]
+
+    first = rows[0]["job"]
+    stopped = _gpubake("stop", first, tmp_path=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    gone = _gpubake("status", first, "--json", tmp_path=tmp_path)
+    assert json.loads(gone.stdout)[0]["vm"] == "gone"
+
+    time.sleep(2.5)  # past the 2 s deadline
+    where = ("--cloud", "aws", "--region", REGION)
+    dry = _gpubake("gc", *where, "--dry-run", "--json", tmp_path=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    listed = {i["job"] for i in json.loads(dry.stdout)}
+    assert {r["job"] for r in rows[1:]} <= listed and first not in listed
+    assert len(_gpubake("status", "--sweep", sweep, "--json", tmp_path=tmp_path).stdout) > 0
+    still = json.loads(_gpubake("status", "--sweep", sweep, "--json", tmp_path=tmp_path).stdout)
+    assert sum(r["vm"] != "gone" for r in still) == 3  # --dry-run deleted nothing
+    done = _gpubake("gc", *where, tmp_path=tmp_path)
+    assert done.returncode == 0 and done.stderr.count("deleting ") >= 3, done.stderr
+    after = json.loads(_gpubake("status", "--sweep", sweep, "--json", tmp_path=tmp_path).stdout)
+    assert {r["vm"] for r in after} == {"gone"}

@@ -454,3 +454,58 @@ def test_instance_rows_say_stopped_for_terminated(gce, env):
     assert (row.state, row.stopped, row.deadline, row.sweep) == ("TERMINATED", True, 12.0, None)
     client(gce, options()).delete([row])
     assert gce.instance(PROJECT, ZONE, name) is None
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def _gpubake(*args: str, tmp_path, gce: ComputeStandin) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "gpubake", "job", *args],
+        capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"),
+             gcp.ENDPOINT_ENV: gce.url},
+    )  # fmt: skip
+
+
+def test_run_dry_run_status_and_stop_from_the_command_line(gce, env, tmp_path):
+    """`gpubake job run --dry-run --json` prints the body `job run` then sends; `job status`
+    reads the VM, `job stop` stops and deletes it."""
+    where = ("--cloud", "gcp", "--project", PROJECT, "--zone", ZONE)
+    args = (
+        "run", *where, "--results", f"gs://{BUCKET}/cli", "--dataset-disk", "imagenet",
+        "--max-run-duration", "2h",
+    )  # fmt: skip
+    command = ("--", "python", "train.py")
+    dry = _gpubake(*args, "--dry-run", "--json", *command, tmp_path=tmp_path, gce=gce)
+    assert dry.returncode == 0, dry.stderr
+    (planned,) = json.loads(dry.stdout)["jobs"]
+    body = planned["request"]
+    assert body["scheduling"]["provisioningModel"] == "SPOT"
+    assert body["scheduling"]["maxRunDuration"]["seconds"] in (7200, "7200")
+    items = {i["key"]: i["value"] for i in body["metadata"]["items"]}
+    assert json.loads(items["gpubake-job"]) == planned["spec"]
+    gce.clear()
+
+    ran = _gpubake(*args, *command, tmp_path=tmp_path, gce=gce)
+    assert ran.returncode == 0, ran.stderr
+    job_id = ran.stdout.strip()
+    (sent,) = gce.inserts()
+    # what was sent is what the dry run showed, but for the job's own id and deadline
+    assert sent["name"] == job_id
+    assert sent["scheduling"] == body["scheduling"]
+    assert [d.get("mode") for d in sent["disks"]] == [d.get("mode") for d in body["disks"]]
+
+    status = _gpubake("status", job_id, "--json", tmp_path=tmp_path, gce=gce)
+    assert status.returncode == 0, status.stderr
+    (row,) = json.loads(status.stdout)
+    assert row["vm"] == "RUNNING" and row["cost"] == "unknown" and row["outcome"] == "running"
+
+    stopped = _gpubake("stop", job_id, tmp_path=tmp_path, gce=gce)
+    assert stopped.returncode == 0, stopped.stderr
+    assert gce.requests("POST", f"/instances/{job_id}/stop")
+    assert gce.requests("DELETE", f"/instances/{job_id}")

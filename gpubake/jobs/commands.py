@@ -1,0 +1,558 @@
+"""`gpubake job run|sweep|emit|status|logs|fetch|stop|gc`: the click commands (registered on
+the `job` group by gpubake.cli), and the flows behind them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gpubake.jobs import launch, storage
+from gpubake.jobs.cloud import Instance
+from gpubake.jobs.launch import JobError, JobOptions, Record
+
+Echo = Callable[[str], None]
+
+
+def _echo(message: str) -> None:
+    click.echo(f"gpubake: {message}", err=True)
+
+
+def _cloud_client(options: JobOptions) -> Any:
+    """gpubake.jobs.gcp.Gcp or gpubake.jobs.aws.Aws (imported on use: each pulls in a big
+    client library)."""
+    if options.cloud == "gcp":
+        from gpubake.jobs.gcp import Gcp
+
+        return Gcp(options, service_account=options.service_account)
+    from gpubake.jobs.aws import Aws
+
+    if options.profile:  # the bucket client (results, logs, code) uses boto3's default session
+        os.environ["AWS_PROFILE"] = options.profile
+    return Aws(options, instance_profile=options.instance_profile)
+
+
+def settle(options: JobOptions, env: Mapping[str, str]) -> JobOptions:
+    """Project and zone (GCP) or region and profile (AWS), from the options or the variables
+    the clouds' CLIs use, checked the way `build` checks them."""
+    from gpubake import clouds
+    from gpubake.plan import CloudOptions
+
+    target = "gcp-image" if options.cloud == "gcp" else "aws-ami"
+    given = CloudOptions(
+        project=options.project, zone=options.zone, region=options.region, profile=options.profile
+    )
+    try:
+        settled = clouds.settle_options(target, given, env)
+    except clouds.CloudError as exc:
+        raise JobError(str(exc).replace(f"for {target}", "for the job")) from None
+    return dataclasses.replace(
+        options,
+        project=settled.project,
+        zone=settled.zone,
+        region=settled.region,
+        profile=settled.profile,
+    )
+
+
+def _instances_by_job(client: Any) -> dict[str, Instance]:
+    return {i.job: i for i in client.list()}
+
+
+def _wait_for_slot(client: Any, sweep: str, max_parallel: int, echo: Echo) -> None:
+    """Block until fewer than max_parallel VMs of the sweep are running (poll every 30 s)."""
+    said = False
+    while True:
+        active = [i for i in client.list(sweep=sweep) if not i.stopped]
+        if len(active) < max_parallel:
+            return
+        if not said:
+            echo(f"{len(active)} of the sweep's jobs run (--max-parallel {max_parallel}): waiting")
+            said = True
+        time.sleep(30)
+
+
+def launch_jobs(
+    options: JobOptions,
+    params: Mapping[str, list[str]] | None,
+    *,
+    dry_run: bool,
+    as_json: bool,
+    max_parallel: int | None = None,
+    echo: Echo = _echo,
+    env: Mapping[str, str] | None = None,
+) -> list[Record]:
+    """`job run` (params None) and `job sweep`: check, upload the code, create one VM per job."""
+    options = settle(options, os.environ if env is None else env)
+    jobs = launch.make_jobs(options, params)
+    client = _cloud_client(options)
+    if dry_run:
+        requests = client.requests(jobs)
+        out = {
+            "cloud": options.cloud,
+            "jobs": [
+                {"id": j.id, "results": j.results, "spec": j.spec, "request": r}
+                for j, r in zip(jobs, requests, strict=True)
+            ],
+        }
+        if as_json:
+            click.echo(json.dumps(out, indent=2, sort_keys=True))
+        else:
+            for job in out["jobs"]:
+                click.echo(f"# job {job['id']}: the request gpubake would send")
+                click.echo(json.dumps(job["request"], indent=2, sort_keys=True))
+                click.echo(f"# job {job['id']}: its spec")
+                click.echo(json.dumps(job["spec"], indent=2, sort_keys=True))
+        return []
+    if options.cloud == "aws" and not options.instance_profile:
+        raise JobError(
+            "--instance-profile is required on AWS: the VM writes its results to S3 with that "
+            "profile's role (one that may write the results bucket)"
+        )
+    echo(f"checking the image, GPU, dataset disk and results location for {len(jobs)} job(s)")
+    image = client.preflight(jobs)
+    code = jobs[0].spec.get("code")
+    if options.code_dir and code:
+        tarball = launch.pack_code(options.code_dir)
+        try:
+            echo(f"uploading {options.code_dir} to {code['url']}")
+            storage.upload_code(tarball, code["url"])
+        finally:
+            tarball.unlink()
+    started = []
+    for job in jobs:
+        if max_parallel and job.sweep:
+            _wait_for_slot(client, job.sweep, max_parallel, echo)
+        name = client.create(job, image)
+        record = Record(
+            id=job.id,
+            cloud=options.cloud,
+            results=job.results,
+            instance=name,
+            location=options.location(),
+            profile=options.profile,
+            gpu=options.gpu,
+            machine_type=options.machine_type or "",
+            sweep=job.sweep,
+            index=job.index,
+            params=job.params,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        record.save()
+        started.append(record)
+        echo(f"started job {job.id} on {name} (results: {job.results})")
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(r) for r in started], indent=2))
+    else:
+        first = started[0]
+        follow = f"--sweep {first.sweep}" if first.sweep else first.id
+        click.echo(first.sweep or first.id)
+        echo(f"follow it: gpubake job status {follow}; gpubake job logs {first.id} --follow")
+    return started
+
+
+# ------------------------------------------------------------------------- following
+
+
+def options_for(record: Record) -> JobOptions:
+    """The options that reach a recorded job's cloud again."""
+    if record.cloud == "gcp":
+        project, _, zone = record.location.partition("/")
+        where: dict[str, Any] = {"project": project, "zone": zone}
+    else:
+        where = {"region": record.location, "profile": record.profile}
+    return JobOptions(
+        cloud=record.cloud, results=record.results, command=("-",), gpu=record.gpu, **where
+    )
+
+
+def _runtime(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def status_rows(records: list[Record], *, now: float | None = None) -> list[dict[str, Any]]:
+    """One row per recorded job: the cloud's state of its VM and the runner's marker."""
+    now = time.time() if now is None else now
+    clouds: dict[tuple[str, str, str | None], dict[str, Instance]] = {}
+    rows = []
+    for record in records:
+        key = (record.cloud, record.location, record.profile)
+        if key not in clouds:
+            clouds[key] = _instances_by_job(_cloud_client(options_for(record)))
+        instance = clouds[key].get(record.id)
+        marker = storage.outcome(record.results)
+        created = time.mktime(time.strptime(record.created, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        end = now
+        if marker and marker.get("time"):
+            import datetime
+
+            end = datetime.datetime.fromisoformat(str(marker["time"])).timestamp()
+        runtime = max(0.0, end - (instance.created if instance else created))
+        price = instance.hourly_price if instance else None
+        rows.append(
+            {
+                "job": record.id,
+                "vm": instance.state if instance else "gone",
+                "outcome": marker["state"] if marker else "running" if instance else "unknown",
+                "gpu": instance.gpu if instance else record.gpu,
+                "runtime": _runtime(runtime),
+                "runtime_seconds": round(runtime),
+                "cost": f"${price * runtime / 3600:.2f}" if price is not None else "unknown",
+                "results": record.results,
+            }
+        )
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    columns = ["job", "vm", "outcome", "gpu", "runtime", "cost"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _results_of(job_or_url: str) -> str:
+    """A job's results prefix: from its record, or the URL itself."""
+    if job_or_url.startswith(("gs://", "s3://")):
+        return job_or_url.rstrip("/")
+    return launch.find_record(job_or_url).results
+
+
+def follow_log(results: str, *, follow: bool, interval: float = 10, out=sys.stdout) -> None:
+    """Print the job's log from the results location; with follow, keep printing what is new
+    until the runner writes a marker."""
+    shown = 0
+    while True:
+        text = storage.log_text(results) or ""
+        if len(text) > shown:
+            out.write(text[shown:])
+            out.flush()
+            shown = len(text)
+        if not follow or storage.outcome(results):
+            if not text and not follow:
+                _echo(f"no log yet at {results}/logs/job.log (the runner syncs it)")
+            return
+        time.sleep(interval)
+
+
+def gc_candidates(instances: list[Instance], *, now: float | None = None) -> list[Instance]:
+    """Job VMs past their deadline, or stopped (a stopped VM still costs its disks)."""
+    now = time.time() if now is None else now
+    return [i for i in instances if i.stopped or (i.deadline is not None and i.deadline < now)]
+
+
+# ----------------------------------------------------------------------------- click
+
+
+def _launch_options(func):  # type: ignore[no-untyped-def]
+    func = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
+    func = click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Print the exact request(s) and job spec(s); needs no cloud access.",
+    )(func)
+    return _job_options(func)
+
+
+def _job_options(func):  # type: ignore[no-untyped-def]
+    """What `job run`, `job sweep` and `job emit` share."""
+    opts = [
+        click.option("--name", default="job", show_default=True, help="The job ids' prefix."),
+        click.option(
+            "--sync-interval", metavar="DURATION", help="Sync results every (default 5m)."
+        ),
+        click.option(
+            "--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Job env. Repeatable."
+        ),
+        click.option("--git", metavar="URL@COMMIT", help="Code from git, at a pinned commit."),
+        click.option(
+            "--code",
+            "code_dir",
+            type=click.Path(exists=True, file_okay=False),
+            help="A folder, packed and uploaded under the results location.",
+        ),
+        click.option(
+            "--results",
+            required=True,
+            metavar="URL",
+            help="gs://BUCKET/PREFIX or s3://BUCKET/PREFIX: each job writes under "
+            "<URL>/<job id>/ (a sweep: <URL>/<sweep>/<index>/).",
+        ),
+        click.option(
+            "--dataset-disk",
+            metavar="NAME",
+            help="GCP: a disk in the zone, attached read-only; AWS: a snapshot id, a fresh "
+            "volume per job. Mounted at /mnt/dataset.",
+        ),
+        click.option(
+            "--max-run-duration",
+            metavar="DURATION",
+            help="e.g. 6h: the cloud deletes the VM after it, the runner stops the job first.",
+        ),
+        click.option("--spot/--no-spot", default=True, show_default=True, help="Spot capacity."),
+        click.option("--machine-type", metavar="TYPE", help="Default: the GPU's smallest."),
+        click.option("--gpu-count", type=click.IntRange(1, 16), default=1, show_default=True),
+        click.option(
+            "--gpu", default=launch.DEFAULT_GPU, show_default=True, help="GPU model (gpus.yml)."
+        ),
+        click.option(
+            "--image",
+            help="GCP: image or family name; AWS: AMI id (default: the "
+            "newest gpubake image of --stack).",
+        ),
+        click.option("--stack", default=launch.DEFAULT_STACK, show_default=True),
+        click.option("--profile", metavar="NAME", help="AWS: credentials profile."),
+        click.option(
+            "--instance-profile",
+            metavar="NAME",
+            help="AWS (required): the instance profile whose role writes the results bucket.",
+        ),
+        click.option(
+            "--service-account",
+            metavar="EMAIL",
+            default="default",
+            show_default=True,
+            help="GCP: the VM's service account (scopes: storage read-write, logging write).",
+        ),
+        click.option("--region", metavar="REGION", help="AWS: region (or AWS_REGION)."),
+        click.option("--zone", metavar="ZONE", help="GCP: zone (or CLOUDSDK_COMPUTE_ZONE)."),
+        click.option("--project", metavar="ID", help="GCP: project (or GOOGLE_CLOUD_PROJECT)."),
+        click.option(
+            "--cloud", type=click.Choice(launch.CLOUDS), required=True, help="Where to run."
+        ),
+        click.argument("command", nargs=-1, required=True),
+    ]
+    for opt in opts:
+        func = opt(func)
+    return func
+
+
+def _options(kw: dict[str, Any]) -> JobOptions:
+    env = []
+    for pair in kw.pop("env_pairs"):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise JobError(f"--env {pair!r} is not KEY=VALUE")
+        env.append((key, value))
+    duration = kw.pop("max_run_duration")
+    return JobOptions(
+        cloud=kw.pop("cloud"),
+        results=kw.pop("results"),
+        command=tuple(kw.pop("command")),
+        gpu=kw.pop("gpu"),
+        gpu_count=kw.pop("gpu_count"),
+        spot=kw.pop("spot"),
+        max_run_duration=launch.parse_duration(duration, "--max-run-duration")
+        if duration
+        else None,
+        stack=kw.pop("stack"),
+        image=kw.pop("image"),
+        machine_type=kw.pop("machine_type"),
+        project=kw.pop("project"),
+        zone=kw.pop("zone"),
+        region=kw.pop("region"),
+        profile=kw.pop("profile"),
+        dataset_disk=kw.pop("dataset_disk"),
+        code_dir=kw.pop("code_dir"),
+        git=kw.pop("git"),
+        env=tuple(env),
+        sync_interval=kw.pop("sync_interval"),
+        name=kw.pop("name"),
+        instance_profile=kw.pop("instance_profile"),
+        service_account=kw.pop("service_account"),
+    )
+
+
+def _param_option(func):  # type: ignore[no-untyped-def]
+    func = click.option(
+        "--max-parallel",
+        type=click.IntRange(1),
+        help="Run at most N jobs at a time (gpubake waits for a slot before the next).",
+    )(func)
+    return click.option(
+        "--param",
+        "param_texts",
+        multiple=True,
+        metavar="NAME=V1,V2",
+        help="A swept value; the command's {NAME} is replaced, and the job sees "
+        "$GPUBAKE_PARAM_NAME. Repeatable: every combination runs.",
+    )(func)
+
+
+def register(group: click.Group) -> None:
+    """Add the launch and follow commands to `gpubake job`."""
+
+    @group.command(name="run", context_settings={"ignore_unknown_options": False})
+    @_launch_options
+    def run_cmd(dry_run: bool, as_json: bool, **kw: Any) -> None:
+        """Start one VM that runs COMMAND (after --) on a gpubake image, syncs its results and
+        checkpoints, and deletes itself at the end.
+
+        \b
+        Example:
+          gpubake job run --cloud gcp --project my-proj --zone us-central1-a --gpu t4 \\
+            --results gs://my-bucket/runs --code . --max-run-duration 6h -- python train.py
+        """
+        launch_jobs(_options(kw), None, dry_run=dry_run, as_json=as_json)
+
+    @group.command(name="sweep")
+    @_param_option
+    @_launch_options
+    def sweep_cmd(
+        dry_run: bool,
+        as_json: bool,
+        param_texts: tuple[str, ...],
+        max_parallel: int | None,
+        **kw: Any,
+    ) -> None:
+        """One VM per combination of the --param values, each with its own results prefix.
+
+        \b
+        Example:
+          gpubake job sweep --cloud aws --region us-east-1 --results s3://my-bucket/runs \\
+            --param lr=1e-3,1e-4 --param bs=32,64 --code . \\
+            -- python train.py --lr {lr} --batch-size {bs}
+        """
+        params = launch.parse_params(param_texts)
+        if not params:
+            raise JobError("job sweep needs at least one --param NAME=V1,V2")
+        launch_jobs(
+            _options(kw), params, dry_run=dry_run, as_json=as_json, max_parallel=max_parallel
+        )
+
+    @group.command(name="status")
+    @click.argument("job_id", required=False)
+    @click.option("--sweep", help="The jobs of one sweep.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+    def status_cmd(job_id: str | None, sweep: str | None, as_json: bool) -> None:
+        """Jobs launched from this machine: the VM's state from the cloud, the outcome from
+        the results location (_SUCCESS/_FAILED/_PREEMPTED), GPU, runtime and cost so far
+        (from the spot price where the cloud's API gives one, else "unknown")."""
+        found = [launch.find_record(job_id)] if job_id else launch.records(sweep=sweep)
+        if not found:
+            raise JobError(
+                f"no jobs of sweep {sweep!r} were launched from this machine"
+                if sweep
+                else "no jobs were launched from this machine yet: see gpubake job run --help"
+            )
+        rows = status_rows(found)
+        click.echo(json.dumps(rows, indent=2) if as_json else _table(rows))
+
+    @group.command(name="logs")
+    @click.argument("job_id")
+    @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+    def logs_cmd(job_id: str, follow: bool) -> None:
+        """The log of JOB_ID (or of the job whose results URL is given), as the runner synced
+        it to <results>/logs/job.log."""
+        follow_log(_results_of(job_id), follow=follow)
+
+    @group.command(name="fetch")
+    @click.argument("job_id")
+    @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+    def fetch_cmd(job_id: str, dest: Path) -> None:
+        """Download the results, checkpoints, logs and markers of JOB_ID (or of the job whose
+        results URL, gs://... or s3://..., is given: a job launched elsewhere) into DEST."""
+        results = _results_of(job_id)
+        names = storage.fetch(results, dest, log=lambda line: None)
+        if not names:
+            raise JobError(f"nothing under {results} yet: see gpubake job status {job_id}")
+        _echo(f"fetched {len(names)} file(s) from {results} into {dest}")
+
+    @group.command(name="stop")
+    @click.argument("job_id")
+    def stop_cmd(job_id: str) -> None:
+        """Stop a job: the VM's shutdown reaches the runner, which signals the job, syncs a
+        last time and writes _PREEMPTED; then the VM is deleted."""
+        record = launch.find_record(job_id)
+        client = _cloud_client(options_for(record))
+        instances = client.list(job=job_id)
+        if not instances:
+            raise JobError(f"job {job_id} has no VM any more: see gpubake job status {job_id}")
+        for instance in instances:
+            _echo(f"stopping {instance.name} (job {job_id})")
+            client.stop(instance)
+        _echo(f"stopped job {job_id}; its results stay at {record.results}")
+
+    @group.command(name="gc")
+    @click.option("--cloud", type=click.Choice(launch.CLOUDS), required=True)
+    @click.option("--project", metavar="ID")
+    @click.option("--zone", metavar="ZONE")
+    @click.option("--region", metavar="REGION")
+    @click.option("--profile", metavar="NAME")
+    @click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+    def gc_cmd(dry_run: bool, as_json: bool, **kw: Any) -> None:
+        """Delete gpubake job VMs past their deadline (--max-run-duration) or stopped."""
+        options = settle(JobOptions(results="gs://unused-bucket", command=("-",), **kw), os.environ)
+        client = _cloud_client(options)
+        doomed = gc_candidates(client.list())
+        if as_json:
+            click.echo(json.dumps([dataclasses.asdict(i) for i in doomed], indent=2))
+        for instance in doomed:
+            why = "stopped" if instance.stopped else "past its deadline"
+            _echo(
+                f"{'would delete' if dry_run else 'deleting'} {instance.name} "
+                f"(job {instance.job}, {why})"
+            )
+        if not doomed:
+            _echo("no gpubake job VMs to delete")
+        elif not dry_run:
+            client.delete(doomed)
+
+    @group.command(name="emit")
+    @click.argument("engine", type=click.Choice(["batch", "skypilot", "k8s"]))
+    @click.option(
+        "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here, not stdout."
+    )
+    @click.option(
+        "--container",
+        metavar="REF",
+        help="k8s: the gpubake container image (default gpubake/<stack>:latest).",
+    )
+    @_param_option
+    @_job_options
+    def emit_cmd(
+        engine: str,
+        out: Path | None,
+        container: str | None,
+        param_texts: tuple[str, ...],
+        max_parallel: int | None,
+        **kw: Any,
+    ) -> None:
+        """Write the job (or sweep, with --param) for an existing engine, checked offline by
+        the engine's own types or schema: a Google Cloud Batch job (JSON; SPOT, the gpubake
+        image, one task per combination, retried on preemption), a SkyPilot task (YAML) or a
+        Kubernetes Indexed Job (YAML, the gpubake container)."""
+        from gpubake.jobs import emit
+
+        options = _options(kw)
+        jobs = launch.make_jobs(options, launch.parse_params(param_texts) or None)
+        if engine == "batch":
+            if options.cloud != "gcp":
+                raise JobError("job emit batch is Google Cloud Batch: use --cloud gcp")
+            region = options.region or (options.zone or "").rpartition("-")[0]
+            if not region:
+                raise JobError("job emit batch needs --region (or --zone) for the Batch job")
+            text = emit.batch(options, jobs, region=region, max_parallel=max_parallel)
+            emit.validate_batch(text)
+        elif engine == "skypilot":
+            text = emit.skypilot(options, jobs)
+            emit.validate_skypilot(text)
+        else:
+            image = container or f"gpubake/{options.stack}:latest"
+            text = emit.k8s(options, jobs, image=image, max_parallel=max_parallel)
+            emit.validate_k8s(text)
+        if out:
+            out.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+            _echo(f"wrote the {engine} job for {len(jobs)} task(s) to {out}")
+        else:
+            click.echo(text.rstrip("\n"))
