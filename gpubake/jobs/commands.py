@@ -79,6 +79,19 @@ def _wait_for_slot(client: Any, sweep: str, max_parallel: int, echo: Echo) -> No
         time.sleep(30)
 
 
+def upload_code(options: JobOptions, jobs: list[launch.Job], echo: Echo) -> None:
+    """--code DIR, packed, to where the jobs' specs fetch it from (one upload for a sweep)."""
+    code = jobs[0].spec.get("code")
+    if not (options.code_dir and code):
+        return
+    tarball = launch.pack_code(options.code_dir)
+    try:
+        echo(f"uploading {options.code_dir} to {code['url']}")
+        storage.upload_code(tarball, code["url"])
+    finally:
+        tarball.unlink()
+
+
 def launch_jobs(
     options: JobOptions,
     params: Mapping[str, list[str]] | None,
@@ -118,14 +131,7 @@ def launch_jobs(
         )
     echo(f"checking the image, GPU, dataset disk and results location for {len(jobs)} job(s)")
     image = client.preflight(jobs)
-    code = jobs[0].spec.get("code")
-    if options.code_dir and code:
-        tarball = launch.pack_code(options.code_dir)
-        try:
-            echo(f"uploading {options.code_dir} to {code['url']}")
-            storage.upload_code(tarball, code["url"])
-        finally:
-            tarball.unlink()
+    upload_code(options, jobs, echo)
     started = []
     for job in jobs:
         if max_parallel and job.sweep:
@@ -547,10 +553,13 @@ def register(group: click.Group) -> None:
         elif engine == "skypilot":
             text = emit.skypilot(options, jobs)
             emit.validate_skypilot(text)
+            if emit.skypilot_version() is None:
+                _echo(emit.SKYPILOT_NOTE)
         else:
             image = container or f"gpubake/{options.stack}:latest"
             text = emit.k8s(options, jobs, image=image, max_parallel=max_parallel)
             emit.validate_k8s(text)
+        upload_code(options, jobs, _echo)  # the engine's tasks fetch it as a VM's runner would
         if out:
             out.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
             _echo(f"wrote the {engine} job for {len(jobs)} task(s) to {out}")
