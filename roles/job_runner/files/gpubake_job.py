@@ -902,8 +902,9 @@ class Runner:
                 subprocess.run(
                     ["systemctl", "stop", f"{unit}.timer"], capture_output=True, check=False
                 )
-            # a Spot VM's soft-off comes with the notice: systemd stops this unit with SIGTERM
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+        # A Spot VM's soft-off comes with the notice: systemd stops this unit with SIGTERM; an
+        # evicted pod (job emit k8s) or a Batch task gets it too, with the runner as PID 1
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             self.spec = parse_spec(spec_text)
         except SpecError as exc:
