@@ -571,3 +571,62 @@ def test_job_local_fetches_code_from_git_at_a_commit(stores, tmp_path):
     proc = _job_local(store, spec, "--work-dir", str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _fetch(store, f"gs://{bucket}/run", tmp_path / "out")["results/v"] == "pinned"
+
+
+def test_the_spec_job_sweep_dry_run_prints_runs_here_and_job_fetch_finds_it(
+    machine, stores, tmp_path, monkeypatch
+):
+    """End to end without a cloud: the spec `gpubake job sweep --dry-run --json` prints (and
+    the request's user-data carries) runs with the image's `gpubake-job local` in the
+    container; `gpubake job fetch` then finds its results in the S3 server."""
+    store = stores["s3"]
+    bucket = f"e2e-{uuid.uuid4().hex[:8]}"
+    store.make_bucket(bucket)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "train.py").write_text(
+        "import json, os, pathlib, sys\n"
+        "out = pathlib.Path(os.environ['GPUBAKE_RESULTS_DIR'])\n"
+        "(out / 'seen.json').write_text(json.dumps({'argv': sys.argv[1:],"
+        " 'env_lr': os.environ['GPUBAKE_PARAM_LR']}))\n"
+    )
+    env = {**os.environ, **store.env, "XDG_STATE_HOME": str(tmp_path / "state")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpubake", "job", "sweep", "--cloud", "aws",
+         "--region", "us-east-1", "--image", "ami-0123456789abcdef0", "--dry-run", "--json",
+         "--results", f"s3://{bucket}/runs", "--code", str(code), "--param", "lr=0.5",
+         "--", "python", "train.py", "--lr", "{lr}"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (job,) = json.loads(proc.stdout)["jobs"]
+    spec = job["spec"]
+    user_data = job["request"]["UserData"]
+    assert json.loads(user_data) == spec
+    assert not (tmp_path / "state" / "gpubake" / "jobs").exists()  # a dry run records nothing
+    # the code goes where the spec says, as `job run` would put it
+    from gpubake.jobs import launch, storage
+
+    for key, value in store.env.items():
+        monkeypatch.setenv(key, value)
+    tarball = launch.pack_code(code)
+    try:
+        storage.upload_code(tarball, spec["code"]["url"])
+    finally:
+        tarball.unlink()
+    _write(machine, "/root/e2e-spec.json", json.dumps(spec))
+    exports = " ".join(f"{k}={v}" for k, v in store.env.items())
+    said = _exec(
+        machine,
+        f"env {exports} GPUBAKE_CLOUD=none gpubake-job local /root/e2e-spec.json "
+        "--work-dir /root/e2e-work 2>&1",
+    )
+    assert "_SUCCESS" in said, said
+    fetched = subprocess.run(
+        [sys.executable, "-m", "gpubake", "job", "fetch", spec["results"], str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert fetched.returncode == 0, fetched.stderr
+    seen = json.loads((tmp_path / "out" / "results" / "seen.json").read_text())
+    assert seen == {"argv": ["--lr", "0.5"], "env_lr": "0.5"}
+    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["job"] == spec["id"]
