@@ -224,7 +224,8 @@ def parse_spec(text: str, *, now: datetime.datetime | None = None) -> dict[str, 
     spec["env"] = dict(env)
     params = raw.get("params", {})
     if not isinstance(params, dict) or not all(
-        isinstance(k, str) and _PARAM_NAME.match(k) and isinstance(v, str) for k, v in params.items()
+        isinstance(k, str) and _PARAM_NAME.match(k) and isinstance(v, str)
+        for k, v in params.items()
     ):
         raise SpecError('params must map names (a-z, 0-9, _) to strings, e.g. {"lr": "1e-3"}')
     spec["params"] = dict(params)
