@@ -73,3 +73,22 @@ def test_render_from_the_wheel_validates_with_packer(wheel_install, have_packer)
         [have_packer, "validate", "."], cwd=out, capture_output=True, text=True, check=False
     )
     assert validate.returncode == 0, validate.stdout + validate.stderr
+
+
+def test_a_sweep_dry_run_from_the_wheel_uses_the_runners_own_spec_rules(wheel_install):
+    """gpubake.jobs is in the wheel, and the runner's files it loads come from the wheel too."""
+    proc = wheel_install.run(
+        "job", "sweep", "--cloud", "gcp", "--project", "demo-proj", "--zone", "us-central1-a",
+        "--results", "gs://my-bucket/runs", "--param", "lr=1e-3,1e-4", "--dry-run", "--json",
+        "--", "python", "train.py", "--lr", "{lr}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    jobs = json.loads(proc.stdout)["jobs"]
+    assert [j["spec"]["params"] for j in jobs] == [{"lr": "1e-3"}, {"lr": "1e-4"}]
+    loaded = subprocess.run(
+        [wheel_install.python, "-c",
+         "from gpubake.jobs.runner_code import job_module; print(job_module().__file__)"],
+        capture_output=True, text=True, cwd=wheel_install.workdir, check=False,
+    )  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr
+    assert str(ROOT) not in loaded.stdout and "_data/roles/job_runner" in loaded.stdout
