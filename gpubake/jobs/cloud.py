@@ -11,6 +11,8 @@ SWEEP_LABEL = "gpubake-sweep"  # the sweep id, where there is one
 DEADLINE_LABEL = "gpubake-deadline"  # unix seconds after which `job gc` deletes it
 #: The image label (GCP) / AMI tag (AWS) a gpubake image with the runner carries.
 RUNNER_IMAGE_LABEL = "gpubake-job-runner"
+#: On their way down (the runner's final sync may still run): `job gc` leaves them alone.
+STOPPING_STATES = frozenset({"STOPPING", "SUSPENDING", "stopping", "shutting-down"})
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@ the `job` group by gpubake.cli), and the flows behind them."""
 
 from __future__ import annotations
 
+import calendar
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -15,7 +18,7 @@ from typing import Any
 import click
 
 from gpubake.jobs import launch, storage
-from gpubake.jobs.cloud import Instance
+from gpubake.jobs.cloud import STOPPING_STATES, Instance
 from gpubake.jobs.launch import JobError, JobOptions, Record
 
 Echo = Callable[[str], None]
@@ -23,6 +26,21 @@ Echo = Callable[[str], None]
 
 def _echo(message: str) -> None:
     click.echo(f"gpubake: {message}", err=True)
+
+
+def _use_profile(options: JobOptions) -> None:
+    """The bucket client (results, logs, code) uses boto3's default session: give it the
+    job's --profile, and no other job's."""
+    if options.cloud != "aws":
+        return
+    if options.profile:
+        _PROFILE_SET.add(options.profile)
+        os.environ["AWS_PROFILE"] = options.profile
+    elif os.environ.get("AWS_PROFILE") in _PROFILE_SET:  # set here for an earlier job
+        del os.environ["AWS_PROFILE"]
+
+
+_PROFILE_SET: set[str] = set()
 
 
 def _cloud_client(options: JobOptions) -> Any:
@@ -34,8 +52,7 @@ def _cloud_client(options: JobOptions) -> Any:
         return Gcp(options, service_account=options.service_account)
     from gpubake.jobs.aws import Aws
 
-    if options.profile:  # the bucket client (results, logs, code) uses boto3's default session
-        os.environ["AWS_PROFILE"] = options.profile
+    _use_profile(options)
     return Aws(options, instance_profile=options.instance_profile)
 
 
@@ -66,11 +83,26 @@ def _instances_by_job(client: Any) -> dict[str, Instance]:
     return {i.job: i for i in client.list()}
 
 
-def _wait_for_slot(client: Any, sweep: str, max_parallel: int, echo: Echo) -> None:
+#: How long a VM this run started counts as running while the cloud's listing does not show
+#: it yet (EC2's DescribeInstances is eventually consistent); after that, unlisted is gone.
+LISTING_LAG_S = 120
+
+
+def _wait_for_slot(
+    client: Any, sweep: str, max_parallel: int, started: dict[str, float], echo: Echo
+) -> None:
     """Block until fewer than max_parallel VMs of the sweep are running (poll every 30 s)."""
     said = False
     while True:
-        active = [i for i in client.list(sweep=sweep) if not i.stopped]
+        try:
+            listed = {i.job: i for i in client.list(sweep=sweep)}
+        except JobError as exc:  # a hiccup of the API during hours of waiting
+            echo(f"listing the sweep's VMs failed ({exc}); trying again in 30 s")
+            time.sleep(30)
+            continue
+        active = {job for job, i in listed.items() if not i.stopped}
+        recent = time.monotonic() - LISTING_LAG_S
+        active |= {job for job, at in started.items() if job not in listed and at > recent}
         if len(active) < max_parallel:
             return
         if not said:
@@ -132,11 +164,22 @@ def launch_jobs(
     echo(f"checking the image, GPU, dataset disk and results location for {len(jobs)} job(s)")
     image = client.preflight(jobs)
     upload_code(options, jobs, echo)
-    started = []
+    machine = getattr(client, "machine_type", None) or client.instance_type()
+    started: list[Record] = []
+    started_at: dict[str, float] = {}
     for job in jobs:
-        if max_parallel and job.sweep:
-            _wait_for_slot(client, job.sweep, max_parallel, echo)
-        name = client.create(job, image)
+        try:
+            if max_parallel and job.sweep:
+                _wait_for_slot(client, job.sweep, max_parallel, started_at, echo)
+            name = client.create(job, image)
+            started_at[job.id] = time.monotonic()
+        except (JobError, KeyboardInterrupt) as exc:
+            if started:  # say what runs and what never started, then the reason
+                left = [j.id for j in jobs[len(started) :]]
+                echo(f"started: {', '.join(r.id for r in started)}; not started: {', '.join(left)}")
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise JobError(f"starting job {job.id}: {exc}") from None
         record = Record(
             id=job.id,
             cloud=options.cloud,
@@ -145,7 +188,8 @@ def launch_jobs(
             location=options.location(),
             profile=options.profile,
             gpu=options.gpu,
-            machine_type=options.machine_type or "",
+            machine_type=machine,
+            gpu_count=options.gpu_count,
             sweep=job.sweep,
             index=job.index,
             params=job.params,
@@ -175,7 +219,13 @@ def options_for(record: Record) -> JobOptions:
     else:
         where = {"region": record.location, "profile": record.profile}
     return JobOptions(
-        cloud=record.cloud, results=record.results, command=("-",), gpu=record.gpu, **where
+        cloud=record.cloud,
+        results=record.results,
+        command=("-",),
+        gpu=record.gpu,
+        gpu_count=record.gpu_count,
+        machine_type=record.machine_type or None,
+        **where,
     )
 
 
@@ -187,34 +237,57 @@ def _runtime(seconds: float) -> str:
 def status_rows(records: list[Record], *, now: float | None = None) -> list[dict[str, Any]]:
     """One row per recorded job: the cloud's state of its VM and the runner's marker."""
     now = time.time() if now is None else now
-    clouds: dict[tuple[str, str, str | None], dict[str, Instance]] = {}
+    # one listing per cloud, location and profile; a cloud that cannot be asked (credentials
+    # gone, ...) gives its rows "?" and the reason, and the others still show
+    clouds: dict[tuple[str, str, str | None], dict[str, Instance] | str] = {}
     rows = []
     for record in records:
+        options = options_for(record)
         key = (record.cloud, record.location, record.profile)
         if key not in clouds:
-            clouds[key] = _instances_by_job(_cloud_client(options_for(record)))
-        instance = clouds[key].get(record.id)
-        marker = storage.outcome(record.results)
-        created = time.mktime(time.strptime(record.created, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+            try:
+                clouds[key] = _instances_by_job(_cloud_client(options))
+            except JobError as exc:
+                clouds[key] = str(exc)
+        listed = clouds[key]
+        _use_profile(options)
+        try:
+            marker = storage.outcome(record.results)
+        except JobError as exc:
+            marker = {"state": "?", "error": str(exc)}
+        instance = listed.get(record.id) if isinstance(listed, dict) else None
+        created = calendar.timegm(time.strptime(record.created, "%Y-%m-%dT%H:%M:%SZ"))
         end = now
         if marker and marker.get("time"):
-            import datetime
-
-            end = datetime.datetime.fromisoformat(str(marker["time"])).timestamp()
+            with contextlib.suppress(ValueError):
+                end = datetime.datetime.fromisoformat(str(marker["time"])).timestamp()
+        running = instance is not None and not instance.stopped
         runtime = max(0.0, end - (instance.created if instance else created))
         price = instance.hourly_price if instance else None
-        rows.append(
-            {
-                "job": record.id,
-                "vm": instance.state if instance else "gone",
-                "outcome": marker["state"] if marker else "running" if instance else "unknown",
-                "gpu": instance.gpu if instance else record.gpu,
-                "runtime": _runtime(runtime),
-                "runtime_seconds": round(runtime),
-                "cost": f"${price * runtime / 3600:.2f}" if price is not None else "unknown",
-                "results": record.results,
-            }
-        )
+        vm = instance.state if instance else "gone" if isinstance(listed, dict) else "?"
+        if marker:
+            outcome = marker["state"]
+        else:
+            outcome = "running" if running else "stopped" if instance else "unknown"
+        row = {
+            "job": record.id,
+            "vm": vm,
+            "outcome": outcome,
+            "gpu": (instance.gpu if instance else "") or record.gpu,
+            # a VM that stopped without a marker: its runtime is not known any more
+            "runtime": _runtime(runtime) if running or marker else "-",
+            "runtime_seconds": round(runtime) if running or marker else None,
+            "cost": f"${price * runtime / 3600:.2f}" if price is not None else "unknown",
+            "results": record.results,
+        }
+        errors = [
+            e
+            for e in (listed if isinstance(listed, str) else None, (marker or {}).get("error"))
+            if e
+        ]
+        if errors:
+            row["error"] = "; ".join(errors)
+        rows.append(row)
     return rows
 
 
@@ -233,19 +306,34 @@ def _results_of(job_or_url: str) -> str:
     return launch.find_record(job_or_url).results
 
 
-def follow_log(results: str, *, follow: bool, interval: float = 10, out=sys.stdout) -> None:
+def follow_log(
+    results: str,
+    *,
+    follow: bool,
+    interval: float = 10,
+    out=sys.stdout,
+    vm_alive: Callable[[], bool] | None = None,
+) -> None:
     """Print the job's log from the results location; with follow, keep printing what is new
-    until the runner writes a marker."""
-    shown = 0
+    until the runner writes a marker (then once more: the marker comes after the last sync),
+    or until the VM is gone without one."""
+    shown, polls, ended = 0, 0, False
     while True:
         text = storage.log_text(results) or ""
         if len(text) > shown:
             out.write(text[shown:])
             out.flush()
             shown = len(text)
-        if not follow or storage.outcome(results):
+        if not follow or ended:
             if not text and not follow:
                 _echo(f"no log yet at {results}/logs/job.log (the runner syncs it)")
+            return
+        polls += 1
+        if storage.outcome(results):
+            ended = True
+            continue
+        if vm_alive is not None and polls % 6 == 0 and not vm_alive():
+            _echo("the job's VM is gone and wrote no marker: see gpubake job status")
             return
         time.sleep(interval)
 
@@ -253,7 +341,12 @@ def follow_log(results: str, *, follow: bool, interval: float = 10, out=sys.stdo
 def gc_candidates(instances: list[Instance], *, now: float | None = None) -> list[Instance]:
     """Job VMs past their deadline, or stopped (a stopped VM still costs its disks)."""
     now = time.time() if now is None else now
-    return [i for i in instances if i.stopped or (i.deadline is not None and i.deadline < now)]
+    return [
+        i
+        for i in instances
+        if i.state not in STOPPING_STATES
+        and (i.stopped or (i.deadline is not None and i.deadline < now))
+    ]
 
 
 # ----------------------------------------------------------------------------- click
@@ -302,7 +395,8 @@ def _job_options(func):  # type: ignore[no-untyped-def]
         click.option(
             "--max-run-duration",
             metavar="DURATION",
-            help="e.g. 6h: the cloud deletes the VM after it, the runner stops the job first.",
+            help="e.g. 6h: GCE deletes the VM after it (EC2: job gc does, by the "
+            "gpubake-deadline tag); the runner stops the job a tenth earlier and syncs.",
         ),
         click.option("--spot/--no-spot", default=True, show_default=True, help="Spot capacity."),
         click.option("--machine-type", metavar="TYPE", help="Default: the GPU's smallest."),
@@ -329,8 +423,14 @@ def _job_options(func):  # type: ignore[no-untyped-def]
             show_default=True,
             help="GCP: the VM's service account (scopes: storage read-write, logging write).",
         ),
-        click.option("--region", metavar="REGION", help="AWS: region (or AWS_REGION)."),
-        click.option("--zone", metavar="ZONE", help="GCP: zone (or CLOUDSDK_COMPUTE_ZONE)."),
+        click.option(
+            "--region", metavar="REGION", help="AWS: region (or AWS_REGION); emit batch: region."
+        ),
+        click.option(
+            "--zone",
+            metavar="ZONE",
+            help="GCP: zone (or CLOUDSDK_COMPUTE_ZONE); AWS: an availability zone to pin.",
+        ),
         click.option("--project", metavar="ID", help="GCP: project (or GOOGLE_CLOUD_PROJECT)."),
         click.option(
             "--cloud", type=click.Choice(launch.CLOUDS), required=True, help="Where to run."
@@ -401,7 +501,9 @@ def register(group: click.Group) -> None:
     @_launch_options
     def run_cmd(dry_run: bool, as_json: bool, **kw: Any) -> None:
         """Start one VM that runs COMMAND (after --) on a gpubake image, syncs its results and
-        checkpoints, and deletes itself at the end.
+        checkpoints, and powers off at the end: an EC2 instance is then terminated; a GCE VM
+        stops (only its disk costs) until `gpubake job gc` deletes it, and is deleted by GCE
+        itself when preempted or at --max-run-duration.
 
         \b
         Example:
@@ -452,6 +554,8 @@ def register(group: click.Group) -> None:
             )
         rows = status_rows(found)
         click.echo(json.dumps(rows, indent=2) if as_json else _table(rows))
+        for error in dict.fromkeys(r["error"] for r in rows if "error" in r):
+            _echo(f"could not read everything: {error}")
 
     @group.command(name="logs")
     @click.argument("job_id")
@@ -459,7 +563,12 @@ def register(group: click.Group) -> None:
     def logs_cmd(job_id: str, follow: bool) -> None:
         """The log of JOB_ID (or of the job whose results URL is given), as the runner synced
         it to <results>/logs/job.log."""
-        follow_log(_results_of(job_id), follow=follow)
+        vm_alive = None
+        if not job_id.startswith(("gs://", "s3://")):
+            record = launch.find_record(job_id)
+            client = _cloud_client(options_for(record))
+            vm_alive = lambda: any(not i.stopped for i in client.list(job=job_id))  # noqa: E731
+        follow_log(_results_of(job_id), follow=follow, vm_alive=vm_alive)
 
     @group.command(name="fetch")
     @click.argument("job_id")
@@ -541,6 +650,17 @@ def register(group: click.Group) -> None:
         from gpubake.jobs import emit
 
         options = _options(kw)
+        # the project and zone the clouds' CLIs would use; nothing is looked up
+        env = os.environ
+        options = dataclasses.replace(
+            options,
+            project=options.project
+            or env.get("GOOGLE_CLOUD_PROJECT")
+            or env.get("CLOUDSDK_CORE_PROJECT")
+            or None,
+            zone=options.zone or env.get("CLOUDSDK_COMPUTE_ZONE") or None,
+        )
+        _use_profile(options)
         jobs = launch.make_jobs(options, launch.parse_params(param_texts) or None)
         if engine == "batch":
             if options.cloud != "gcp":

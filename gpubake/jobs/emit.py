@@ -636,7 +636,9 @@ def k8s(
     """YAML text: a ConfigMap with the specs and an Indexed batch/v1 Job, pod i running spec i."""
     name = _check_jobs(options, jobs, "Kubernetes")
     if not image or any(c.isspace() for c in image):
-        raise JobError(f"--image {image!r} is not a container image: REGISTRY/gpubake/STACK:TAG")
+        raise JobError(
+            f"--container {image!r} is not a container image: REGISTRY/gpubake/STACK:TAG"
+        )
     if options.dataset_disk:
         raise JobError("--dataset-disk is not emitted for Kubernetes: mount the data with a volume")
     if max_parallel is not None and max_parallel < 1:

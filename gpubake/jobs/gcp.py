@@ -446,6 +446,11 @@ class Gcp:
         Raises JobError (one line with the fix) on the first thing missing."""
         if not jobs:
             raise JobError("no jobs to start")
+        if not self.options.results.startswith("gs://"):
+            raise JobError(
+                f"--results {self.options.results}: GCP jobs write to Cloud Storage: give "
+                "gs://BUCKET/PREFIX"
+            )
         if self._given_credentials is None and not self._anonymous:
             self._creds()
         image = self._resolve_image()

@@ -248,13 +248,26 @@ def pack_code(directory: str | os.PathLike[str]) -> Path:
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         if skip & set(Path(info.name).parts):
             return None
+        if info.issym() or info.islnk():
+            target = Path(info.name).parent / info.linkname
+            if info.linkname.startswith("/") or ".." in target.parts:
+                raise JobError(
+                    f"--code {directory}: {info.name} links outside the folder "
+                    f"({info.linkname}); the VM refuses such a tarball: copy the file in instead"
+                )
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         return info
 
-    with tarfile.open(name, "w:gz") as tar:
-        for child in sorted(root.iterdir()):
-            tar.add(child, arcname=child.name, filter=keep)
+    try:
+        with tarfile.open(name, "w:gz") as tar:
+            for child in sorted(root.iterdir()):
+                tar.add(child, arcname=child.name, filter=keep)
+    except (OSError, JobError) as exc:
+        Path(name).unlink(missing_ok=True)
+        if isinstance(exc, JobError):
+            raise
+        raise JobError(f"--code {directory}: packing it failed: {exc}") from None
     return Path(name)
 
 
@@ -279,6 +292,7 @@ class Record:
     profile: str | None = None
     gpu: str = DEFAULT_GPU
     machine_type: str = ""
+    gpu_count: int = 1
     sweep: str | None = None
     index: int | None = None
     params: dict[str, str] = field(default_factory=dict)

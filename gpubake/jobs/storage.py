@@ -21,6 +21,8 @@ def _sync_call(what: str, func, *args: Any) -> Any:
         return func(*args)
     except sync_module().SyncError as exc:
         raise JobError(f"{what}: {exc}") from None
+    except Exception as exc:  # a client's own error (a missing --profile, ...): one line
+        raise JobError(f"{what}: {type(exc).__name__}: {exc}".replace("\n", " ")) from None
 
 
 def probe(results: str) -> None:

@@ -9,6 +9,7 @@ metadata, the labels), and that every pre-start check refuses with one line befo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import Iterator
@@ -504,6 +505,23 @@ def test_run_dry_run_status_and_stop_from_the_command_line(gce, env, tmp_path):
     assert status.returncode == 0, status.stderr
     (row,) = json.loads(status.stdout)
     assert row["vm"] == "RUNNING" and row["cost"] == "unknown" and row["outcome"] == "running"
+
+    # a job of a cloud that cannot be asked (here: a profile that does not exist) shows "?"
+    # and why, and does not hide the others
+    unreachable = launch.Record(
+        id="job-elsewhere", cloud="aws", results="s3://other-bucket/r/job-elsewhere",
+        instance="i-0123456789abcdef0", location="us-east-1", profile="nowhere",
+        created="2026-12-03T10:00:00Z",
+    )  # fmt: skip
+    (tmp_path / "state" / "gpubake" / "jobs" / "job-elsewhere.json").write_text(
+        json.dumps(dataclasses.asdict(unreachable))
+    )
+    both = _gpubake("status", "--json", tmp_path=tmp_path, gce=gce)
+    assert both.returncode == 0, both.stderr
+    by_job = {r["job"]: r for r in json.loads(both.stdout)}
+    assert by_job[job_id]["vm"] == "RUNNING"
+    assert by_job["job-elsewhere"]["vm"] == "?" and "nowhere" in by_job["job-elsewhere"]["error"]
+    assert "could not read everything" in both.stderr and "Traceback" not in both.stderr
 
     stopped = _gpubake("stop", job_id, tmp_path=tmp_path, gce=gce)
     assert stopped.returncode == 0, stopped.stderr

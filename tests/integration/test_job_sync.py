@@ -590,3 +590,20 @@ def test_job_logs_and_fetch_take_a_results_url(url, tmp_path, server):
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert "no job 'job-nope' was launched from this machine" in unknown.stderr
+
+
+def test_job_logs_follow_prints_to_the_end_and_stops_at_the_marker(url):
+    from gpubake.jobs.commands import follow_log
+
+    job = f"{url}/runs/j3"
+    sync.put_text(f"{job}/logs/job.log", "step 1\nstep 2\nfailed: out of memory\n")
+    sync.put_text(f"{job}/_FAILED", '{"job": "j3", "exit_code": 1}')
+    out = io.StringIO()
+    follow_log(job, follow=True, interval=0, out=out)
+    assert out.getvalue() == "step 1\nstep 2\nfailed: out of memory\n"
+    # no marker and the VM gone: it stops too, instead of waiting for ever
+    other = f"{url}/runs/j4"
+    sync.put_text(f"{other}/logs/job.log", "step 1\n")
+    out = io.StringIO()
+    follow_log(other, follow=True, interval=0, out=out, vm_alive=lambda: False)
+    assert out.getvalue() == "step 1\n"

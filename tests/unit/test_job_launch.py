@@ -150,3 +150,59 @@ def test_records_round_trip(tmp_path, monkeypatch):
     assert (
         json.loads((tmp_path / "gpubake" / "jobs" / "job-1.json").read_text())["instance"] == "i-1"
     )
+
+
+def test_packed_code_refuses_links_out_of_the_folder(tmp_path):
+    (tmp_path / "train.py").write_text("print(1)\n")
+    (tmp_path / "inside").symlink_to("train.py")
+    tarball = launch.pack_code(tmp_path)  # a link within the folder is fine
+    tarball.unlink()
+    (tmp_path / "data").symlink_to("/etc")
+    with pytest.raises(JobError, match=r"data links outside the folder \(/etc\)"):
+        launch.pack_code(tmp_path)
+
+
+def _instance(job: str, state: str, *, stopped: bool, deadline: float | None = None):
+    from gpubake.jobs.cloud import Instance
+
+    return Instance(job, job, "s", state, "m", "g", 0.0, deadline, stopped=stopped)
+
+
+def test_gc_takes_stopped_and_overdue_vms_but_not_those_still_stopping():
+    from gpubake.jobs.commands import gc_candidates
+
+    vms = [
+        _instance("running", "RUNNING", stopped=False, deadline=2000.0),
+        _instance("overdue", "running", stopped=False, deadline=500.0),
+        _instance("done", "TERMINATED", stopped=True),
+        _instance("syncing", "STOPPING", stopped=True),
+        _instance("ec2-going", "shutting-down", stopped=True, deadline=500.0),
+        _instance("ec2-stopped", "stopped", stopped=True),
+    ]
+    assert [i.job for i in gc_candidates(vms, now=1000.0)] == ["overdue", "done", "ec2-stopped"]
+
+
+class _Sweep:
+    """The listing a cloud gives, one answer per call (gpubake.jobs.commands' view of it)."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+
+    def list(self, *, sweep=None, job=None):
+        return self.answers.pop(0)
+
+
+def test_max_parallel_counts_a_vm_the_listing_does_not_show_yet(monkeypatch):
+    from gpubake.jobs import commands
+
+    naps = []
+    monkeypatch.setattr(commands.time, "sleep", naps.append)
+    now = commands.time.monotonic()
+    # the VM started a moment ago is not listed yet: it counts; once listed stopped, a slot
+    client = _Sweep([], [_instance("a", "TERMINATED", stopped=True)])
+    commands._wait_for_slot(client, "s", 1, {"a": now}, lambda _m: None)
+    assert naps == [30] and client.answers == []
+    # a VM started long ago that is not listed any more (EC2 lists no terminated ones): gone
+    naps.clear()
+    commands._wait_for_slot(_Sweep([]), "s", 1, {"a": now - 3600}, lambda _m: None)
+    assert naps == []
