@@ -63,6 +63,10 @@ def settle(options: JobOptions, env: Mapping[str, str]) -> JobOptions:
     from gpubake.plan import CloudOptions
 
     target = "gcp-image" if options.cloud == "gcp" else "aws-ami"
+    if options.cloud == "aws" and not (
+        options.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    ):
+        options = dataclasses.replace(options, region=_profile_region(options.profile))
     given = CloudOptions(
         project=options.project, zone=options.zone, region=options.region, profile=options.profile
     )
@@ -77,6 +81,17 @@ def settle(options: JobOptions, env: Mapping[str, str]) -> JobOptions:
         region=settled.region,
         profile=settled.profile,
     )
+
+
+def _profile_region(profile: str | None) -> str | None:
+    """The region ~/.aws/config gives the profile, as the AWS CLI would use it."""
+    import boto3
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        return boto3.session.Session(profile_name=profile).region_name
+    except BotoCoreError:
+        return None  # settle() then says --region is required
 
 
 def _instances_by_job(client: Any) -> dict[str, Instance]:
@@ -142,6 +157,7 @@ def launch_jobs(
         requests = client.requests(jobs)
         out = {
             "cloud": options.cloud,
+            "location": options.location(),
             "jobs": [
                 {"id": j.id, "results": j.results, "spec": j.spec, "request": r}
                 for j, r in zip(jobs, requests, strict=True)

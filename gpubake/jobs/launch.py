@@ -29,7 +29,8 @@ CLOUDS = ("gcp", "aws")
 DEFAULT_GPU = "t4"
 DEFAULT_STACK = "pytorch"
 #: The device name the dataset disk is attached as (GCE: /dev/disk/by-id/google-<name>;
-#: EC2: the block device mapping's name, a udev link on Debian's and Ubuntu's AMIs).
+#: EC2: the block device mapping's name; on Nitro, without Amazon's udev rules, the runner
+#: finds the volume as the one NVMe EBS disk beside the root).
 GCP_DATASET_DEVICE = "gpubake-dataset"
 AWS_DATASET_DEVICE = "/dev/sdf"
 

@@ -56,3 +56,20 @@ def test_bad_job_input_is_one_line(args, message, tmp_path):
     assert message in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_the_region_of_the_aws_profile_is_used(tmp_path):
+    config = tmp_path / "aws-config"
+    config.write_text("[profile ml]\nregion = eu-west-1\n")
+    env = {"AWS_CONFIG_FILE": str(config), "AWS_SHARED_CREDENTIALS_FILE": str(config)}
+    proc = job(
+        "run", "--cloud", "aws", "--profile", "ml", "--results", "s3://my-bucket/r",
+        "--image", "ami-0123456789abcdef0", "--dry-run", "--json", "--", "x",
+        tmp_path=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    planned = json.loads(proc.stdout)
+    assert planned["location"] == "eu-west-1"
+    assert planned["jobs"][0]["request"]["ImageId"] == "ami-0123456789abcdef0"

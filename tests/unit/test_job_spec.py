@@ -185,3 +185,20 @@ def test_gce_host_maintenance_counts_as_a_notice(monkeypatch):
         assert notice.event.wait(5)
         assert "TERMINATE_ON_HOST_MAINTENANCE" in notice.reason
         watcher.join(5)
+
+
+def test_an_ec2_dataset_volume_is_found_as_the_one_nvme_disk_beside_the_root(tmp_path):
+    dev, by_id = tmp_path / "dev", tmp_path / "by-id"
+    dev.mkdir()
+    by_id.mkdir()
+    for name in ("nvme0n1", "nvme0n1p1", "nvme1n1"):
+        (dev / name).write_text("")
+    (by_id / "nvme-Amazon_Elastic_Block_Store_vol0root").symlink_to(dev / "nvme0n1")
+    (by_id / "nvme-Amazon_Elastic_Block_Store_vol0root-part1").symlink_to(dev / "nvme0n1p1")
+    (by_id / "nvme-Amazon_Elastic_Block_Store_vol0data").symlink_to(dev / "nvme1n1")
+    root = str(dev / "nvme0n1p1")
+    assert job.ec2_nvme_volume("/dev/sdf", by_id, root) == str(dev / "nvme1n1")
+    # two candidates: no guess
+    (dev / "nvme2n1").write_text("")
+    (by_id / "nvme-Amazon_Elastic_Block_Store_vol0more").symlink_to(dev / "nvme2n1")
+    assert job.ec2_nvme_volume("/dev/sdf", by_id, root) is None

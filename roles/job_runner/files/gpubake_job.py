@@ -281,6 +281,29 @@ def _dataset(value: Any) -> dict[str, Any] | None:
     return {"device": device, "mount": mount, "read_only": read_only}
 
 
+def ec2_nvme_volume(
+    device: str, by_id: Path = Path("/dev/disk/by-id"), root: str | None = None
+) -> str | None:
+    """On Nitro instances an EBS volume mapped as /dev/sdf is an NVMe disk; the /dev/sdf link
+    exists only where Amazon's udev rules are installed. Without it: the one EBS volume that
+    is not the root disk (a job gets exactly one, its dataset), else None."""
+    if root is None:
+        proc = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE", "/"], capture_output=True, text=True, check=False
+        )
+        root = os.path.realpath(proc.stdout.strip()) if proc.returncode == 0 else ""
+    candidates = []
+    for link in sorted(by_id.glob("nvme-Amazon_Elastic_Block_Store_*")):
+        if "-part" in link.name:
+            continue
+        target = os.path.realpath(link)
+        if root and (root == target or root.startswith(target + "p")):
+            continue  # the root disk or one of its partitions
+        if target not in candidates:
+            candidates.append(target)
+    return candidates[0] if len(candidates) == 1 else None
+
+
 # ------------------------------------------------------------------------ clouds, metadata
 
 
@@ -687,6 +710,8 @@ class Runner:
                     f"dataset.device {device!r}: give the device's path on {self.cloud}"
                 )
             device = f"/dev/disk/by-id/google-{device}"
+        if self.cloud == "ec2" and not Path(device).exists():
+            device = ec2_nvme_volume(device) or device
         source = Path(device)
         if not source.exists():
             raise StepError(f"dataset device {device} does not exist: is the disk attached?")
