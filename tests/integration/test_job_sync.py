@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -607,3 +608,25 @@ def test_job_logs_follow_prints_to_the_end_and_stops_at_the_marker(url):
     out = io.StringIO()
     follow_log(other, follow=True, interval=0, out=out, vm_alive=lambda: False)
     assert out.getvalue() == "step 1\n"
+
+
+def test_a_sweeps_values_reach_the_command_through_the_runner(url, tmp_path, server):
+    """The spec's params (gpubake job sweep) as $GPUBAKE_PARAM_<NAME>, in a real run."""
+    spec = tmp_path / "spec.json"
+    script = (
+        "import os, pathlib; pathlib.Path(os.environ['GPUBAKE_RESULTS_DIR'], 'lr')"
+        ".write_text(os.environ['GPUBAKE_PARAM_LR'])"
+    )
+    spec.write_text(json.dumps({
+        "gpubake_job": 1, "id": "swept-0", "command": [sys.executable, "-c", script],
+        "results": f"{url}/runs/swept-0", "params": {"lr": "1e-4"},
+    }))  # fmt: skip
+    clean = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpubake", "job", "local", str(spec), "--work-dir",
+         str(tmp_path / "work")],
+        env={**clean, **server.env, "GPUBAKE_CLOUD": "none", "GPUBAKE_JOB_CONFIG": os.devnull},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sync.read_text(f"{url}/runs/swept-0/results/lr") == "1e-4"

@@ -573,10 +573,10 @@ def test_job_local_fetches_code_from_git_at_a_commit(stores, tmp_path):
     assert _fetch(store, f"gs://{bucket}/run", tmp_path / "out")["results/v"] == "pinned"
 
 
-def test_the_spec_job_sweep_dry_run_prints_runs_here_and_job_fetch_finds_it(
+def test_the_spec_job_run_dry_run_prints_runs_here_and_job_fetch_finds_it(
     machine, stores, tmp_path, monkeypatch
 ):
-    """End to end without a cloud: the spec `gpubake job sweep --dry-run --json` prints (and
+    """End to end without a cloud: the spec `gpubake job run --dry-run --json` prints (and
     the request's user-data carries) runs with the image's `gpubake-job local` in the
     container; `gpubake job fetch` then finds its results in the S3 server."""
     store = stores["s3"]
@@ -588,14 +588,14 @@ def test_the_spec_job_sweep_dry_run_prints_runs_here_and_job_fetch_finds_it(
         "import json, os, pathlib, sys\n"
         "out = pathlib.Path(os.environ['GPUBAKE_RESULTS_DIR'])\n"
         "(out / 'seen.json').write_text(json.dumps({'argv': sys.argv[1:],"
-        " 'env_lr': os.environ['GPUBAKE_PARAM_LR']}))\n"
+        " 'epochs': os.environ['EPOCHS']}))\n"
     )
     env = {**os.environ, **store.env, "XDG_STATE_HOME": str(tmp_path / "state")}
     proc = subprocess.run(
-        [sys.executable, "-m", "gpubake", "job", "sweep", "--cloud", "aws",
+        [sys.executable, "-m", "gpubake", "job", "run", "--cloud", "aws",
          "--region", "us-east-1", "--image", "ami-0123456789abcdef0", "--dry-run", "--json",
-         "--results", f"s3://{bucket}/runs", "--code", str(code), "--param", "lr=0.5",
-         "--", "python", "train.py", "--lr", "{lr}"],
+         "--results", f"s3://{bucket}/runs", "--code", str(code), "--env", "EPOCHS=2",
+         "--", "python", "train.py", "--lr", "0.5"],
         capture_output=True, text=True, timeout=120, env=env, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -628,5 +628,5 @@ def test_the_spec_job_sweep_dry_run_prints_runs_here_and_job_fetch_finds_it(
     )  # fmt: skip
     assert fetched.returncode == 0, fetched.stderr
     seen = json.loads((tmp_path / "out" / "results" / "seen.json").read_text())
-    assert seen == {"argv": ["--lr", "0.5"], "env_lr": "0.5"}
+    assert seen == {"argv": ["--lr", "0.5"], "epochs": "2"}
     assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["job"] == spec["id"]
