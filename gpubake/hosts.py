@@ -67,7 +67,7 @@ def split_host(host: str) -> tuple[str | None, str, int | None]:
         raise HostError(
             f"--host '{host}' has an empty user name: write {usage}, or leave USER@ out"
         )
-    if sep and not (port.isdigit() and 1 <= int(port) <= 65535):
+    if sep and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         raise HostError(f"--host '{host}': port '{port}' is not a number from 1 to 65535")
     return user or None, name, int(port) if sep else None
 

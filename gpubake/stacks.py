@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from packaging.version import InvalidVersion, Version
 
-from gpubake import GpubakeError, targets
+from gpubake import GpubakeError, data_schema, targets
 from gpubake.resources import data_root
 
 #: Keys --var may set, with a parser for each value.
@@ -34,12 +34,76 @@ def _load(path: Path) -> dict[str, Any]:
         return yaml.safe_load(fh)
 
 
+def _label(path: Path) -> str:
+    """A data file as messages name it: images/stacks.yml, else its whole path."""
+    try:
+        return path.relative_to(data_root()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _roles_beside(path: Path) -> frozenset[str] | None:
+    """The collection's roles next to images/ (None where there are none to check against)."""
+    roles = path.parent.parent / "roles"
+    return frozenset(p.name for p in roles.iterdir() if p.is_dir()) if roles.is_dir() else None
+
+
+def load_gpus(path: Path) -> dict[str, Any]:
+    """images/gpus.yml as the file `path` holds it, checked whole (gpubake.data_schema); a
+    malformed file is a StackError naming the file, the key and the problem."""
+    label = _label(path)
+    try:
+        data = data_schema.read_yaml(path, label)
+        data_schema.check_gpus(data, label)
+    except data_schema.DataFileError as exc:
+        raise StackError(str(exc)) from None
+    return data
+
+
+def load_stacks(
+    path: Path,
+    gpus: Mapping[str, Any],
+    *,
+    gpus_path: Path | None = None,
+    roles: frozenset[str] | None = None,
+) -> dict[str, Any]:
+    """images/stacks.yml as the file `path` holds it, checked whole against its schema and
+    against `gpus` (images/gpus.yml's checked data, read from `gpus_path`) and `roles` (the
+    collection's role names; default: the roles/ beside the file's images/, if any)."""
+    label = _label(path)
+    try:
+        data = data_schema.read_yaml(path, label)
+        data_schema.check_stacks(
+            data,
+            label,
+            gpus=gpus,
+            gpus_label=_label(gpus_path) if gpus_path else "images/gpus.yml",
+            roles=_roles_beside(path) if roles is None else roles,
+        )
+    except data_schema.DataFileError as exc:
+        raise StackError(str(exc)) from None
+    return data
+
+
+@functools.cache
+def _gpus_at(path: Path) -> dict[str, Any]:
+    return load_gpus(path)
+
+
+@functools.cache
+def _stacks_at(path: Path, gpus_path: Path) -> dict[str, Any]:
+    return load_stacks(path, _gpus_at(gpus_path), gpus_path=gpus_path)
+
+
 def stacks_data() -> dict[str, Any]:
-    return _load(data_root() / "images" / "stacks.yml")
+    """images/stacks.yml, read and checked once (a malformed file: StackError)."""
+    images = data_root() / "images"
+    return _stacks_at(images / "stacks.yml", images / "gpus.yml")
 
 
 def gpus_data() -> dict[str, Any]:
-    return _load(data_root() / "images" / "gpus.yml")
+    """images/gpus.yml, read and checked once (a malformed file: StackError)."""
+    return _gpus_at(data_root() / "images" / "gpus.yml")
 
 
 def _ver(text: str) -> Version:
