@@ -18,11 +18,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpubake import GpubakeError, __version__, resources, stacks, targets
 from gpubake.hashing import input_hash
 from gpubake.stacks import Stack, stacks_data
+
+if TYPE_CHECKING:
+    from gpubake.locks import Lock
 
 ENV_PREFIX = "/opt/gpubake/env"
 DEFAULT_USER = "gpubake"
@@ -52,8 +55,22 @@ VERSION_LABEL = "org.opencontainers.image.version"  # the immutable tag
 CREATED_LABEL = "org.opencontainers.image.created"
 #: Where the build's gpu-smoke writes its report (playbooks/smoke.yml's gpu_smoke_test_report)
 SMOKE_REPORT = "/etc/gpubake/smoke-report.json"
+#: The image's CycloneDX SBOM (role manifest's manifest_sbom_path), named by its SBOM_LABEL
+SBOM_PATH = "/etc/gpubake/sbom.cdx.json"
+SBOM_LABEL = f"{LABEL_PREFIX}.sbom"
 SMOKE_PASSED = "passed"  # gpu-smoke ran its GPU checks and passed
 SMOKE_CPU_CHECKED = "cpu-checked"  # built without a GPU: only the CPU-side checks ran (passed)
+
+
+def lock_pins(lock: Lock | None) -> dict[str, dict[str, Any]]:
+    """A lock's pins as role manifest's manifest_lock_pins, {name: {version, hashes}}: the
+    SBOM lists each locked package's hashes (every file the lock allows). None: no lock."""
+    if lock is None:
+        return {}
+    return {
+        name: {"version": version, "hashes": list(hashes)}
+        for name, (version, hashes) in sorted(lock.pins.items())
+    }
 
 
 def framework_version(stack: Stack) -> str:
@@ -123,7 +140,7 @@ class BuildPlan:
 
 
 def check_tag(tag: str) -> str:
-    if not _TAG_RE.match(tag):
+    if not _TAG_RE.fullmatch(tag):
         raise PlanError(
             f"--tag '{tag}' is not a valid Docker tag: use up to 128 letters, digits, "
             "'_', '.' and '-', not starting with '.' or '-'"
@@ -166,6 +183,7 @@ def _core_ansible_vars(stack: Stack, target: str, require_gpu: bool) -> dict[str
         "base_user_name": DEFAULT_USER,
         "gpu_smoke_test_args": ["--require-gpu"] if require_gpu else [],
         "gpu_smoke_test_report": SMOKE_REPORT,
+        "manifest_sbom_path": SBOM_PATH,
     }
     if stack.miniforge:
         data["python_env_miniforge_version"] = stack.miniforge["version"]
@@ -243,6 +261,7 @@ def _common_labels(stack: Stack, digest: str) -> dict[str, str]:
         "gpubake-version": __version__,
         # GCP label values hold 63 characters: 40 hex digits (160 bits) of the hash
         "gpubake-input-hash": digest[:40],
+        "gpubake-sbom": SBOM_PATH,
     }
 
 
@@ -304,11 +323,14 @@ def make_plan(
     created: dt.datetime | None = None,
     git_revision: str | None = None,
     build_id: str = "",
+    lock: Lock | None = None,
 ) -> BuildPlan:
     """The plan of one build. The machine's part comes in as arguments: `packer_version`
     (Packer 1.6 needs ssh-rsa for its proxy), `ansible_playbook` (the command Packer runs),
     `created` (image creation label, AMI name stamp; None: left out), `git_revision` (image
-    label; None: left out) and `build_id` (makes the build container's name unique)."""
+    label; None: left out) and `build_id` (makes the build container's name unique).
+    `lock`: the lock the build installs, whose hashes the SBOM lists (manifest_lock_pins;
+    a container's stages get their stack's lock from gpubake.stages.plan_chain)."""
     try:
         kind = targets.get(target)
     except targets.TargetError as exc:
@@ -317,6 +339,7 @@ def make_plan(
     cloud = cloud or CloudOptions()
     vm = kind.is_vm
     core = _core_ansible_vars(stack, target, require_gpu)
+    core["manifest_lock_pins"] = lock_pins(lock)
     if vm:
         core.update(_vm_ansible_vars(stack, target))
     digest = input_hash({"target": target, "ansible": core}, base_image_id=base_image_id)
@@ -422,6 +445,7 @@ def _target_specifics(
             OS_LABEL: stack.os.key,
             f"{LABEL_PREFIX}.version": __version__,
             HASH_LABEL: digest,
+            SBOM_LABEL: SBOM_PATH,
         }
         if base_image_id.startswith("sha256:"):
             labels["org.opencontainers.image.base.digest"] = base_image_id

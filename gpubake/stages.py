@@ -30,6 +30,7 @@ from gpubake.plan import (
     BuildPlan,
     docker_changes,
     immutable_tag,
+    lock_pins,
 )
 from gpubake.stacks import Stack, stacks_data
 
@@ -182,6 +183,8 @@ def plan_chain(
                 variables["build_ca_bundle"] = ""
                 variables.pop("build_ca_environment", None)
             variables["gpubake_smoke"] = bool(spec[name].get("smoke", False))
+            if "manifest" in roles:  # the SBOM lists the hashes of the lock the env stage installed
+                variables["manifest_lock_pins"] = lock_pins(locks.get(level.name))
             packer_vars = dict(whole.packer_vars)
             if gpu_build and variables["gpubake_smoke"]:
                 variables["gpu_smoke_test_args"] = ["--require-gpu"]
