@@ -26,6 +26,12 @@ def _only(option: str) -> str:
     return " / ".join(targets.takers(option)) + ": "
 
 
+def _one_line(text: str) -> str:
+    """The text with every line break a space: carriage returns and the other breaks
+    str.splitlines knows too, which a user's own input (a --var value) may hold."""
+    return " ".join(text.splitlines())
+
+
 def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"gpubake: error: {message}", err=True)
     sys.exit(code)
@@ -606,6 +612,18 @@ def _register_job_commands() -> None:
 _register_job_commands()
 
 
+def _register_image_commands() -> None:
+    """`gpubake scan` and `gpubake sbom`: what an image holds, read from its layers."""
+    from gpubake.sbom import sbom_command
+    from gpubake.scan import scan_command
+
+    cli.add_command(scan_command)
+    cli.add_command(sbom_command)
+
+
+_register_image_commands()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: click errors and gpubake errors become one line and a non-zero exit."""
     try:
@@ -619,13 +637,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             click.echo(exc.format_message())
             return
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        _fail(exc.format_message().replace("\n", " ") + hint, 2)
+        _fail(_one_line(exc.format_message()) + hint, 2)
     except click.Abort:
         _fail("aborted", 130)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    except GpubakeError as exc:
-        _fail(str(exc).replace("\n", " "))
+    except GpubakeError as exc:  # an interrupted build: 130 or 143 (guard.BuildInterruptedError)
+        _fail(_one_line(str(exc)), getattr(exc, "exit_code", 1))
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
 

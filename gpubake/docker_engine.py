@@ -7,9 +7,11 @@ made with debootstrap and imported, as these machines reach no registry.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
-import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import docker
 import docker.errors
 from docker.models.images import Image
 
-from gpubake import GpubakeError
+from gpubake import GpubakeError, guard
 from gpubake.plan import HASH_LABEL
 from gpubake.stacks import OsInfo
 
@@ -125,6 +127,16 @@ def ensure_base_image(
             f"load {osinfo.base_image} (docker load) or pass --base-image with a local image"
         )
     ref = base_ref(osinfo)
+    with guard.held(guard.base_key(ref), echo, f"the base image {ref}"):
+        image = local_image(engine, ref)  # made meanwhile by the build this one waited for
+        if image is not None:
+            return ref, image.id, None
+        return _bootstrap_base(engine, osinfo, ref, echo)
+
+
+def _bootstrap_base(
+    engine: docker.DockerClient, osinfo: OsInfo, ref: str, echo: Echo
+) -> tuple[str, str, str]:
     note = (
         f"{osinfo.base_image} cannot be pulled (no registry reachable): built {ref} "
         "with debootstrap instead"
@@ -145,13 +157,12 @@ def debootstrap_image(engine: docker.DockerClient, osinfo: OsInfo, ref: str, ech
         )
     suite = osinfo.debootstrap["suite"]
     mirror = osinfo.debootstrap["mirror"]
-    with tempfile.TemporaryDirectory(prefix="gpubake-rootfs-") as tmp:
-        rootfs = Path(tmp) / "rootfs"
+    # under the cache, named after the base image's lock: the next build removes the root
+    # a killed build left (unmounting what debootstrap had mounted in it)
+    with guard.work_dir(guard.base_key(ref)) as work:
+        rootfs = work / "rootfs"
         cmd = [tool, "--variant=minbase", suite, str(rootfs), mirror]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-        if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no output"]
-            raise EngineError(f"debootstrap {suite} failed: {tail[0]}")
+        _debootstrap(cmd, suite)
         _finish_rootfs(rootfs, suite, mirror)
         echo(f"importing {ref} ...")
         tar = subprocess.Popen(
@@ -175,6 +186,43 @@ def debootstrap_image(engine: docker.DockerClient, osinfo: OsInfo, ref: str, ech
     if image is None:
         raise EngineError(f"docker import of {ref} produced no image")
     return image.id
+
+
+def _debootstrap(cmd: list[str], suite: str) -> None:
+    """Run debootstrap in a process group of its own: on Ctrl-C or SIGTERM the whole group
+    (dpkg, wget, chroot) is stopped before its root is removed."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=guard.die_with_parent,  # gpubake starts no threads of its own
+    )
+    try:
+        output, _ = proc.communicate(timeout=1800)
+    except BaseException:
+        with guard.uninterruptible():
+            _stop_group(proc)
+        raise
+    if proc.returncode != 0:
+        tail = output.strip().splitlines()[-1:] or ["no output"]
+        raise EngineError(f"debootstrap {suite} failed: {tail[0]}")
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to the process group of `proc`, SIGKILL after 30 s; returns when it is gone."""
+    deadline = time.monotonic() + 30
+    sig = signal.SIGTERM
+    while True:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        proc.poll()  # reaps the leader, whose zombie would keep the group alive
+        time.sleep(0.2)
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
 
 
 def _finish_rootfs(rootfs: Path, suite: str, mirror: str) -> None:

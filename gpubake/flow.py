@@ -11,7 +11,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import click
 
-from gpubake import GpubakeError, resources, stacks, targets
+from gpubake import GpubakeError, guard, resources, stacks, targets
 from gpubake.plan import (
     SMOKE_CPU_CHECKED,
     SMOKE_LABEL,
@@ -66,6 +65,13 @@ class BuildRequest:
     verbose: int = 0
 
 
+@dataclasses.dataclass
+class _Doing:
+    """What a build is doing, for the line an interruption ends with."""
+
+    what: str
+
+
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """A request after its stack resolved and its options were checked."""
@@ -74,6 +80,7 @@ class _Run:
     target: targets.Target
     request: BuildRequest
     bundle: Path | None
+    doing: _Doing = dataclasses.field(default_factory=lambda: _Doing("the build's checks"))
 
     @property
     def ansible_verbosity(self) -> int:
@@ -129,12 +136,22 @@ def build(request: BuildRequest) -> None:
     )
     check_tag(request.tag)
     run = _Run(resolved, target, request, check_ca_bundle(request.ca_bundle))
-    if target.kind == "container":
-        _build_container(run)
-    elif target.kind == "vm":
-        _build_cloud_image(run)
-    else:
-        _apply_host(run)
+    with guard.sigterm_interrupts():
+        try:
+            if target.kind == "container":
+                _build_container(run)
+            elif target.kind == "vm":
+                _build_cloud_image(run)
+            else:
+                _apply_host(run)
+        except KeyboardInterrupt as exc:
+            sig = guard.signal_of(exc)
+            raise guard.BuildInterruptedError(
+                f"{sig.name} during {run.doing.what}: Packer's build "
+                f"{'container' if target.kind == 'container' else 'VM'} and gpubake's work dir "
+                "are removed, and no tag was moved; run the same command to build again",
+                128 + sig.value,
+            ) from None
 
 
 def _container_locks(stack: stacks.Stack, *, verify: bool) -> tuple[dict[str, Any], list[str]]:
@@ -191,10 +208,11 @@ def _reusable(engine: Any, chain: list, force: bool, stack: str) -> dict[str, An
 
 
 def _build_container(run: _Run) -> None:
-    from gpubake import docker_engine, publish
+    from gpubake import docker_engine
     from gpubake.packer import Packer
 
     req = run.request
+    doing = run.doing
     started = time.monotonic()
     packer = Packer.detect()
     engine = docker_engine.client()
@@ -204,6 +222,8 @@ def _build_container(run: _Run) -> None:
     if req.dry_run:
         ref, image_id = _dry_run_base(engine, run.stack.os, req.base_image, notes)
     else:
+        guard.remove_leftovers(engine, echo)
+        doing.what = "the base image's creation"
         ref, image_id, note = docker_engine.ensure_base_image(
             engine, run.stack.os, req.base_image, echo
         )
@@ -223,11 +243,28 @@ def _build_container(run: _Run) -> None:
     }
     chain = container_chain(run, inputs, lock_texts, gpu_build=gpu_build)
     final = chain[-1]
-    reuse = _reusable(engine, chain, req.force, run.stack.name)
     if req.dry_run:
+        reuse = _reusable(engine, chain, req.force, run.stack.name)
         print_plan(final.plan, packer, req.as_json, chain=chain, reuse=reuse)
         return
+    # one build of an output at a time: a second waits, then finds it built (and skips)
+    doing.what = "the wait for another build of the same image"
+    with guard.held(guard.output_key(final.plan.image_ref), echo, f"{final.plan.image_ref}"):
+        reuse = _reusable(engine, chain, req.force, run.stack.name)
+        _build_chain(run, engine, packer, chain, reuse, started)
 
+
+def _build_chain(
+    run: _Run,
+    engine: Any,
+    packer: Any,
+    chain: list,
+    reuse: dict[str, Any],
+    started: float,
+) -> None:
+    from gpubake import docker_engine, guard, publish
+
+    final = chain[-1]
     plan = final.plan
     if final.input_hash in reuse:
         existing = reuse[final.input_hash]
@@ -248,8 +285,8 @@ def _build_container(run: _Run) -> None:
 
     echo(
         f"building {plan.image_ref}: stack {run.stack.name} on {run.stack.os.key}, "
-        f"base {ref}, Packer {packer.version_text}, input hash {plan.input_hash[:12]}, "
-        f"{len(chain)} stages"
+        f"base {chain[0].plan.base_image}, Packer {packer.version_text}, "
+        f"input hash {plan.input_hash[:12]}, {len(chain)} stages"
     )
     for note in plan.notes:
         echo(note)
@@ -262,21 +299,15 @@ def _build_container(run: _Run) -> None:
                 image.tag(stage.plan.image_repository, stage.plan.image_tag)
             echo(f"{where}: reused {image.short_id} (input hash {stage.input_hash[:12]})")
             continue
-        echo(f"{where}: building ({', '.join(stage.roles)})")
-        stage_started = time.monotonic()
-        before = docker_engine.dangling_volumes(engine)
-        was = docker_engine.local_image(engine, stage.plan.image_ref) if stage.final else None
-        try:
-            run_packer(stage.plan, packer, req.verbose)
-        finally:
-            docker_engine.drop_volumes(engine, docker_engine.dangling_volumes(engine) - before)
-        built = docker_engine.local_image(engine, stage.plan.image_ref)
-        if built is not None and stage.final:  # gpu-smoke's result, known only now: labels
-            built = publish.label_smoke(engine, stage.plan.image_ref)
-        own = docker_engine.own_size(engine, built, stage.plan.base_image) if built else 0
-        echo(f"{where}: built in {elapsed(stage_started)}, its layer {_size(own)}")
-        if stage.final and stage is not final and was is not None:
-            docker_engine.drop_replaced(engine, was, built)
+        run.doing.what = where
+        key = guard.stage_key(stage.input_hash)
+        with guard.held(key, echo, f"{where} (input hash {stage.input_hash[:12]})") as waited:
+            if waited:  # built meanwhile by the build it waited for?
+                image = _reusable_stage(engine, stage, number, chain)
+                if image is not None:
+                    echo(f"{where}: reused {image.short_id}, built meanwhile by another build")
+                    continue
+            _build_stage(run, engine, packer, stage, where, key, last=stage is final)
     image = docker_engine.local_image(engine, plan.image_ref)
     size = f", {image.attrs['Size'] / 1e9:.2f} GB" if image is not None else ""
     smoke = (image.labels or {}).get(SMOKE_LABEL) if image is not None else None
@@ -289,6 +320,72 @@ def _build_container(run: _Run) -> None:
     if dropped:
         echo(f"removed {dropped}, the image {plan.image_ref} pointed to before (now untagged)")
     click.echo(plan.image_ref)
+
+
+def _reusable_stage(engine: Any, stage: Any, number: int, chain: list) -> Any:
+    from gpubake import docker_engine
+
+    below_ref = chain[number - 2].plan.image_ref if number > 1 else stage.plan.base_image
+    below = docker_engine.local_image(engine, below_ref)
+    image = docker_engine.image_with_hash(
+        engine, stage.plan.image_repository, stage.input_hash, stage.plan.image_ref
+    )
+    if image is None or not docker_engine.built_on(image, below):
+        return None
+    if stage.plan.image_ref not in image.tags:
+        image.tag(stage.plan.image_repository, stage.plan.image_tag)
+    return image
+
+
+def _build_stage(
+    run: _Run, engine: Any, packer: Any, stage: Any, where: str, key: str, *, last: bool
+) -> None:
+    """One stage's Packer build. A stack's last stage is tagged `gpubake-stage/...:output-*`
+    first; only once gpu-smoke's labels are on it and its layers scanned clean does the
+    asked tag move onto it, so that an interrupted or failed build moves no tag."""
+    from gpubake import docker_engine, guard, publish, scan, stages
+
+    echo(f"{where}: building ({', '.join(stage.roles)})")
+    stage_started = time.monotonic()
+    plan = stage.plan
+    staged_tag = f"{guard.STAGED_TAG_PREFIX}{stage.input_hash[:12]}"
+    staged = f"{stages.STAGE_REPOSITORY}/{stage.stack}:{staged_tag}"
+    packer_vars = {**plan.packer_vars, "container_labels": ["--label", f"{guard.LOCK_LABEL}={key}"]}
+    if stage.final:
+        packer_vars.update(image_repository=staged.split(":")[0], image_tag=staged_tag)
+    before = docker_engine.dangling_volumes(engine)
+    was = docker_engine.local_image(engine, plan.image_ref) if stage.final else None
+    try:
+        try:
+            staging = dataclasses.replace(plan, packer_vars=packer_vars)
+            run_packer(staging, packer, run.request.verbose, key)
+        finally:
+            docker_engine.drop_volumes(engine, docker_engine.dangling_volumes(engine) - before)
+        if not stage.final:
+            built = docker_engine.local_image(engine, plan.image_ref)
+        else:  # gpu-smoke's result, known only now: labels; then every layer scanned
+            run.doing.what = f"{where}: labelling and scanning"
+            built = publish.label_smoke(engine, staged)
+            report = scan.scan_image(engine, staged, progress=lambda m: echo(f"{where}: {m}"))
+            if report.findings:
+                for finding in report.findings:
+                    echo(f"secret found: {finding.line()}")
+                raise scan.ScanError(
+                    f"{where}: {len(report.findings)} secret(s) found in the image's layers "
+                    f"(listed above; the first: {report.findings[0].line()}): remove them in "
+                    "the role that adds them and build again; nothing was tagged"
+                )
+            echo(f"{where}: scanned {report.layers} layers, {report.files} files: no secrets")
+            built.tag(plan.image_repository, plan.image_tag)
+            engine.images.remove(staged, noprune=True)  # the asked tag holds it now
+    except BaseException:
+        with guard.uninterruptible():
+            guard.remove_stage_images(engine, {stage.input_hash})
+        raise
+    own = docker_engine.own_size(engine, built, plan.base_image) if built else 0
+    echo(f"{where}: built in {elapsed(stage_started)}, its layer {_size(own)}")
+    if stage.final and not last and was is not None:  # a parent's image, replaced
+        docker_engine.drop_replaced(engine, was, built)
 
 
 def _build_cloud_image(run: _Run) -> None:
@@ -335,6 +432,17 @@ def _build_cloud_image(run: _Run) -> None:
     if req.dry_run:
         print_plan(plan, packer, req.as_json)
         return
+    run.doing.what = "the wait for another build of the same image"
+    with guard.held(guard.output_key(f"{plan.target}:{plan.image_ref}"), echo, plan.image_ref):
+        _build_cloud_image_locked(run, plan, packer, cloud, cli, started)
+
+
+def _build_cloud_image_locked(
+    run: _Run, plan: BuildPlan, packer: Any, cloud: CloudOptions, cli: str, started: float
+) -> None:
+    from gpubake import clouds
+
+    req = run.request
     existing = clouds.find_existing(plan, cloud, cli)
     if existing and not req.force:
         echo(
@@ -349,7 +457,8 @@ def _build_cloud_image(run: _Run) -> None:
     )
     for note in plan.notes:
         echo(note)
-    run_packer(plan, packer, req.verbose)
+    run.doing.what = f"the Packer build of {plan.image_ref}"
+    run_packer(plan, packer, req.verbose, guard.output_key(f"{plan.target}:{plan.image_ref}"))
     echo(f"built {plan.image_ref} in {elapsed(started)}; gpu-smoke passed on it")
     click.echo(plan.image_ref)
 
@@ -541,16 +650,20 @@ def elapsed(started: float) -> str:
     return f"{secs // 60}m{secs % 60:02d}s"
 
 
-def run_packer(plan: BuildPlan, packer: Any, verbose: int) -> None:
+def run_packer(plan: BuildPlan, packer: Any, verbose: int, key: str) -> None:
+    """Packer on `plan`, in a work dir under gpubake's cache named after the lock on `key`
+    (which the caller holds): Packer's and Ansible's temporary files go there too, so that
+    nothing of a build (its variables, its CA bundle's path) is left elsewhere."""
+    from gpubake import guard
+
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     log_path = LOG_DIR / f"{plan.stack.name}-{plan.target}-{stamp}.log"
     started = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="gpubake-build-") as tmp,
-        log_path.open("w", encoding="utf-8") as log,
-    ):
-        work = Path(tmp)
+    with guard.work_dir(key) as scratch, log_path.open("w", encoding="utf-8") as log:
+        work = scratch / "packer"
+        (scratch / "tmp").mkdir()
+        env = {"TMPDIR": str(scratch / "tmp"), "ANSIBLE_LOCAL_TEMP": str(scratch / "ansible")}
         var_file = render(plan, work, with_plugins=packer.needs_plugins)
         packer.init(work)
 
@@ -563,7 +676,7 @@ def run_packer(plan: BuildPlan, packer: Any, verbose: int) -> None:
                 click.echo(f"  {elapsed(started):>7}  {message}", err=True)
 
         try:
-            packer.build(work, var_file, on_line, only=plan.packer_only)
+            packer.build(work, var_file, on_line, only=plan.packer_only, env=env)
         except GpubakeError as exc:
             raise GpubakeError(f"{exc} (full log: {log_path})") from None
 

@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,11 +129,17 @@ class Packer:
         var_file: Path,
         on_line: Callable[[str, str | None], None] | None = None,
         only: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Progress:
-        """Run `packer build`, streaming lines to `on_line(line, progress_message)`.
+        """Run `packer build`, streaming lines to `on_line(line, progress_message)`; `env`
+        adds to its environment (TMPDIR: where Packer and Ansible keep temporary files).
 
-        Ctrl-C is passed to Packer, which then removes its build container or VM.
+        Ctrl-C or SIGTERM (gpubake.guard.Terminated) is passed to Packer as Ctrl-C, and
+        Packer removes its build container or VM before gpubake goes on; when gpubake is
+        killed outright, Packer gets Ctrl-C from the kernel (gpubake.guard.die_with_parent).
         """
+        from gpubake import guard
+
         progress = Progress()
         cmd = self.command("build", template_dir, var_file, only=only)
         proc = subprocess.Popen(
@@ -142,9 +148,10 @@ class Packer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=packer_env(),
+            env={**packer_env(), **(env or {})},
             bufsize=1,
             start_new_session=True,
+            preexec_fn=guard.die_with_parent,  # gpubake starts no threads of its own
         )
         try:
             assert proc.stdout is not None
@@ -154,9 +161,10 @@ class Packer:
                     on_line(line.rstrip("\n"), message)
             proc.wait()
         except KeyboardInterrupt:
-            print("\ngpubake: interrupted; waiting for Packer to clean up ...", file=sys.stderr)
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=600)
+            with guard.uninterruptible():
+                print("\ngpubake: interrupted; waiting for Packer to clean up ...", file=sys.stderr)
+                os.killpg(proc.pid, signal.SIGINT)
+                proc.wait(timeout=600)
             raise
         if proc.returncode != 0:
             raise PackerError(progress.summary())

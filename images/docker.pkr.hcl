@@ -38,6 +38,12 @@ variable "container_gpus" {
   default     = []
 }
 
+variable "container_labels" {
+  type        = list(string)
+  description = "docker run options labelling the build container with the lock its build holds (e.g. [\"--label\", \"io.gpubake.build-lock=...\"]), so that the next build finds it if this one is killed."
+  default     = []
+}
+
 variable "cache_volumes" {
   type        = map(string)
   description = "Host folders bind-mounted into the build container (the download cache); a mount is not committed into the image."
@@ -50,7 +56,7 @@ source "docker" "gpubake" {
   commit        = true
   container_dir = "/tmp/packer-files"
   # as root: a stage may start from an image whose USER is gpubake (a derived stack's parent)
-  run_command = concat(["-d", "-i", "-t", "-u", "root", "--name", var.container_name], var.container_gpus, ["{{.Image}}", "/bin/sh"])
+  run_command = concat(["-d", "-i", "-t", "-u", "root", "--name", var.container_name], var.container_labels, var.container_gpus, ["{{.Image}}", "/bin/sh"])
   volumes     = var.cache_volumes
   changes     = var.docker_changes
 }

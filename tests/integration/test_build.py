@@ -102,6 +102,45 @@ def test_build_reports_progress_and_success(built):
     assert built["proc"].stdout.strip() == IMAGE
 
 
+def test_default_image_scans_clean(built, wheel_install):
+    """The build scanned every layer before it tagged the image; `gpubake scan` agrees."""
+    scanned = re.search(
+        r"stage 4/4 pytorch:finish: scanned (\d+) layers, \d+ files: no secrets",
+        built["proc"].stderr,
+    )
+    assert scanned, built["proc"].stderr[-3000:]
+    assert int(scanned[1]) == len(built["image"].attrs["RootFS"]["Layers"])
+    proc = wheel_install.run("scan", IMAGE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no secrets found" in proc.stderr
+
+
+def test_sbom_lists_locked_torch_and_the_os_python3(engine, built, wheel_install):
+    """The SBOM of the default image lists torch with the locked version and hash, and the
+    OS's python3 package (`gpubake sbom`: read from the image without running it)."""
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    assert built["image"].labels[plan_mod.SBOM_LABEL] == plan_mod.SBOM_PATH
+    proc = wheel_install.run("sbom", IMAGE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(proc.stdout) is None
+    document = json.loads(proc.stdout)
+    components = document["components"]
+    lock = locks.check(stacks.resolve(), stacks.machine_arch())
+    version, hashes = lock.pins["torch"]
+    pypi = {c["name"].lower(): c for c in components if c["purl"].startswith("pkg:pypi/")}
+    assert pypi["torch"]["version"] == version
+    locked = {h.split(":", 1)[1] for h in hashes}
+    assert {h["content"] for h in pypi["torch"]["hashes"]} == locked
+    debs = {c["name"]: c for c in components if c["purl"].startswith("pkg:deb/debian/")}
+    out = engine.containers.run(
+        IMAGE, ["dpkg-query", "-W", "-f", "${Version}", "python3"], remove=True
+    )
+    assert debs["python3"]["version"] == out.decode().strip()
+    assert debs["python3"]["purl"].endswith("&distro=debian-12")
+
+
 def test_replaced_image_is_removed(engine, built):
     """--force moved the tag off the image it named before; that image, untagged, is gone."""
     replaced = built["replaced"]

@@ -1,0 +1,344 @@
+"""Builds that survive faults: `gpubake build` interrupted by SIGINT, SIGTERM and SIGKILL at
+four moments (the base image's debootstrap, a stage's Ansible run, gpu-smoke, the commit),
+two builds of one image at once, two stacks at once, and leftovers of a killed build.
+
+The default stack takes minutes a build; these tests build a small stack instead (`tiny`:
+no framework, one small package), on an OS entry of its own (`faults-12`, Debian 12
+again) so that the base image they debootstrap and interrupt is not the suite's. Both are
+added to a copy of the checkout (tests.integration.helpers.checkout_copy), whose gpubake
+runs. Each moment is reached by waiting for its progress line (-v: Packer's own lines).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gpubake import guard, resources
+from tests.integration.helpers import HOST_BUNDLE, checkout_copy
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+OS = "faults-12"
+BASE = f"gpubake/base:{OS}"
+TAG = "ftest"
+IMAGE = f"gpubake/tiny:{TAG}"
+STACKS = """
+  tiny:
+    description: A small stack for the fault tests
+    framework: none
+    python_env: uv
+    cuda: "13.2"
+    driver_branch: "580"
+    packages:
+      six: "1.17.0"
+    imports: [six]
+    env_size_gib: 0.1
+  tiny-b:
+    from: tiny
+    description: tiny and one more package, for two stacks built at once
+    packages:
+      idna: "3.10"
+    imports: [idna]
+    env_size_gib: 0.1
+"""
+#: A file only one stage's hash covers, per moment: editing it rebuilds from that stage on.
+EDITS = {"stage": "roles/base/defaults/main.yml", "finish": "roles/manifest/defaults/main.yml"}
+
+
+def _add_test_stacks(tree: Path) -> None:
+    path = tree / "images" / "stacks.yml"
+    text = path.read_text()
+    debian = re.search(r"(?ms)^  debian-12:\n.*?(?=^  \S)", text)
+    assert debian is not None
+    faults = debian[0].replace("  debian-12:\n", f"  {OS}:\n", 1)
+    faults = faults.replace("base_image: debian:12\n", "base_image: gpubake-faults/none:12\n")
+    text = text.replace(debian[0], debian[0] + faults, 1)
+    path.write_text(text.rstrip("\n") + "\n" + STACKS)
+
+
+def gpubake(tree: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpubake", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        check=False,
+    )
+
+
+def build_args(stack: str = "tiny", tag: str = TAG) -> list[str]:
+    return [
+        "build", "--target", "docker", "--stack", stack, "--os", OS, "--tag", tag,
+        "--ca-bundle", str(HOST_BUNDLE),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, engine) -> Path:
+    out = checkout_copy(tmp_path_factory.mktemp("faults"))
+    _add_test_stacks(out)
+    for stack in ("tiny", "tiny-b"):
+        proc = gpubake(out, "lock", "--stack", stack, "--os", OS, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    yield out
+    for image in engine.images.list():
+        if any(t.startswith(("gpubake/tiny", "gpubake-stage/tiny")) for t in image.tags):
+            for tag in image.tags:
+                engine.images.remove(tag, force=True)
+    if any(BASE in i.tags for i in engine.images.list("gpubake/base")):
+        engine.images.remove(BASE, force=True)
+
+
+@pytest.fixture
+def built_tiny(engine, tree) -> str:
+    """IMAGE, built (by test_interrupted_base_image_creation when the module runs whole)."""
+    if _image_id(engine, IMAGE) is None:
+        proc = gpubake(tree, *build_args())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return IMAGE
+
+
+class Run:
+    """`gpubake build -v` in the background, its output read as it comes."""
+
+    def __init__(self, tree: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpubake", *args, "-v"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tree,
+            env={**os.environ, "PYTHONPATH": str(tree)},
+        )
+        self.lines: list[str] = []
+        self._seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._seen:
+                self.lines.append(line.rstrip("\n"))
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 600) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._seen:
+            while not any(re.search(pattern, line) for line in self.lines):
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    return False
+                if not self._seen.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    return False
+        return True
+
+    def finish(self, timeout: float = 900) -> tuple[int, str]:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        return code, "\n".join(self.lines)
+
+
+def _tmp_names() -> set[str]:
+    return {p.name for p in Path("/tmp").iterdir() if re.match(r"gpubake|packer|ansible", p.name)}
+
+
+def _image_id(engine, ref: str) -> str | None:
+    return next((i.id for i in engine.images.list() if ref in i.tags), None)
+
+
+def assert_nothing_left(engine, *, tag_was: str | None, tmp_before: set[str]) -> None:
+    """Item 1 of the issue after an interruption (and, for SIGKILL, the next run)."""
+    boxes = engine.containers.list(all=True, filters={"label": guard.LOCK_LABEL})
+    assert boxes == [], [b.name for b in boxes]
+    assert not [b for b in engine.containers.list(all=True) if b.name.startswith("gpubake-build")]
+    assert _image_id(engine, IMAGE) == tag_was, "the image's tag moved"
+    staged = [t for i in engine.images.list() for t in i.tags if ":output-" in t]
+    assert staged == []
+    work = resources.cache_dir() / "work"
+    assert not work.is_dir() or list(work.iterdir()) == []
+    assert _tmp_names() <= tmp_before, _tmp_names() - tmp_before
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(resources.cache_dir()) not in mounts
+
+
+def _edit(tree: Path, name: str, n: int) -> str:
+    path = tree / name
+    original = path.read_text()
+    path.write_text(original + f"# fault test edit {n}\n")
+    return original
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+MOMENTS = {
+    # moment: (file edited so that the build has this moment, line waited for, then delay)
+    "stage": (EDITS["stage"], r"TASK \[gpubake\.gpu\.base : ", 1.0),
+    "gpu-smoke": (EDITS["finish"], r"TASK \[Run gpu-smoke\]", 0.0),
+    "commit": (EDITS["finish"], r"Committing the container", 0.0),
+}
+
+
+def interrupt(engine, tree: Path, pattern: str, sig: signal.Signals, delay: float) -> str:
+    tmp_before = _tmp_names()
+    tag_was = _image_id(engine, IMAGE)
+    run = Run(tree, *build_args())
+    assert run.wait_for(pattern), "\n".join(run.lines[-40:])
+    time.sleep(delay)
+    run.proc.send_signal(sig)
+    code, out = run.finish()
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+        time.sleep(3)  # Packer, told by the kernel, removes its container meanwhile
+        return out
+    last = out.strip().splitlines()[-1]
+    assert code == 128 + sig.value, out[-3000:]
+    assert re.match(rf"gpubake: error: interrupted: {sig.name} during \S", last), last
+    assert "Traceback" not in out
+    assert_nothing_left(engine, tag_was=tag_was, tmp_before=tmp_before)
+    return out
+
+
+def test_interrupted_base_image_creation(engine, tree):
+    """SIGINT and SIGTERM during debootstrap: no base image, no root left; SIGKILL: the next
+    run removes the root it left, says so, and builds the whole image."""
+    assert _image_id(engine, BASE) is None
+    for sig in SIGNALS:
+        tmp_before = _tmp_names()
+        run = Run(tree, *build_args())
+        assert run.wait_for(rf"building {BASE} with debootstrap"), "\n".join(run.lines[-20:])
+        time.sleep(4)  # debootstrap is downloading and unpacking now
+        run.proc.send_signal(sig)
+        code, out = run.finish()
+        assert _image_id(engine, BASE) is None
+        if sig != signal.SIGKILL:
+            assert code == 128 + sig.value, out[-2000:]
+            assert f"interrupted: {sig.name} during the base image's creation" in out
+            assert_nothing_left(engine, tag_was=None, tmp_before=tmp_before)
+            pgrep = subprocess.run(["pgrep", "-f", f"debootstrap.*{OS}"], check=False)
+            assert pgrep.returncode == 1, "debootstrap still runs"
+    proc = gpubake(tree, *build_args())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"removed what an interrupted build left: .*work dir .*base-", proc.stderr)
+    assert f"built {IMAGE}" in proc.stderr
+    assert_nothing_left(engine, tag_was=_image_id(engine, IMAGE), tmp_before=_tmp_names())
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_interrupted_build(engine, tree, built_tiny, moment):
+    """Each signal at this moment: afterwards nothing is left and no tag moved; the next run
+    (the edit undone) skips, and after SIGKILL it first removes what the killed build left
+    and says so."""
+    path, pattern, delay = MOMENTS[moment]
+    for n, sig in enumerate(SIGNALS):
+        tag_was = _image_id(engine, IMAGE)
+        assert tag_was is not None
+        tmp_before = _tmp_names()
+        original = _edit(tree, path, n)
+        try:
+            interrupt(engine, tree, pattern, sig, delay)
+        finally:
+            (tree / path).write_text(original)
+        proc = gpubake(tree, *build_args())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"skipped: {IMAGE} is already built" in proc.stderr, proc.stderr[-3000:]
+        if sig == signal.SIGKILL:
+            assert "removed what an interrupted build left: " in proc.stderr, proc.stderr
+        assert_nothing_left(engine, tag_was=tag_was, tmp_before=tmp_before)
+
+
+def test_the_next_build_after_the_interruptions_builds(engine, tree, built_tiny):
+    was = _image_id(engine, IMAGE)
+    original = _edit(tree, EDITS["finish"], 99)
+    try:
+        proc = gpubake(tree, *build_args())
+    finally:
+        (tree / EDITS["finish"]).write_text(original)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reused" in proc.stderr and f"built {IMAGE}" in proc.stderr
+    assert re.search(
+        r"stage 4/4 tiny:finish: scanned \d+ layers, \d+ files: no secrets", proc.stderr
+    )
+    assert _image_id(engine, IMAGE) not in (None, was)
+    assert [t for i in engine.images.list() for t in i.tags if ":output-" in t] == []
+
+
+def test_leftovers_of_a_killed_build_are_removed_and_said(engine, tree, built_tiny):
+    """A labelled build container and a work dir whose lock no build holds are removed by
+    the next build; those of a build still running (its lock held) are not."""
+    gone_key, running_key = guard.stage_key("a" * 64), guard.stage_key("b" * 64)
+    boxes = {
+        key: engine.containers.create(
+            BASE, ["true"], name=f"gpubake-faults-{key[6:12]}", labels={guard.LOCK_LABEL: key}
+        )
+        for key in (gone_key, running_key)
+    }
+    work = resources.cache_dir() / "work"
+    dirs = {key: work / f"{guard.slug(key)}.999999" for key in (gone_key, running_key)}
+    for path in dirs.values():
+        path.mkdir(parents=True)
+        (path / "ansible-vars.json").write_text("{}")
+    running = guard.BuildLock(running_key)
+    assert running.try_acquire()
+    try:
+        proc = gpubake(tree, *build_args())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        said = next(ln for ln in proc.stderr.splitlines() if "removed what an interrupted" in ln)
+        assert boxes[gone_key].name in said and str(dirs[gone_key]) in said
+        assert boxes[running_key].name not in said and str(dirs[running_key]) not in said
+        names = {b.name for b in engine.containers.list(all=True)}
+        assert boxes[gone_key].name not in names and boxes[running_key].name in names
+        assert not dirs[gone_key].exists() and dirs[running_key].exists()
+    finally:
+        running.release()
+        boxes[running_key].remove(force=True)
+        guard.remove_tree(dirs[running_key])
+
+
+def test_two_builds_of_one_image_one_builds_the_other_waits_then_skips(engine, tree, built_tiny):
+    original = _edit(tree, EDITS["finish"], 100)
+    try:
+        first = Run(tree, *build_args())
+        assert first.wait_for(r"stage 4/4 tiny:finish: building")
+        second = Run(tree, *build_args())
+        assert second.wait_for(rf"waiting for gpubake \(pid {first.proc.pid} .*{IMAGE}", 120)
+        code1, out1 = first.finish()
+        code2, out2 = second.finish()
+    finally:
+        (tree / EDITS["finish"]).write_text(original)
+    assert code1 == 0, out1[-3000:]
+    assert code2 == 0, out2[-3000:]
+    assert f"built {IMAGE}" in out1
+    assert f"skipped: {IMAGE} is already built" in out2 and "building" not in out2
+    assert out1.strip().splitlines()[-1] == out2.strip().splitlines()[-1] == IMAGE
+
+
+def test_two_stacks_at_once_both_build(engine, tree, built_tiny):
+    """tiny (its last stage changed) and tiny-b, which derives from it, at once: tiny-b
+    waits for the stage it shares, reuses it, and builds its own; both succeed."""
+    original = _edit(tree, EDITS["finish"], 101)
+    try:
+        first = Run(tree, *build_args("tiny", "ctest"))
+        assert first.wait_for(r"stage 4/4 tiny:finish: building")
+        second = Run(tree, *build_args("tiny-b", "ctest"))
+        code2, out2 = second.finish()
+        code1, out1 = first.finish()
+    finally:
+        (tree / EDITS["finish"]).write_text(original)
+    assert code1 == 0, out1[-3000:]
+    assert code2 == 0, out2[-3000:]
+    assert "built gpubake/tiny:ctest" in out1 and "built gpubake/tiny-b:ctest" in out2
+    assert re.search(r"waiting for gpubake \(pid \d+ .*\) to finish stage 4/6 tiny:finish", out2)
+    assert "stage 4/6 tiny:finish: reused" in out2
+    labels = engine.images.get("gpubake/tiny-b:ctest").labels
+    assert labels["io.gpubake.stack"] == "tiny-b"

@@ -1,0 +1,135 @@
+"""gpubake.guard without an engine: locks across processes (freed when the holder is killed),
+the waiting message, work dirs and their names, SIGTERM as an interruption."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpubake import guard
+
+HOLD = """
+import sys, time
+from gpubake import guard
+lock = guard.BuildLock(sys.argv[1])
+assert lock.try_acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "gpubake"
+
+
+def hold(key: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, key],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_lock_held_elsewhere_is_busy_until_its_holder_is_killed():
+    key = guard.output_key("gpubake/pytorch:latest")
+    holder = hold(key)
+    try:
+        assert not guard.BuildLock(key).try_acquire()
+        assert guard.holder_of(guard.BuildLock(key).path).startswith(f"gpubake (pid {holder.pid}")
+        assert guard.key_of(guard.BuildLock(key).path) == key
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = guard.BuildLock(key)
+    assert lock.try_acquire()  # the kernel let go of the killed holder's flock
+    lock.release()
+
+
+def test_acquire_says_whom_it_waits_for_then_takes_the_lock():
+    key = guard.stage_key("c" * 64)
+    holder = hold(key)
+    said: list[str] = []
+
+    def release_soon() -> None:
+        time.sleep(1)
+        holder.send_signal(signal.SIGTERM)
+
+    import threading
+
+    threading.Thread(target=release_soon, daemon=True).start()
+    lock = guard.BuildLock(key)
+    try:
+        assert lock.acquire(said.append, "stage 2/4 pytorch:cuda") is True
+        assert said == [f"waiting for gpubake (pid {holder.pid} on {os.uname().nodename}) "
+                        "to finish stage 2/4 pytorch:cuda ..."]  # fmt: skip
+        assert lock.held
+    finally:
+        lock.release()
+        holder.wait()
+    assert lock.acquire(said.append, "again") is False and len(said) == 1
+    lock.release()
+
+
+def test_names_are_short_and_distinct():
+    """Packer's plugin sockets live in the work dir: a socket path has at most 107 bytes."""
+    keys = [
+        guard.output_key("registry.example.com:5000/" + "x" * 200 + ":tag"),
+        guard.stage_key("a" * 64),
+        guard.stage_key("b" * 64),
+        guard.base_key("gpubake/base:x"),
+    ]
+    names = [guard.slug(k) for k in keys]
+    assert len(set(names)) == len(names)
+    assert all(len(n) <= 25 and "." not in n and "/" not in n for n in names)
+    assert names[1].startswith("stage-") and names[0].startswith("output-")
+
+
+def test_work_dir_is_private_under_the_cache_and_gone_after(cache):
+    with guard.work_dir(guard.stage_key("d" * 64)) as path:
+        assert path.parent == cache / "work"
+        assert path.stat().st_mode & 0o777 == 0o700
+        (path / "ansible-vars.json").write_text("{}")
+    assert not path.exists()
+    with pytest.raises(RuntimeError), guard.work_dir(guard.stage_key("d" * 64)) as again:
+        raise RuntimeError("a failing build")
+    assert not again.exists()
+
+
+def test_sigterm_is_an_interruption_that_cleanup_sees():
+    code = """
+import os, signal, sys
+from gpubake import guard
+try:
+    with guard.sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pause()
+except KeyboardInterrupt as exc:
+    print(type(exc).__name__, guard.signal_of(exc).name)
+print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        check=True,
+    ).stdout.split()
+    assert out == ["Terminated", "SIGTERM", "True"]
+
+
+def test_interrupted_error_is_one_line_with_the_signals_exit_code():
+    exc = guard.BuildInterruptedError("SIGTERM during stage 1/4 tiny:os: ...", 143)
+    assert str(exc) == "interrupted: SIGTERM during stage 1/4 tiny:os: ..."
+    assert exc.exit_code == 143
