@@ -461,17 +461,27 @@ def push_cmd(
     (e.g. 2.15-cu132, latest) are moved to it. Only images whose gpu-smoke passed are
     pushed; layers the registry holds are not sent again. Prints the pinned reference.
     """
-    from gpubake import publish, registry
+    from gpubake import guard, publish, registry
 
     reg = registry.parse_registry(registry_text)
-    done = publish.push(
-        reg,
-        stack,
-        tag,
-        allow_cpu_checked=allow_cpu_checked,
-        insecure=insecure,
-        echo=_echo,
-    )
+    with guard.sigterm_interrupts():
+        try:
+            done = publish.push(
+                reg,
+                stack,
+                tag,
+                allow_cpu_checked=allow_cpu_checked,
+                insecure=insecure,
+                echo=_echo,
+            )
+        except KeyboardInterrupt as exc:
+            sig = guard.signal_of(exc)
+            raise guard.BuildInterruptedError(
+                f"{sig.name} during the push of gpubake/{stack or 'pytorch'}:{tag}: the "
+                "rolling tags move only once the whole image is in the registry and checked; "
+                "push again to finish (layers the registry holds are not sent again)",
+                128 + sig.value,
+            ) from None
     click.echo(json.dumps(done.to_dict(), indent=2) if as_json else done.pinned)
 
 

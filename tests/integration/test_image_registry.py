@@ -290,8 +290,10 @@ def test_rolling_tags_move_to_a_newer_push(built, plain, first_push, variants):
     assert old in tags.values()  # the first image keeps its immutable tag
 
 
-def test_an_interrupted_push_leaves_the_rolling_tags(built, plain, first_push, variants):
-    """A push killed while it sends a new layer: the rolling tags stay where they were."""
+def test_an_interrupted_push_leaves_the_rolling_tags(engine, built, plain, first_push, variants):
+    """A push stopped by SIGINT, SIGTERM or SIGKILL while it sends a new layer: the rolling
+    tags stay where they were, no temporary tag is left, and SIGINT and SIGTERM end with one
+    "interrupted: ..." line."""
     for name in ("needs595",):
         proc = gpubake(
             "push",
@@ -304,37 +306,46 @@ def test_an_interrupted_push_leaves_the_rolling_tags(built, plain, first_push, v
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
     before = _digests(plain)
-    plain.mark()
-    push = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gpubake",
-            "push",
-            "--registry",
-            _where(plain),
-            "--tag",
-            "bigger",
-            "--insecure",
-            "--allow-cpu-checked",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and push.poll() is None:
-            if any(m == "POST" for m, p, _ in plain.since_mark() if "/blobs/uploads/" in p):
-                break  # the new layer's upload has started
-            time.sleep(0.2)
-        assert push.poll() is None, "the push ended before its layer upload was seen"
-        push.send_signal(signal.SIGKILL)
-    finally:
-        push.wait(timeout=60)
-    rolling = _rolling(built)
-    after = _digests(plain)
-    assert {t: after[t] for t in rolling} == {t: before[t] for t in rolling}
+    tags_before = {t for i in engine.images.list() for t in i.tags}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        plain.mark()
+        push = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpubake",
+                "push",
+                "--registry",
+                _where(plain),
+                "--tag",
+                "bigger",
+                "--insecure",
+                "--allow-cpu-checked",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and push.poll() is None:
+                if any(m == "POST" for m, p, _ in plain.since_mark() if "/blobs/uploads/" in p):
+                    break  # the new layer's upload has started
+                time.sleep(0.2)
+            assert push.poll() is None, "the push ended before its layer upload was seen"
+            push.send_signal(sig)
+        finally:
+            _out, err = push.communicate(timeout=120)
+        if sig != signal.SIGKILL:
+            assert push.returncode == 128 + sig.value, err[-2000:]
+            last = err.strip().splitlines()[-1]
+            assert last.startswith(f"gpubake: error: interrupted: {sig.name} during the push"), last
+            assert "Traceback" not in err
+            assert {t for i in engine.images.list() for t in i.tags} == tags_before
+        rolling = _rolling(built)
+        after = _digests(plain)
+        assert {t: after[t] for t in rolling} == {t: before[t] for t in rolling}
 
 
 def test_explain_lists_the_chosen_and_the_rejected(built, plain, first_push, variants):
