@@ -273,6 +273,35 @@ def test_the_next_build_after_the_interruptions_builds(engine, tree, built_tiny)
     assert [t for i in engine.images.list() for t in i.tags if ":output-" in t] == []
 
 
+PLANTED = """
+- name: Leave a credential behind (the fault test's)
+  ansible.builtin.copy:
+    dest: /root/.netrc
+    content: "machine pypi.example.com login ci password s3cret-from-the-test\\n"
+    mode: "0600"
+"""
+
+
+def test_a_secret_in_a_layer_fails_the_build_and_moves_no_tag(engine, tree, built_tiny):
+    """A role that leaves a .netrc: the scan after the last stage names the file and its
+    layer, the build fails, and neither the asked tag nor a staged one is left on it."""
+    tasks = tree / "roles" / "manifest" / "tasks" / "main.yml"
+    original = tasks.read_text()
+    tasks.write_text(original + PLANTED)
+    tag_was, tmp_before = _image_id(engine, IMAGE), _tmp_names()
+    try:
+        proc = gpubake(tree, *build_args())
+    finally:
+        tasks.write_text(original)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    found = re.search(r"secret found: /root/\.netrc in layer (\d+)/(\d+) \(sha256:", proc.stderr)
+    assert found and found[1] == found[2], proc.stderr[-3000:]  # the last stage's own layer
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpubake: error: stage 4/4 tiny:finish: 1 secret(s) found"), last
+    assert "s3cret" not in proc.stderr
+    assert_nothing_left(engine, tag_was=tag_was, tmp_before=tmp_before)
+
+
 def test_leftovers_of_a_killed_build_are_removed_and_said(engine, tree, built_tiny):
     """A labelled build container and a work dir whose lock no build holds are removed by
     the next build; those of a build still running (its lock held) are not."""
