@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import string
 import subprocess
@@ -141,8 +142,11 @@ def test_each_planted_secret_is_named_with_its_layer(planted, tmp_path: Path):
         assert f"{path} in layer {layer}/5 (sha256:" in proc.stdout, (path, proc.stdout)
         assert f"[{rule}]" in proc.stdout
     assert "[github-token]" in proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"gpubake: error: {tag}: 17 secrets found")
+    *progress, last = proc.stderr.strip().splitlines()  # a line per layer read, then the error
+    assert all(
+        re.fullmatch(r"gpubake: scanning layer \d/5 \(sha256:[0-9a-f]{12}\)", ln) for ln in progress
+    )
+    assert last.startswith(f"gpubake: error: {tag}: 17 secrets found"), last
     assert not any(secret in proc.stdout + proc.stderr for secret in body)
 
 
