@@ -7,10 +7,12 @@ made with debootstrap and imported, as these machines reach no registry.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,10 @@ BASE_REPOSITORY = "gpubake/base"
 
 class EngineError(GpubakeError):
     """The Docker Engine is unreachable or refused something."""
+
+
+class MissingFileError(EngineError):
+    """An image without the file asked for."""
 
 
 def client() -> docker.DockerClient:
@@ -242,6 +248,26 @@ def _finish_rootfs(rootfs: Path, suite: str, mirror: str) -> None:
         target = rootfs / path
         if target.exists():
             target.write_text("", encoding="utf-8")
+
+
+def read_image_file(engine: docker.DockerClient, image: str, path: str) -> bytes:
+    """A file of an image, read from a container that is created and never started (nothing
+    in the image runs)."""
+    try:
+        box = engine.containers.create(image, entrypoint=["/bin/true"], user="root")
+    except docker.errors.APIError as exc:
+        raise EngineError(f"cannot read {path} of {image}: {exc.explanation}") from None
+    try:
+        stream, _ = box.get_archive(path)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            member = tar.extractfile(tar.getmembers()[0])
+            if member is None:
+                raise EngineError(f"{path} of {image} is not a file")
+            return member.read()
+    except docker.errors.NotFound:
+        raise MissingFileError(f"{image} has no {path}") from None
+    finally:
+        box.remove(force=True)
 
 
 def built_on(image: Image, below: Image | None) -> bool:

@@ -195,16 +195,23 @@ def _reusable(engine: Any, chain: list, force: bool, stack: str) -> dict[str, An
     for stage in chain:
         if force and stage.stack == stack:
             break  # every stage above a rebuilt one is rebuilt too
-        plan = stage.plan
-        image = docker_engine.image_with_hash(
-            engine, plan.image_repository, stage.input_hash, plan.image_ref
-        )
-        # built from identical inputs, and on the very image below (not on one that a
-        # --force build replaced since), so that it shares that image's layers
-        if image is None or not docker_engine.built_on(image, below):
+        image = _identical(engine, stage, below)
+        if image is None:
             break
         found[stage.input_hash] = below = image
     return found
+
+
+def _identical(engine: Any, stage: Any, below: Any) -> Any:
+    """The local image of `stage` built from identical inputs and on the very image `below`
+    (not on one that a --force build replaced since), so that it shares its layers; or None."""
+    from gpubake import docker_engine
+
+    plan = stage.plan
+    image = docker_engine.image_with_hash(
+        engine, plan.image_repository, stage.input_hash, plan.image_ref
+    )
+    return image if image is not None and docker_engine.built_on(image, below) else None
 
 
 def _build_container(run: _Run) -> None:
@@ -326,11 +333,8 @@ def _reusable_stage(engine: Any, stage: Any, number: int, chain: list) -> Any:
     from gpubake import docker_engine
 
     below_ref = chain[number - 2].plan.image_ref if number > 1 else stage.plan.base_image
-    below = docker_engine.local_image(engine, below_ref)
-    image = docker_engine.image_with_hash(
-        engine, stage.plan.image_repository, stage.input_hash, stage.plan.image_ref
-    )
-    if image is None or not docker_engine.built_on(image, below):
+    image = _identical(engine, stage, docker_engine.local_image(engine, below_ref))
+    if image is None:
         return None
     if stage.plan.image_ref not in image.tags:
         image.tag(stage.plan.image_repository, stage.plan.image_tag)

@@ -250,10 +250,9 @@ def _free(key_slug: str) -> BuildLock | None:
     return lock if lock.try_acquire() else None
 
 
-def _hash_of(lock: BuildLock) -> str | None:
-    """The input hash of a stage's lock."""
-    match = re.fullmatch(r"stage-([0-9a-f]{64})", key_of(lock.path))
-    return match[1] if match else None
+def _stage_hashes(keys: set[str]) -> set[str]:
+    """The input hashes of the stage locks among `keys`."""
+    return {m[1] for key in keys if (m := re.fullmatch(r"stage-([0-9a-f]{64})", key))}
 
 
 def remove_leftovers(engine: Any, say: Say) -> list[str]:
@@ -263,18 +262,18 @@ def remove_leftovers(engine: Any, say: Say) -> list[str]:
     import docker.errors
 
     removed: list[str] = []
-    stale_hashes: set[str] = set()
+    stale_keys: set[str] = set()
     boxes = engine.containers.list(all=True, filters={"label": LOCK_LABEL})
     dirs = sorted(work_root().glob("*.*")) if work_root().is_dir() else []
     for box in boxes:
-        key_slug = slug(box.labels.get(LOCK_LABEL, ""))
-        lock = _free(key_slug)
+        key = box.labels.get(LOCK_LABEL, "")
+        lock = _free(slug(key))
         if lock is None:
             continue  # its build is running
         with lock, contextlib.suppress(docker.errors.NotFound):
             box.remove(force=True)
             removed.append(f"build container {box.name}")
-            stale_hashes.add(_hash_of(lock) or "")
+            stale_keys.add(key)
     for path in dirs:
         key_slug = path.name.rsplit(".", 1)[0]
         lock = _free(key_slug)
@@ -282,10 +281,9 @@ def remove_leftovers(engine: Any, say: Say) -> list[str]:
             continue
         with lock:
             remove_tree(path)
-            stale_hashes.add(_hash_of(lock) or "")
+            stale_keys.add(key_of(lock.path))
         removed.append(f"work dir {path}")
-    stale_hashes.discard("")
-    removed += remove_stage_images(engine, stale_hashes)
+    removed += remove_stage_images(engine, _stage_hashes(stale_keys))
     if removed:
         say(f"removed what an interrupted build left: {', '.join(removed)}")
     return removed

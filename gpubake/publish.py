@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import tarfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -58,25 +57,6 @@ class PublishError(GpubakeError):
 # --------------------------------------------------------------------------- smoke labels
 
 
-def _read_file(engine: docker.DockerClient, image: str, path: str) -> bytes:
-    """A file of an image, read from a container that is created and never started."""
-    try:
-        box = engine.containers.create(image, entrypoint=["/bin/true"], user="root")
-    except docker.errors.APIError as exc:
-        raise PublishError(f"cannot read {path} of {image}: {exc.explanation}") from None
-    try:
-        stream, _ = box.get_archive(path)
-        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-            member = tar.extractfile(tar.getmembers()[0])
-            if member is None:
-                raise PublishError(f"{path} of {image} is not a file")
-            return member.read()
-    except docker.errors.NotFound:
-        raise PublishError(f"{image} has no {path}: did gpu-smoke run in it?") from None
-    finally:
-        box.remove(force=True)
-
-
 def smoke_result(report: dict[str, Any]) -> str:
     """passed: gpu-smoke ran its GPU checks and passed; cpu-checked: no GPU was visible, only
     the CPU-side checks ran (and passed)."""
@@ -90,7 +70,10 @@ def label_smoke(engine: docker.DockerClient, ref: str) -> Image:
     labels (a LABEL-only image: no layer is added), and the compute capabilities with the
     framework's own list where gpu-smoke read one (torch's arch list): Packer commits the
     image before gpubake can know them, so they are set here."""
-    report = _read_file(engine, ref, SMOKE_REPORT)
+    try:
+        report = docker_engine.read_image_file(engine, ref, SMOKE_REPORT)
+    except docker_engine.MissingFileError as exc:
+        raise PublishError(f"{exc}: did gpu-smoke run in it?") from None
     try:
         parsed = json.loads(report)
     except ValueError:

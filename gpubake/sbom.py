@@ -2,7 +2,7 @@
 
 Role manifest writes it (roles/manifest/files/write_sbom.py) at gpubake.plan.SBOM_PATH, and
 the image's label gpubake.plan.SBOM_LABEL names that path. The file is read from a container
-that is created and never started (gpubake.publish's reader), so nothing in the image runs.
+that is created and never started (gpubake.docker_engine.read_image_file).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class SbomError(GpubakeError):
 
 def image_sbom(engine: Any, ref: str) -> bytes:
     """The SBOM file of the local image `ref`, as stored in it."""
-    from gpubake import docker_engine, publish
+    from gpubake import docker_engine
 
     image = docker_engine.local_image(engine, ref)
     if image is None:
@@ -35,8 +35,8 @@ def image_sbom(engine: Any, ref: str) -> bytes:
             "rebuild it with this gpubake (gpubake build --force)"
         )
     try:
-        return publish._read_file(engine, ref, path)
-    except publish.PublishError as exc:
+        return docker_engine.read_image_file(engine, ref, path)
+    except docker_engine.EngineError as exc:
         raise SbomError(f"the SBOM of {ref} (label {SBOM_LABEL}): {exc}") from None
 
 

@@ -17,7 +17,7 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from packageurl import PackageURL
 
-from gpubake import cli, plan, publish, stages
+from gpubake import cli, plan, stages
 from gpubake import sbom as sbom_mod
 from gpubake.locks import Lock
 from gpubake.stacks import resolve
@@ -319,6 +319,8 @@ def _cli(monkeypatch, found, *args):
 
 
 def test_sbom_command_prints_the_file_its_label_names(monkeypatch, tmp_path):
+    from gpubake import docker_engine
+
     body = b'{"bomFormat": "CycloneDX"}\n'
     read = []
 
@@ -326,7 +328,7 @@ def test_sbom_command_prints_the_file_its_label_names(monkeypatch, tmp_path):
         read.append((ref, path))
         return body
 
-    monkeypatch.setattr(publish, "_read_file", fake_read)
+    monkeypatch.setattr(docker_engine, "read_image_file", fake_read)
     image = _Image({plan.SBOM_LABEL: plan.SBOM_PATH})
     result = _cli(monkeypatch, {"gpubake/pytorch:t": image}, "gpubake/pytorch:t")
     assert result.exception is None, result.output
