@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import json
 import os
 import re
+import socket
+import struct
 import subprocess
 import sys
 import uuid
@@ -93,6 +97,34 @@ def apply(
 def run_in(box: Any, *cmd: str, user: str = "root") -> tuple[int, str]:
     result = box.exec_run(list(cmd), user=user, demux=False)
     return result.exit_code, result.output.decode("utf-8", errors="replace")
+
+
+_SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's IPv4 address
+
+
+def bridge_address(engine: Any, network: str = "bridge") -> str:
+    """The host's IPv4 address on a Docker bridge network: what its containers reach the host
+    by. Engines do not all record it: Debian's dockerd 20.10 on a first start keeps only
+    `"Config": [{"Subnet": "172.17.0.0/16"}]`, with no Gateway. So: the recorded gateway, else
+    the bridge interface's own address (docker0 for the default bridge), else the subnet's
+    first host address, which Docker gives the bridge when none is configured."""
+    attrs = engine.networks.get(network).attrs
+    configs = [c for c in attrs["IPAM"]["Config"] or [] if ":" not in c.get("Subnet", ":")]
+    for config in configs:
+        if config.get("Gateway"):
+            return config["Gateway"].split("/")[0]
+    interface = attrs.get("Options", {}).get("com.docker.network.bridge.name", "docker0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            packed = fcntl.ioctl(
+                sock.fileno(), _SIOCGIFADDR, struct.pack("256s", interface.encode()[:15])
+            )
+            return socket.inet_ntoa(packed[20:24])
+        except OSError:
+            pass  # no such interface in this namespace (a remote engine): the subnet says
+    subnets = [ipaddress.ip_network(c["Subnet"]) for c in configs]
+    assert subnets, f"Docker network {network!r} has no IPv4 subnet: {attrs['IPAM']}"
+    return str(subnets[0].network_address + 1)
 
 
 def base_image(engine: Any) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import HOST_BUNDLE, ROOT, run_in
+from tests.integration.helpers import HOST_BUNDLE, ROOT, bridge_address, run_in
 from tests.integration.systemd_helpers import systemd_container
 from tests.metadata_standins import metadata_standin
 from tests.object_stores import gcs_server, s3_server
@@ -97,12 +97,6 @@ sys.exit(int(os.environ.get("EXIT_CODE", "0")))
 """
 
 
-def _gateway(engine: Any) -> str:
-    """The Docker bridge's address on this machine: what a container reaches the host by."""
-    config = engine.networks.get("bridge").attrs["IPAM"]["Config"]
-    return next(c["Gateway"] for c in config if "Gateway" in c)
-
-
 @pytest.fixture(scope="module")
 def job_image(engine) -> str:
     """gpubake/pytorch:itest-job (the runner on request) with systemd added on top."""
@@ -137,7 +131,7 @@ def job_image(engine) -> str:
 
 @pytest.fixture(scope="module")
 def stores(engine) -> Iterator[dict[str, Any]]:
-    gateway = _gateway(engine)
+    gateway = bridge_address(engine)  # what the job's container reaches the host by
     with (
         s3_server(host=gateway) as s3,
         gcs_server(host=gateway) as gcs,

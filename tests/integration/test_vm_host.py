@@ -70,7 +70,7 @@ def test_it_went_over_ssh_not_a_container_connection(vm_host):
     ).stdout.split()[1]
     rc, log = run_in(vm_host.box, "journalctl", "-u", "ssh", "--no-pager", "-o", "cat")
     assert rc == 0
-    logins = re.findall(r"Accepted publickey for root from 172\.\d+\.\d+\.\d+ .*: (\S+ \S+)", log)
+    logins = re.findall(r"Accepted publickey for root from \S+ .*: (\S+ \S+)", log)
     assert len(logins) >= 3, log[-2000:]  # at least: the login check, vm.yml, smoke.yml
     assert set(logins) == {f"ED25519 {fingerprint}"}
 
