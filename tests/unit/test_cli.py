@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine_proxy import engine_proxy
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,16 +27,6 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: int = 120):
         cwd=ROOT,
         check=False,
     )
-
-
-def containers() -> set[str] | None:
-    try:
-        out = subprocess.run(
-            ["docker", "ps", "-aq", "--no-trunc"], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return set(out.stdout.split()) if out.returncode == 0 else None
 
 
 def no_engine_env(tmp_path: Path) -> dict[str, str]:
@@ -117,13 +109,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -
 @pytest.mark.parametrize(("args", "needle"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_and_starts_nothing(args, needle, tmp_path):
     args = [a.replace("{not_pem}", fake_bundle(tmp_path)) for a in args]
-    before = containers()
-    # No engine is reachable through DOCKER_HOST here: had the CLI got as far as starting
-    # anything, it would have failed on the engine instead of on the input.
-    proc = run(*args, env=no_engine_env(tmp_path))
+    # DOCKER_HOST is a socket that records and drops what it is asked: had the CLI got as far
+    # as starting anything, it would have asked it, and failed on it instead of on the input.
+    with engine_proxy(tmp_path, upstream=None) as engine:
+        proc = run(*args, env=engine.env)
     assert_one_line_error(proc, needle)
     assert proc.stdout == ""
-    assert containers() == before
+    assert engine.requests == []
 
 
 @pytest.mark.parametrize(
@@ -170,16 +162,17 @@ def test_missing_packer_is_one_line(tmp_path):
 
 
 @pytest.mark.docker
-def test_missing_base_image_is_one_line(engine, have_packer):
-    before = containers()
-    proc = run("--base-image", "gpubake/does-not-exist:0")
+def test_missing_base_image_is_one_line(engine, have_packer, tmp_path):
+    with engine_proxy(tmp_path) as proxy:  # the real engine, its requests recorded
+        proc = run("--base-image", "gpubake/does-not-exist:0", env=proxy.env)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines == [
         "gpubake: error: --base-image gpubake/does-not-exist:0: not found locally and cannot be "
         "pulled: load it first (docker load / docker import) or leave --base-image out"
     ]
-    assert containers() == before
+    assert proxy.requests, "the engine was not asked for the image"
+    assert proxy.starting() == []
 
 
 @pytest.mark.docker
@@ -253,13 +246,13 @@ def test_stacks_lists_every_stack():
 
 
 @pytest.mark.docker
-def test_dry_run_json_starts_nothing(engine, have_packer):
-    before = containers()
-    proc = run("--dry-run", "--json", "--gpu", "t4")
+def test_dry_run_json_starts_nothing(engine, have_packer, tmp_path):
+    with engine_proxy(tmp_path) as proxy:  # the real engine, its requests recorded
+        proc = run("--dry-run", "--json", "--gpu", "t4", env=proxy.env)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert plan["image"] == "gpubake/pytorch:latest"
     assert plan["stack"]["gpu"]["key"] == "t4"
     assert len(plan["input_hash"]) == 64
     assert "packer build -color=false -on-error=cleanup -var-file=" in plan["packer_command"]
-    assert containers() == before
+    assert proxy.starting() == []
