@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from gpubake import GpubakeError, guard, resources, stacks, targets
+from gpubake import GpubakeError, guard, journal, resources, stacks, targets
 from gpubake.plan import (
     SMOKE_CPU_CHECKED,
     SMOKE_LABEL,
@@ -388,6 +388,14 @@ def _build_stage(
         raise
     own = docker_engine.own_size(engine, built, plan.base_image) if built else 0
     echo(f"{where}: built in {elapsed(stage_started)}, its layer {_size(own)}")
+    journal.record(
+        stack=stage.stack,
+        stage=stage.name,
+        input_hash=stage.input_hash,
+        image=built.id if built else None,
+        seconds=round(time.monotonic() - stage_started, 1),
+        forced=run.request.force and stage.stack == run.stack.name,
+    )
     if stage.final and not last and was is not None:  # a parent's image, replaced
         docker_engine.drop_replaced(engine, was, built)
 
