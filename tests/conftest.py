@@ -1,4 +1,5 @@
-"""Shared fixtures: the Docker Engine (skip where none runs), a repo-root path."""
+"""Shared fixtures: the Docker Engine (skip where none runs), a repo-root path; the suite's
+workers, order, time report and build audit (tests/suite.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import docker
 import pytest
+
+from tests.suite import SuitePlugin
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +29,32 @@ TEST_CONTAINER_PREFIXES = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):  # run with -p no:xdist
+        config.addinivalue_line("markers", "xdist_group(name): tests run on one worker")
+    config.pluginmanager.register(SuitePlugin(config), "gpubake-suite")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist starts its workers
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Containers an interrupted earlier run left stopped are removed, once, by the process
+    that runs the session (the VM host's is ~13 GB): a worker doing it could remove another
+    worker's container that has just stopped."""
+    if hasattr(session.config, "workerinput"):
+        return
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except docker.errors.DockerException:  # no engine: the tests that need one skip
+        return
+    try:
+        for box in client.containers.list(all=True, filters={"status": "exited"}):
+            if box.name.startswith(TEST_CONTAINER_PREFIXES):
+                box.remove(force=True)
+    finally:
+        client.close()
+
+
 def pytest_report_header() -> str:
     """The free disk, first: the suite needs tens of GB (images, the VM host, the uv cache),
     and a full disk shows up late and far from its cause."""
@@ -34,17 +64,13 @@ def pytest_report_header() -> str:
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[object]:
-    """A session-wide Docker client; tests needing it skip where no engine runs. Containers
-    an interrupted earlier session left stopped are removed first (the VM host's is ~13 GB)."""
+    """A session-wide Docker client; tests needing it skip where no engine runs."""
     docker = pytest.importorskip("docker")
     try:
         client = docker.from_env(timeout=900)
         client.ping()
     except docker.errors.DockerException as exc:
         pytest.skip(f"no Docker Engine reachable: {exc}")
-    for box in client.containers.list(all=True, filters={"status": "exited"}):
-        if box.name.startswith(TEST_CONTAINER_PREFIXES):
-            box.remove(force=True)
     yield client
     client.close()
 

@@ -64,6 +64,16 @@ def _add_test_stacks(tree: Path) -> None:
     path.write_text(text.rstrip("\n") + "\n" + STACKS)
 
 
+def tmp_dir(tree: Path) -> Path:
+    """TMPDIR of the builds these tests run: what a build leaves in it is its own, whatever
+    other tests (on the other worker) put in /tmp meanwhile."""
+    return tree.with_name(f"{tree.name}-tmp")
+
+
+def build_env(tree: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(tree), "TMPDIR": str(tmp_dir(tree))}
+
+
 def gpubake(tree: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gpubake", *args],
@@ -71,7 +81,7 @@ def gpubake(tree: Path, *args: str, timeout: int = 900) -> subprocess.CompletedP
         text=True,
         timeout=timeout,
         cwd=tree,
-        env={**os.environ, "PYTHONPATH": str(tree)},
+        env=build_env(tree),
         check=False,
     )
 
@@ -86,6 +96,7 @@ def build_args(stack: str = "tiny", tag: str = TAG) -> list[str]:
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory, engine) -> Path:
     out = checkout_copy(tmp_path_factory.mktemp("faults"))
+    tmp_dir(out).mkdir()
     _add_test_stacks(out)
     for stack in ("tiny", "tiny-b"):
         proc = gpubake(out, "lock", "--stack", stack, "--os", OS, timeout=300)
@@ -118,7 +129,7 @@ class Run:
             stderr=subprocess.STDOUT,
             text=True,
             cwd=tree,
-            env={**os.environ, "PYTHONPATH": str(tree)},
+            env=build_env(tree),
         )
         self.lines: list[str] = []
         self._seen = threading.Condition()
@@ -150,16 +161,22 @@ class Run:
         return code, "\n".join(self.lines)
 
 
-def _tmp_names() -> set[str]:
-    return {p.name for p in Path("/tmp").iterdir() if re.match(r"gpubake|packer|ansible", p.name)}
+def _tmp_names(tree: Path) -> set[str]:
+    return {p.name for p in tmp_dir(tree).iterdir()}
+
+
+def _gone(path: Path) -> bool:
+    """Whether the process a work dir is named after (`<key>.<pid>`, gpubake.guard) is gone."""
+    return not Path("/proc", path.suffix.lstrip(".")).exists()
 
 
 def _image_id(engine, ref: str) -> str | None:
     return next((i.id for i in engine.images.list() if ref in i.tags), None)
 
 
-def assert_nothing_left(engine, *, tag_was: str | None, tmp_before: set[str]) -> None:
-    """Item 1 of the issue after an interruption (and, for SIGKILL, the next run)."""
+def assert_nothing_left(engine, tree: Path, *, tag_was: str | None, tmp_before: set[str]) -> None:
+    """Item 1 of the issue after an interruption (and, for SIGKILL, the next run). Work dirs
+    and mounts of builds still running elsewhere (another worker's) are theirs, not left."""
     boxes = engine.containers.list(all=True, filters={"label": guard.LOCK_LABEL})
     assert boxes == [], [b.name for b in boxes]
     assert not [b for b in engine.containers.list(all=True) if b.name.startswith("gpubake-build")]
@@ -167,10 +184,12 @@ def assert_nothing_left(engine, *, tag_was: str | None, tmp_before: set[str]) ->
     staged = [t for i in engine.images.list() for t in i.tags if ":output-" in t]
     assert staged == []
     work = resources.cache_dir() / "work"
-    assert not work.is_dir() or list(work.iterdir()) == []
-    assert _tmp_names() <= tmp_before, _tmp_names() - tmp_before
-    mounts = Path("/proc/self/mounts").read_text()
-    assert str(resources.cache_dir()) not in mounts
+    left = [p for p in work.iterdir() if _gone(p)] if work.is_dir() else []
+    assert left == []
+    assert _tmp_names(tree) <= tmp_before, _tmp_names(tree) - tmp_before
+    mounted = [Path(ln.split()[1]) for ln in Path("/proc/self/mounts").read_text().splitlines()]
+    inside = [m for m in mounted if m.is_relative_to(work) and m != work]
+    assert not [m for m in inside if _gone(work / m.relative_to(work).parts[0])]
 
 
 def _edit(tree: Path, name: str, n: int) -> str:
@@ -190,7 +209,7 @@ MOMENTS = {
 
 
 def interrupt(engine, tree: Path, pattern: str, sig: signal.Signals, delay: float) -> str:
-    tmp_before = _tmp_names()
+    tmp_before = _tmp_names(tree)
     tag_was = _image_id(engine, IMAGE)
     run = Run(tree, *build_args())
     assert run.wait_for(pattern), "\n".join(run.lines[-40:])
@@ -205,7 +224,7 @@ def interrupt(engine, tree: Path, pattern: str, sig: signal.Signals, delay: floa
     assert code == 128 + sig.value, out[-3000:]
     assert re.match(rf"gpubake: error: interrupted: {sig.name} during \S", last), last
     assert "Traceback" not in out
-    assert_nothing_left(engine, tag_was=tag_was, tmp_before=tmp_before)
+    assert_nothing_left(engine, tree, tag_was=tag_was, tmp_before=tmp_before)
     return out
 
 
@@ -214,7 +233,7 @@ def test_interrupted_base_image_creation(engine, tree):
     run removes the root it left, says so, and builds the whole image."""
     assert _image_id(engine, BASE) is None
     for sig in SIGNALS:
-        tmp_before = _tmp_names()
+        tmp_before = _tmp_names(tree)
         run = Run(tree, *build_args())
         assert run.wait_for(rf"building {BASE} with debootstrap"), "\n".join(run.lines[-20:])
         time.sleep(4)  # debootstrap is downloading and unpacking now
@@ -224,14 +243,14 @@ def test_interrupted_base_image_creation(engine, tree):
         if sig != signal.SIGKILL:
             assert code == 128 + sig.value, out[-2000:]
             assert f"interrupted: {sig.name} during the base image's creation" in out
-            assert_nothing_left(engine, tag_was=None, tmp_before=tmp_before)
+            assert_nothing_left(engine, tree, tag_was=None, tmp_before=tmp_before)
             pgrep = subprocess.run(["pgrep", "-f", f"debootstrap.*{OS}"], check=False)
             assert pgrep.returncode == 1, "debootstrap still runs"
     proc = gpubake(tree, *build_args())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"removed what an interrupted build left: .*work dir .*base-", proc.stderr)
     assert f"built {IMAGE}" in proc.stderr
-    assert_nothing_left(engine, tag_was=_image_id(engine, IMAGE), tmp_before=_tmp_names())
+    assert_nothing_left(engine, tree, tag_was=_image_id(engine, IMAGE), tmp_before=_tmp_names(tree))
 
 
 @pytest.mark.parametrize("moment", list(MOMENTS))
@@ -243,7 +262,7 @@ def test_interrupted_build(engine, tree, built_tiny, moment):
     for n, sig in enumerate(SIGNALS):
         tag_was = _image_id(engine, IMAGE)
         assert tag_was is not None
-        tmp_before = _tmp_names()
+        tmp_before = _tmp_names(tree)
         original = _edit(tree, path, n)
         try:
             interrupt(engine, tree, pattern, sig, delay)
@@ -254,7 +273,7 @@ def test_interrupted_build(engine, tree, built_tiny, moment):
         assert f"skipped: {IMAGE} is already built" in proc.stderr, proc.stderr[-3000:]
         if sig == signal.SIGKILL:
             assert "removed what an interrupted build left: " in proc.stderr, proc.stderr
-        assert_nothing_left(engine, tag_was=tag_was, tmp_before=tmp_before)
+        assert_nothing_left(engine, tree, tag_was=tag_was, tmp_before=tmp_before)
 
 
 def test_the_next_build_after_the_interruptions_builds(engine, tree, built_tiny):
@@ -288,7 +307,7 @@ def test_a_secret_in_a_layer_fails_the_build_and_moves_no_tag(engine, tree, buil
     tasks = tree / "roles" / "manifest" / "tasks" / "main.yml"
     original = tasks.read_text()
     tasks.write_text(original + PLANTED)
-    tag_was, tmp_before = _image_id(engine, IMAGE), _tmp_names()
+    tag_was, tmp_before = _image_id(engine, IMAGE), _tmp_names(tree)
     try:
         proc = gpubake(tree, *build_args())
     finally:
@@ -299,7 +318,7 @@ def test_a_secret_in_a_layer_fails_the_build_and_moves_no_tag(engine, tree, buil
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("gpubake: error: stage 4/4 tiny:finish: 1 secret(s) found"), last
     assert "s3cret" not in proc.stderr
-    assert_nothing_left(engine, tag_was=tag_was, tmp_before=tmp_before)
+    assert_nothing_left(engine, tree, tag_was=tag_was, tmp_before=tmp_before)
 
 
 def test_leftovers_of_a_killed_build_are_removed_and_said(engine, tree, built_tiny):

@@ -1,0 +1,196 @@
+"""How the suite runs: which tests share a worker, in what order, where the time went, and
+that nothing was built twice.
+
+- **Workers.** pytest-xdist runs the suite on both cores (`-n 2 --dist loadgroup`,
+  pyproject's addopts). Each test module is one unit of work (its module fixtures are set up
+  once), and modules that share something expensive or the engine's build state are one
+  group, run one after another on one worker: BUILDS (the default image and what is made
+  from it, and the fault matrix, whose checks say "nothing of a build is left" and must not
+  see another build's work) and the tests on the shared VM host.
+- **Order.** Groups are handed out longest first (GROUP_ORDER, from the durations this
+  report prints), so the two longest run side by side from the start and the short unit
+  modules fill in at the end.
+- **Report.** The run ends with the slowest tests (--durations), the slowest session and
+  module fixtures (the image builds, the VM host), the time per module and per group, and
+  the suite's wall time.
+- **Audit.** Every stage gpubake builds is written to its build journal (gpubake.journal);
+  at the end, a stage input hash built twice in this run fails the run, unless the second
+  build was asked with --force (tests/integration/test_faults.py proves --force).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+#: modules run one after another on one worker (see the docstring)
+BUILDS = (
+    "test_build.py",  # first: the default image, which the others take from it
+    "test_sbom.py",
+    "test_wheel.py",
+    "test_notebook_image.py",
+    "test_image_registry.py",
+    "test_jobs.py",
+    "test_locked_builds.py",
+    "test_faults.py",
+)
+VM_HOST = "vm-host"
+#: groups and modules that take longest, longest first; the rest follow in collection order
+GROUP_ORDER = (
+    "builds",
+    VM_HOST,
+    "tests/integration/test_builder_image.py",
+    "tests/integration/test_notebook_role.py",
+    "tests/integration/test_jupyter.py",
+    "tests/integration/test_cloud_roles.py",
+    "tests/integration/test_roles_converge.py",
+    "tests/integration/test_scan.py",
+    "tests/integration/test_collection_consumer.py",
+    "tests/integration/test_conda_path.py",
+    "tests/unit/test_lint.py",
+    "tests/unit/test_render_validate.py",
+)
+_FIXTURE = "gpubake-fixture-setup"
+
+
+def uses_vm_host(item: pytest.Item) -> bool:
+    return "vm_host" in getattr(item, "fixturenames", ())
+
+
+def group_of(item: pytest.Item) -> str:
+    module = item.nodeid.split("::", 1)[0]
+    if uses_vm_host(item):
+        return VM_HOST
+    if Path(module).name in BUILDS and module.startswith("tests/integration/"):
+        return "builds"
+    return module
+
+
+def _rank(group: str) -> int:
+    return GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER)
+
+
+def _build_rank(item: pytest.Item) -> int:
+    name = Path(item.nodeid.split("::", 1)[0]).name
+    return BUILDS.index(name) if name in BUILDS else len(BUILDS)
+
+
+class SuitePlugin:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.started_at = dt.datetime.now(dt.UTC)
+        self.pending: list[tuple[str, str, float]] = []  # fixtures set up for the next report
+        self.fixtures: list[tuple[float, str, str, str]] = []  # seconds, scope, name, where
+        self.modules: collections.Counter[str] = collections.Counter()
+        self.groups: collections.Counter[str] = collections.Counter()
+        self.group_names: dict[str, str] = {}
+        self.audit: list[str] = []
+
+    # -- grouping and order (every process collects: the same order everywhere) ----------------
+    @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        first_seen: dict[str, int] = {}
+        for index, item in enumerate(items):
+            group = group_of(item)
+            first_seen.setdefault(group, index)
+            item.add_marker(pytest.mark.xdist_group(group))
+            self.group_names[item.nodeid] = group
+
+        def key(pair: tuple[int, pytest.Item]) -> tuple[int, int, int, int]:
+            index, item = pair
+            group = group_of(item)
+            return (_rank(group), first_seen[group], _build_rank(item), index)
+
+        items[:] = [item for _, item in sorted(enumerate(items), key=key)]
+
+    # -- timing (in the process that runs the tests) --------------------------------------------
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef: Any, request: pytest.FixtureRequest):
+        started = time.monotonic()
+        try:
+            return (yield)
+        finally:
+            if fixturedef.scope in ("session", "package", "module"):
+                seconds = time.monotonic() - started
+                if seconds >= 1:
+                    self.pending.append((fixturedef.scope, fixturedef.argname, seconds))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        report = yield
+        if self.pending:
+            report.user_properties.extend((_FIXTURE, entry) for entry in self.pending)
+            self.pending.clear()
+        return report
+
+    # -- gathering (in the controller, or the one process without xdist) ----------------------
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        module = report.nodeid.split("::", 1)[0]
+        self.modules[module] += report.duration
+        if "@" in report.nodeid:  # xdist names the group after the test's id
+            group = report.nodeid.rsplit("@", 1)[1]
+        else:
+            group = self.group_names.get(report.nodeid, module)
+        self.groups[group] += report.duration
+        for name, value in report.user_properties:
+            if name == _FIXTURE:
+                scope, argname, seconds = value
+                self.fixtures.append((seconds, scope, argname, module))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(self.config, "workerinput"):
+            return  # the controller audits the whole run
+        from gpubake import journal
+
+        self.audit = rebuilt(journal.entries(since=self.started_at))
+        if self.audit and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if hasattr(self.config, "workerinput"):
+            return
+        write = terminalreporter.write_line
+        terminalreporter.section("where the time went")
+        write("slowest session and module fixtures (set-up):")
+        for seconds, scope, name, where in sorted(self.fixtures, reverse=True)[:20]:
+            write(f"  {seconds:8.1f}s  {scope:<7} {name}  ({where})")
+        write("time per group of tests run one after another (set-up + call + teardown):")
+        for group, seconds in self.groups.most_common(12):
+            write(f"  {seconds:8.1f}s  {group}")
+        write("time per module:")
+        for module, seconds in self.modules.most_common(20):
+            write(f"  {seconds:8.1f}s  {module}")
+        workers = getattr(self.config.option, "numprocesses", None) or 0
+        busy = sum(self.modules.values())
+        wall = time.monotonic() - self.started
+        write(
+            f"suite: {wall:.0f} s wall ({wall / 60:.1f} min), {busy:.0f} s of tests"
+            f" on {workers or 1} worker(s)"
+        )
+        if self.audit:
+            terminalreporter.section("built twice in one run", red=True)
+            for line in self.audit:
+                write(line)
+
+
+def rebuilt(entries: Any) -> list[str]:
+    """The stage builds of `entries` (gpubake.journal) that repeat an input hash already
+    built, --force ones excepted: one line each."""
+    seen: dict[str, dict[str, Any]] = {}
+    found = []
+    for entry in entries:
+        first = seen.setdefault(entry["input_hash"], entry)
+        if first is not entry and not entry.get("forced"):
+            found.append(
+                f"{entry['stack']}:{entry['stage']} ({entry['input_hash'][:12]}) built at "
+                f"{entry['time']} by pid {entry['pid']}, again: first at {first['time']} "
+                f"by pid {first['pid']}"
+            )
+    return found
