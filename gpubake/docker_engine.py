@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,10 @@ from gpubake.stacks import OsInfo
 
 Echo = Callable[[str], None]
 BASE_REPOSITORY = "gpubake/base"
+
+
+#: the name the engine gives an anonymous volume (a VOLUME of an image, unnamed)
+_ANONYMOUS_VOLUME = re.compile(r"[0-9a-f]{64}")
 
 
 class EngineError(GpubakeError):
@@ -285,7 +290,13 @@ def own_size(engine: docker.DockerClient, image: Image, below: str) -> int:
 
 
 def dangling_volumes(engine: docker.DockerClient) -> set[str]:
-    return {v.name for v in engine.volumes.list(filters={"dangling": True})}
+    """Anonymous volumes no container uses. Named ones are never a build's: a volume someone
+    created meanwhile (for a container yet to start) is not dropped with the build's."""
+    return {
+        v.name
+        for v in engine.volumes.list(filters={"dangling": True})
+        if _ANONYMOUS_VOLUME.fullmatch(v.name)
+    }
 
 
 def drop_volumes(engine: docker.DockerClient, names: set[str]) -> None:

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,6 +21,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 _RECAP_RE = re.compile(r"ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
+
+
+@contextmanager
+def suite_lock(name: str) -> Iterator[None]:
+    """One test process at a time (the suite runs on several workers) for `name`: making
+    a shared test image once, not once per worker."""
+    path = Path(tempfile.gettempdir()) / f"suite-{name}.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ansible_env(**extra: str) -> dict[str, str]:
@@ -135,6 +149,21 @@ def base_image(engine: Any) -> str:
         engine, stacks.get_os("debian-12"), None, lambda _msg: None
     )
     return ref
+
+
+def build_containers(engine: Any) -> set[str]:
+    """The ids of the containers gpubake's builds run (labelled with their lock's key)."""
+    from gpubake import guard
+
+    return {c.id for c in engine.containers.list(all=True, filters={"label": guard.LOCK_LABEL})}
+
+
+def built_images(engine: Any) -> set[str]:
+    """The ids of the images gpubake built (tagged or not), and those made from them: they
+    carry its input-hash label."""
+    from gpubake import plan
+
+    return {i.id for i in engine.images.list(all=True, filters={"label": plan.HASH_LABEL})}
 
 
 def make_marker_bundle(work: Path) -> tuple[Path, str]:

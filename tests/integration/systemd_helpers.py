@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from tests.integration.helpers import base_image, run_in
+from tests.integration.helpers import base_image, run_in, suite_lock
 
 SYSTEMD_REPOSITORY = "gpubake/test-systemd"
 _PACKAGES = ("systemd", "systemd-sysv", "dbus", "iproute2", "python3", "python3-apt")
@@ -34,6 +34,12 @@ def _install(extra: tuple[str, ...]) -> str:
 def systemd_image(engine: Any, extra: tuple[str, ...] = ()) -> str:
     """The systemd image (plus `extra` packages) for the current base image, built when
     missing (about 20 s)."""
+
+    with suite_lock("systemd-image"):
+        return _systemd_image(engine, extra)
+
+
+def _systemd_image(engine: Any, extra: tuple[str, ...]) -> str:
     import docker
 
     base = base_image(engine)

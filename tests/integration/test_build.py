@@ -24,7 +24,9 @@ from gpubake import plan as plan_mod
 from tests.integration.helpers import (
     ROOT,
     apply,
+    build_containers,
     build_in,
+    built_images,
     checkout_copy,
     container,
     image_holds,
@@ -71,7 +73,7 @@ def placeholder(engine) -> str:
 def built(engine, marker_bundle, wheel_install):
     bundle, _ = marker_bundle
     replaced = placeholder(engine)
-    before = {c.id for c in engine.containers.list(all=True)}
+    before = build_containers(engine)
     started = time.monotonic()
     proc = wheel_install.run(
         "build",
@@ -332,8 +334,9 @@ def test_failing_stage_names_role_and_task_and_leaves_nothing(engine, built, tmp
         tasks.read_text()
         + "\n- name: Fail on purpose\n  ansible.builtin.fail:\n    msg: stopped by the test\n"
     )
-    before = {c.id for c in engine.containers.list(all=True)}
-    images_before = {i.id for i in engine.images.list()}
+    # the build's own: its labelled containers and gpubake-labelled images (other workers'
+    # tests start and remove containers and images of their own meanwhile)
+    before, images_before = build_containers(engine), built_images(engine)
     proc = build_in(tree, "itest-broken")
     assert proc.returncode == 1
     for stage in ("os", "cuda", "env"):
@@ -345,5 +348,5 @@ def test_failing_stage_names_role_and_task_and_leaves_nothing(engine, built, tmp
     assert "stopped by the test" in last
     assert "full log: " in last
     assert "Traceback" not in proc.stderr
-    assert {c.id for c in engine.containers.list(all=True)} == before
-    assert {i.id for i in engine.images.list()} == images_before
+    assert build_containers(engine) == before
+    assert built_images(engine) == images_before

@@ -390,3 +390,25 @@ def test_two_stacks_at_once_both_build(engine, tree, built_tiny):
     assert "stage 4/6 tiny:finish: reused" in out2
     labels = engine.images.get("gpubake/tiny-b:ctest").labels
     assert labels["io.gpubake.stack"] == "tiny-b"
+
+
+def test_force_rebuilds_the_stacks_own_stages_from_the_same_lock(engine, tree, built_tiny):
+    """--force rebuilds the asked stack's own stages only (tiny's, below, are reused), and
+    the environment rebuilt from the same lock is the same (`uv pip freeze`)."""
+    ref = "gpubake/tiny-b:ctest"
+    if _image_id(engine, ref) is None:  # (test_two_stacks_at_once built it)
+        proc = gpubake(tree, *build_args("tiny-b", "ctest"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def freeze() -> str:
+        return engine.containers.run(ref, ["uv", "pip", "freeze"], remove=True).decode()
+
+    was, first = _image_id(engine, ref), freeze()
+    proc = gpubake(tree, *build_args("tiny-b", "ctest"), "--force")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for number, stage in enumerate(("os", "cuda", "env", "finish"), 1):
+        assert f"stage {number}/6 tiny:{stage}: reused" in proc.stderr, proc.stderr[-3000:]
+    assert "stage 5/6 tiny-b:env: building" in proc.stderr
+    assert "stage 6/6 tiny-b:finish: building" in proc.stderr
+    assert _image_id(engine, ref) not in (None, was)
+    assert "idna==3.10" in first and freeze() == first

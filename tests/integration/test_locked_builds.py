@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import ROOT, build_in, checkout_copy
+from tests.integration.helpers import ROOT, build_containers, build_in, checkout_copy
 
 pytestmark = [pytest.mark.docker]
 LOCK = Path("images/locks/pytorch/debian-12-x86_64.txt")
@@ -24,9 +24,9 @@ def tree(tmp_path_factory) -> Path:
 
 
 def gpubake_build(engine, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    before = {c.id for c in engine.containers.list(all=True)}
+    before = build_containers(engine)  # (other workers' tests run containers meanwhile)
     proc = build_in(root, "itest-lock", *args, timeout=600)
-    proc.new_containers = {c.id for c in engine.containers.list(all=True)} - before
+    proc.new_containers = build_containers(engine) - before
     return proc
 
 
