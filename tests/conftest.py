@@ -30,8 +30,6 @@ TEST_CONTAINER_PREFIXES = (
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not config.pluginmanager.hasplugin("xdist"):  # run with -p no:xdist
-        config.addinivalue_line("markers", "xdist_group(name): tests run on one worker")
     config.pluginmanager.register(SuitePlugin(config), "gpubake-suite")
 
 

@@ -1,12 +1,12 @@
 """How the suite runs: which tests share a worker, in what order, where the time went, and
 that nothing was built twice.
 
-- **Workers.** pytest-xdist runs the suite on both cores (`-n 2 --dist loadgroup`,
-  pyproject's addopts). Each test module is one unit of work (its module fixtures are set up
-  once), and modules that share something expensive or the engine's build state are one
-  group, run one after another on one worker: BUILDS (the default image and what is made
-  from it, and the fault matrix, whose checks say "nothing of a build is left" and must not
-  see another build's work) and the tests on the shared VM host.
+- **Workers.** pytest-xdist runs the suite on both cores (`-n 2`, pyproject's addopts; the
+  scheduler is GroupScheduling). Each test module is one unit of work (its module fixtures
+  are set up once), and modules that share something expensive or the engine's build state
+  are one group, run one after another on one worker: BUILDS (the default image and what is
+  made from it, and the fault matrix, whose checks say "nothing of a build is left" and
+  must not see another build's work) and the modules with tests on the shared VM host.
 - **Order.** Groups are handed out longest first (GROUP_ORDER, from the durations this
   report prints), so the two longest run side by side from the start and the short unit
   modules fill in at the end.
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 #: modules run one after another on one worker (see the docstring)
 BUILDS = (
@@ -39,6 +40,9 @@ BUILDS = (
     "test_locked_builds.py",
     "test_faults.py",
 )
+#: the modules with tests on the shared VM host (vm_host.py): its users first, one after
+#: another, so that it is removed after the last (tests/integration/conftest.py)
+VM_HOST_MODULES = ("test_cuda.py", "test_nvidia_driver.py", "test_vm_host.py")
 VM_HOST = "vm-host"
 #: groups and modules that take longest, longest first; the rest follow in collection order
 GROUP_ORDER = (
@@ -52,8 +56,9 @@ GROUP_ORDER = (
     "tests/integration/test_scan.py",
     "tests/integration/test_collection_consumer.py",
     "tests/integration/test_conda_path.py",
-    "tests/unit/test_lint.py",
+    "tests/unit/test_cli.py",
     "tests/unit/test_render_validate.py",
+    "tests/unit/test_lint.py",
 )
 _FIXTURE = "gpubake-fixture-setup"
 
@@ -62,12 +67,15 @@ def uses_vm_host(item: pytest.Item) -> bool:
     return "vm_host" in getattr(item, "fixturenames", ())
 
 
-def group_of(item: pytest.Item) -> str:
-    module = item.nodeid.split("::", 1)[0]
-    if uses_vm_host(item):
-        return VM_HOST
-    if Path(module).name in BUILDS and module.startswith("tests/integration/"):
-        return "builds"
+def group_of(nodeid: str) -> str:
+    """The group of a test, from its id alone (the scheduler has no more)."""
+    module = nodeid.split("::", 1)[0]
+    if module.startswith("tests/integration/"):
+        name = Path(module).name
+        if name in BUILDS:
+            return "builds"
+        if name in VM_HOST_MODULES:
+            return VM_HOST
     return module
 
 
@@ -75,9 +83,19 @@ def _rank(group: str) -> int:
     return GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER)
 
 
-def _build_rank(item: pytest.Item) -> int:
+def _rank_in_group(item: pytest.Item) -> int:
     name = Path(item.nodeid.split("::", 1)[0]).name
-    return BUILDS.index(name) if name in BUILDS else len(BUILDS)
+    if name in VM_HOST_MODULES:
+        return 0 if uses_vm_host(item) else 1
+    return BUILDS.index(name) if name in BUILDS else 0
+
+
+class GroupScheduling(LoadScopeScheduling):
+    """xdist's scope scheduling with gpubake's groups as the scopes. (xdist's loadgroup
+    marks tests by rewriting Item._nodeid, which pytest 9 no longer reads.)"""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return group_of(nodeid)
 
 
 class SuitePlugin:
@@ -89,25 +107,24 @@ class SuitePlugin:
         self.fixtures: list[tuple[float, str, str, str]] = []  # seconds, scope, name, where
         self.modules: collections.Counter[str] = collections.Counter()
         self.groups: collections.Counter[str] = collections.Counter()
-        self.group_names: dict[str, str] = {}
         self.audit: list[str] = []
 
-    # -- grouping and order (every process collects: the same order everywhere) ----------------
-    @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
+    # -- grouping and order ------------------------------------------------------------------
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Every process collects in this order: the groups longest first, each whole."""
         first_seen: dict[str, int] = {}
         for index, item in enumerate(items):
-            group = group_of(item)
-            first_seen.setdefault(group, index)
-            item.add_marker(pytest.mark.xdist_group(group))
-            self.group_names[item.nodeid] = group
+            first_seen.setdefault(group_of(item.nodeid), index)
 
         def key(pair: tuple[int, pytest.Item]) -> tuple[int, int, int, int]:
             index, item = pair
-            group = group_of(item)
-            return (_rank(group), first_seen[group], _build_rank(item), index)
+            group = group_of(item.nodeid)
+            return (_rank(group), first_seen[group], _rank_in_group(item), index)
 
         items[:] = [item for _, item in sorted(enumerate(items), key=key)]
+
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> GroupScheduling:
+        return GroupScheduling(config, log)
 
     # -- timing (in the process that runs the tests) --------------------------------------------
     @pytest.hookimpl(wrapper=True)
@@ -133,11 +150,7 @@ class SuitePlugin:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         module = report.nodeid.split("::", 1)[0]
         self.modules[module] += report.duration
-        if "@" in report.nodeid:  # xdist names the group after the test's id
-            group = report.nodeid.rsplit("@", 1)[1]
-        else:
-            group = self.group_names.get(report.nodeid, module)
-        self.groups[group] += report.duration
+        self.groups[group_of(report.nodeid)] += report.duration
         for name, value in report.user_properties:
             if name == _FIXTURE:
                 scope, argname, seconds = value
