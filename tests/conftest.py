@@ -4,6 +4,7 @@ workers, order, time report and build audit (tests/suite.py)."""
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,11 @@ TEST_CONTAINER_PREFIXES = (
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts a background command (`pytest ... &`) with SIGINT
+    # ignored, and every child inherits that: the gpubake processes the fault and push tests
+    # interrupt with SIGINT would ignore it. The suite gives them SIGINT as a terminal does.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.pluginmanager.register(SuitePlugin(config), "gpubake-suite")
 
 

@@ -60,6 +60,24 @@ def container(engine: Any, image: str, *, user: str = "root") -> Iterator[Any]:
         box.remove(force=True)
 
 
+def run_output(engine: Any, image: str, command: list[str], **options: Any) -> bytes:
+    """`docker run --rm IMAGE COMMAND`'s standard output, as the docker CLI reads it: attached
+    before the start. (docker-py's containers.run reads the logs after the exit instead, and
+    on this engine a short-lived container's last line is at times not in them yet: b"".)"""
+    box = engine.containers.create(image, command, **options)
+    try:
+        stream = box.attach(stdout=True, stderr=False, stream=True, logs=True)
+        box.start()
+        out = b"".join(stream)
+        status = box.wait()["StatusCode"]
+        if status != 0:
+            err = box.logs(stdout=False, stderr=True).decode("utf-8", "replace")[-3000:]
+            raise AssertionError(f"{command} in {image} exited {status}: {err}")
+        return out
+    finally:
+        box.remove(force=True)
+
+
 def play(
     box: Any, playbook: Path, extra_vars: Mapping[str, Any], *args: str, timeout: int = 2400
 ) -> tuple[int, str]:

@@ -32,6 +32,7 @@ from tests.integration.helpers import (
     image_holds,
     make_marker_bundle,
     run_in,
+    run_output,
 )
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -136,10 +137,9 @@ def test_sbom_lists_locked_torch_and_the_os_python3(engine, built, wheel_install
     locked = {h.split(":", 1)[1] for h in hashes}
     assert {h["content"] for h in pypi["torch"]["hashes"]} == locked
     debs = {c["name"]: c for c in components if c["purl"].startswith("pkg:deb/debian/")}
-    out = engine.containers.run(
-        IMAGE, ["dpkg-query", "-W", "-f", "${Version}", "python3"], remove=True
-    )
-    assert debs["python3"]["version"] == out.decode().strip()
+    with container(engine, IMAGE) as box:
+        rc, out = run_in(box, "dpkg-query", "-W", "-f", "${Version}", "python3")
+    assert rc == 0 and debs["python3"]["version"] == out.strip()
     assert debs["python3"]["purl"].endswith("&distro=debian-12")
 
 
@@ -162,7 +162,7 @@ def test_image_labels_user_and_manifest(engine, built):
     assert config["User"] == "gpubake"
     assert config["Cmd"] == ["/bin/bash"]
     assert any(e.startswith("PATH=/opt/gpubake/env/bin:") for e in config["Env"])
-    out = engine.containers.run(IMAGE, ["cat", "/etc/gpubake/manifest.json"], remove=True)
+    out = run_output(engine, IMAGE, ["cat", "/etc/gpubake/manifest.json"])
     manifest = json.loads(out)
     stack = stacks.resolve()
     assert manifest["input_hash"] == digest
@@ -183,15 +183,13 @@ def test_container_image_has_no_workstation_tools_and_stale_apt_lists(engine, bu
         " stat -c %Y /var/lib/apt/lists; find /var/lib/apt/lists -type f ! -name lock | wc -l;"
         " test -e /var/lib/apt/periodic/update-success-stamp && echo stamp || echo no-stamp"
     )
-    out = engine.containers.run(
-        IMAGE, ["sh", "-c", script], remove=True, user="root", entrypoint=[]
-    ).decode()
+    out = run_output(engine, IMAGE, ["sh", "-c", script], user="root", entrypoint=[]).decode()
     assert out.split() == ["0", "0", "0", "no-stamp"], out
 
 
 def test_container_runs_as_non_root_and_imports_torch(engine, built):
     code = "import os, torch, torchvision; print(os.getuid(), torch.__version__.split('+')[0])"
-    out = engine.containers.run(IMAGE, ["python", "-c", code], remove=True).decode().split()
+    out = run_output(engine, IMAGE, ["python", "-c", code]).decode().split()
     assert out == ["1000", dict(stacks.resolve().packages)["torch"]]
 
 
@@ -212,7 +210,7 @@ def test_gpu_smoke_cpu_mode_skips_gpu_checks(engine, built):
         s == "passed" for n, s in by.items() if n.startswith(("gpu.", "perf.", "driver."))
     )
     # the build's own smoke report is in the image too
-    saved = engine.containers.run(IMAGE, ["cat", "/etc/gpubake/smoke-report.json"], remove=True)
+    saved = run_output(engine, IMAGE, ["cat", "/etc/gpubake/smoke-report.json"])
     assert json.loads(saved)["ok"] is True
 
 
@@ -221,7 +219,8 @@ def test_no_trace_of_the_ca_bundle_or_build_leftovers(engine, built, marker_bund
     assert not image_holds(engine.images.get(IMAGE), marker), (
         "the build-time CA certificate is in a layer of the image"
     )
-    listing = engine.containers.run(
+    listing = run_output(
+        engine,
         IMAGE,
         [
             "sh",
@@ -230,7 +229,6 @@ def test_no_trace_of_the_ca_bundle_or_build_leftovers(engine, built, marker_bund
             "ls -A /tmp; ls /var/cache/apt/archives/*.deb 2>&1; exit 0",
         ],
         user="root",
-        remove=True,
     ).decode()
     assert "No such file" in listing.splitlines()[0]  # /run/gpubake-build
     assert ".deb" not in listing.replace("*.deb", "")
@@ -287,9 +285,7 @@ def test_each_stage_is_a_layer_of_its_own(engine, built):
     code = "import glob; print(len(glob.glob('/opt/gpubake/env/lib/python3*/site-packages/{}')))"
     for image, (nvidia, torch) in ((cuda, (1, 0)), (env, (1, 1))):
         for pattern, want in (("nvidia", nvidia), ("torch", torch)):
-            out = engine.containers.run(
-                image.id, ["python3", "-c", code.format(pattern)], remove=True
-            ).decode()
+            out = run_output(engine, image.id, ["python3", "-c", code.format(pattern)]).decode()
             assert int(out) == want, (image.tags, pattern)
 
 

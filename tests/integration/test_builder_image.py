@@ -8,7 +8,13 @@ import subprocess
 
 import pytest
 
-from tests.integration.helpers import ROOT, base_image, image_holds, make_marker_bundle
+from tests.integration.helpers import (
+    ROOT,
+    base_image,
+    image_holds,
+    make_marker_bundle,
+    run_output,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 TAG = "gpubake/builder:itest"
@@ -40,7 +46,7 @@ def builder(engine, tmp_path_factory):
 
 
 def run(engine, *args: str, entrypoint: list[str] | None = None) -> str:
-    return engine.containers.run(TAG, list(args), entrypoint=entrypoint, remove=True).decode()
+    return run_output(engine, TAG, list(args), entrypoint=entrypoint).decode()
 
 
 def test_gpubake_packer_and_ansible_run_as_a_non_root_user(engine, builder):

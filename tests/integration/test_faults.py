@@ -23,13 +23,16 @@ from pathlib import Path
 import pytest
 
 from gpubake import guard, resources
-from tests.integration.helpers import HOST_BUNDLE, checkout_copy
+from tests.integration.helpers import HOST_BUNDLE, checkout_copy, run_output
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 OS = "faults-12"
 BASE = f"gpubake/base:{OS}"
 TAG = "ftest"
 IMAGE = f"gpubake/tiny:{TAG}"
+TWICE = "gpubake/tiny:twice"  # test_two_builds_of_one_image...: a tag of its own, see below
+#: the edit of tiny's last stage under which test_two_stacks_at_once builds tiny-b
+TWO_STACKS_EDIT = 101
 STACKS = """
   tiny:
     description: A small stack for the fault tests
@@ -95,6 +98,7 @@ def build_args(stack: str = "tiny", tag: str = TAG) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory, engine) -> Path:
+    _remove_test_images(engine)  # what a run killed before this module's teardown left
     out = checkout_copy(tmp_path_factory.mktemp("faults"))
     tmp_dir(out).mkdir()
     _add_test_stacks(out)
@@ -102,6 +106,10 @@ def tree(tmp_path_factory, engine) -> Path:
         proc = gpubake(out, "lock", "--stack", stack, "--os", OS, timeout=300)
         assert proc.returncode == 0, proc.stderr
     yield out
+    _remove_test_images(engine)
+
+
+def _remove_test_images(engine) -> None:
     for image in engine.images.list():
         if any(t.startswith(("gpubake/tiny", "gpubake-stage/tiny")) for t in image.tags):
             for tag in image.tags:
@@ -277,18 +285,21 @@ def test_interrupted_build(engine, tree, built_tiny, moment):
 
 
 def test_the_next_build_after_the_interruptions_builds(engine, tree, built_tiny):
+    """(Under a tag of its own: IMAGE stays the unedited build, which the later tests' runs
+    of the unedited tree find instead of building it again.)"""
     was = _image_id(engine, IMAGE)
     original = _edit(tree, EDITS["finish"], 99)
     try:
-        proc = gpubake(tree, *build_args())
+        proc = gpubake(tree, *build_args(tag="next"))
     finally:
         (tree / EDITS["finish"]).write_text(original)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "reused" in proc.stderr and f"built {IMAGE}" in proc.stderr
+    assert "reused" in proc.stderr and "built gpubake/tiny:next" in proc.stderr
     assert re.search(
         r"stage 4/4 tiny:finish: scanned \d+ layers, \d+ files: no secrets", proc.stderr
     )
-    assert _image_id(engine, IMAGE) not in (None, was)
+    assert _image_id(engine, "gpubake/tiny:next") not in (None, was)
+    assert _image_id(engine, IMAGE) == was
     assert [t for i in engine.images.list() for t in i.tags if ":output-" in t] == []
 
 
@@ -356,25 +367,25 @@ def test_leftovers_of_a_killed_build_are_removed_and_said(engine, tree, built_ti
 def test_two_builds_of_one_image_one_builds_the_other_waits_then_skips(engine, tree, built_tiny):
     original = _edit(tree, EDITS["finish"], 100)
     try:
-        first = Run(tree, *build_args())
+        first = Run(tree, *build_args(tag="twice"))
         assert first.wait_for(r"stage 4/4 tiny:finish: building")
-        second = Run(tree, *build_args())
-        assert second.wait_for(rf"waiting for gpubake \(pid {first.proc.pid} .*{IMAGE}", 120)
+        second = Run(tree, *build_args(tag="twice"))
+        assert second.wait_for(rf"waiting for gpubake \(pid {first.proc.pid} .*{TWICE}", 120)
         code1, out1 = first.finish()
         code2, out2 = second.finish()
     finally:
         (tree / EDITS["finish"]).write_text(original)
     assert code1 == 0, out1[-3000:]
     assert code2 == 0, out2[-3000:]
-    assert f"built {IMAGE}" in out1
-    assert f"skipped: {IMAGE} is already built" in out2 and "building" not in out2
-    assert out1.strip().splitlines()[-1] == out2.strip().splitlines()[-1] == IMAGE
+    assert f"built {TWICE}" in out1
+    assert f"skipped: {TWICE} is already built" in out2 and "building" not in out2
+    assert out1.strip().splitlines()[-1] == out2.strip().splitlines()[-1] == TWICE
 
 
 def test_two_stacks_at_once_both_build(engine, tree, built_tiny):
     """tiny (its last stage changed) and tiny-b, which derives from it, at once: tiny-b
     waits for the stage it shares, reuses it, and builds its own; both succeed."""
-    original = _edit(tree, EDITS["finish"], 101)
+    original = _edit(tree, EDITS["finish"], TWO_STACKS_EDIT)
     try:
         first = Run(tree, *build_args("tiny", "ctest"))
         assert first.wait_for(r"stage 4/4 tiny:finish: building")
@@ -394,17 +405,22 @@ def test_two_stacks_at_once_both_build(engine, tree, built_tiny):
 
 def test_force_rebuilds_the_stacks_own_stages_from_the_same_lock(engine, tree, built_tiny):
     """--force rebuilds the asked stack's own stages only (tiny's, below, are reused), and
-    the environment rebuilt from the same lock is the same (`uv pip freeze`)."""
+    the environment rebuilt from the same lock is the same (`uv pip freeze`). On the tree
+    test_two_stacks_at_once built tiny-b from, whose images are there."""
     ref = "gpubake/tiny-b:ctest"
-    if _image_id(engine, ref) is None:  # (test_two_stacks_at_once built it)
-        proc = gpubake(tree, *build_args("tiny-b", "ctest"))
-        assert proc.returncode == 0, proc.stderr[-3000:]
 
     def freeze() -> str:
-        return engine.containers.run(ref, ["uv", "pip", "freeze"], remove=True).decode()
+        return run_output(engine, ref, ["uv", "pip", "freeze"]).decode()
 
-    was, first = _image_id(engine, ref), freeze()
-    proc = gpubake(tree, *build_args("tiny-b", "ctest"), "--force")
+    original = _edit(tree, EDITS["finish"], TWO_STACKS_EDIT)
+    try:
+        if _image_id(engine, ref) is None:  # this test alone
+            proc = gpubake(tree, *build_args("tiny-b", "ctest"))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        was, first = _image_id(engine, ref), freeze()
+        proc = gpubake(tree, *build_args("tiny-b", "ctest"), "--force")
+    finally:
+        (tree / EDITS["finish"]).write_text(original)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for number, stage in enumerate(("os", "cuda", "env", "finish"), 1):
         assert f"stage {number}/6 tiny:{stage}: reused" in proc.stderr, proc.stderr[-3000:]

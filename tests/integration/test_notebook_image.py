@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from gpubake import locks, stacks
-from tests.integration.helpers import ROOT, build_in, run_in
+from tests.integration.helpers import ROOT, build_in, run_in, run_output
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 TAG = "itest"
@@ -69,9 +69,7 @@ def test_the_build_reused_pytorch_and_reported_each_own_layer(chain):
 
 def test_the_environment_is_exactly_the_lock(engine, chain):
     lock = locks.check(stacks.resolve("fastai"), stacks.machine_arch())
-    out = engine.containers.run(
-        f"gpubake/fastai:{TAG}", ["uv", "pip", "freeze"], remove=True
-    ).decode()
+    out = run_output(engine, f"gpubake/fastai:{TAG}", ["uv", "pip", "freeze"]).decode()
     frozen = {
         line.split("==")[0].lower().replace("_", "-"): line.split("==")[1]
         for line in out.splitlines()
@@ -88,9 +86,7 @@ def test_no_download_cache_is_left_in_the_image(engine, chain):
         "-o -name 'wheels-v*' -o -name 'built-wheels-v*' \\) -print; "
         "find /run/gpubake-uv-cache -mindepth 1 -print 2>/dev/null; true"
     )
-    out = engine.containers.run(
-        f"gpubake/fastai:{TAG}", ["sh", "-c", script], user="root", remove=True
-    ).decode()
+    out = run_output(engine, f"gpubake/fastai:{TAG}", ["sh", "-c", script], user="root").decode()
     assert out.strip() == ""
 
 
@@ -127,11 +123,11 @@ def storage(engine):
     """A named volume for /storage holding a pre-run.sh hook (written as the image's user)."""
     name = f"gpubake-test-storage-{uuid.uuid4().hex[:8]}"
     hook = 'echo "pre-run ran as $(id -un)" > /storage/pre-run.log\n'
-    engine.containers.run(
+    run_output(
+        engine,
         f"gpubake/fastai:{TAG}",
         ["sh", "-c", f"printf '%s' '{hook}' > /storage/pre-run.sh"],
         volumes={name: {"bind": "/storage", "mode": "rw"}},
-        remove=True,
     )
     yield name
     engine.volumes.get(name).remove(force=True)
@@ -209,10 +205,10 @@ def test_fastai_container_serves_jupyterlab(engine, chain, storage):
     finally:
         box.remove(force=True, v=True)
     # the volume outlives the container: the data is still there for the next one
-    kept = engine.containers.run(
+    kept = run_output(
+        engine,
         f"gpubake/fastai:{TAG}",
         ["cat", "/storage/data.txt"],
         volumes={storage: {"bind": "/storage", "mode": "rw"}},
-        remove=True,
     )
     assert kept.decode().strip() == "kept"

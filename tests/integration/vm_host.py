@@ -145,14 +145,16 @@ def build_over_ssh(login: str, key: Path, known: Path, *args: str, timeout: int)
 
 
 @contextmanager
-def ssh_host(engine: Any, image: str | None = None) -> Iterator[tuple[Any, str, Path, Path]]:
+def ssh_host(
+    engine: Any, image: str | None = None, port: int | None = None
+) -> Iterator[tuple[Any, str, Path, Path]]:
     """A fresh Debian 12 container with systemd and sshd (or one booted from `image`, a
-    snapshot) that a new key logs in to as root: (container, root@127.0.0.1:PORT, key,
-    known_hosts file)."""
+    snapshot) that a new key logs in to as root, over `port` (default: any free one):
+    (container, root@127.0.0.1:PORT, key, known_hosts file)."""
     image = image or systemd_image(engine, ("openssh-server",))
     with (
         tempfile.TemporaryDirectory(prefix="gpubake-vmhost-") as tmp,
-        systemd_container(engine, image, ports={"22/tcp": ("127.0.0.1", None)}) as box,
+        systemd_container(engine, image, ports={"22/tcp": ("127.0.0.1", port)}) as box,
     ):
         key, known = Path(tmp) / "id_ed25519", Path(tmp) / "known_hosts"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -184,9 +186,16 @@ def snapshot_ref(engine: Any) -> str:
     return f"{SNAPSHOT_REPOSITORY}:{key[:16]}"
 
 
+def ssh_port(ref: str) -> int:
+    """The host's SSH port, the same for the first apply and the booted snapshot: the host is
+    reached at one address, as a VM is (the manifest records it), below the ephemeral ports
+    the engine publishes other containers on."""
+    return 20000 + int(ref.rsplit(":", 1)[1], 16) % 10000
+
+
 def _make_snapshot(engine: Any, ref: str) -> Applied:
     """The first apply, on a fresh host, committed as `ref` with its output in it."""
-    with ssh_host(engine) as (box, login, key, known):
+    with ssh_host(engine, port=ssh_port(ref)) as (box, login, key, known):
         args = (*STACK_ARGS, "--ca-bundle", str(HOST_BUNDLE), "-v")
         first = build_over_ssh(login, key, known, *args, timeout=3600)
         assert first.returncode == 0, first.output[-12000:]
@@ -229,7 +238,7 @@ def shared_vm_host(engine: Any) -> Iterator[VmHost]:
         made = not engine.images.list(name=ref)
         if made:
             _make_snapshot(engine, ref)
-        box, login, key, known = stack.enter_context(ssh_host(engine, ref))
+        box, login, key, known = stack.enter_context(ssh_host(engine, ref, ssh_port(ref)))
         first = _recorded(box)
         args = (*STACK_ARGS, "--ca-bundle", str(HOST_BUNDLE), "-v")
         second = build_over_ssh(login, key, known, *args, timeout=1800)
