@@ -60,20 +60,38 @@ def container(engine: Any, image: str, *, user: str = "root") -> Iterator[Any]:
         box.remove(force=True)
 
 
-def run_output(engine: Any, image: str, command: list[str], **options: Any) -> bytes:
-    """`docker run --rm IMAGE COMMAND`'s standard output, as the docker CLI reads it: attached
-    before the start. (docker-py's containers.run reads the logs after the exit instead, and
-    on this engine a short-lived container's last line is at times not in them yet: b"".)"""
-    box = engine.containers.create(image, command, **options)
+def run_output(
+    engine: Any,
+    image: str,
+    command: list[str],
+    *,
+    user: str | None = None,
+    entrypoint: list[str] | None = None,
+    volumes: dict[str, Any] | None = None,
+) -> bytes:
+    """What `docker run --rm IMAGE COMMAND` prints on standard output, taken from an exec in
+    a container of IMAGE kept alive meanwhile (as run_in does): docker-py's containers.run,
+    which reads the logs after the exit, and an attach to a short-lived container both gave
+    b"" at times on this engine. The image's entrypoint and user apply unless given."""
+    config = engine.images.get(image).attrs["Config"]
+    prefix = config.get("Entrypoint") or [] if entrypoint is None else entrypoint
+    user = user if user is not None else config.get("User") or "root"
+    box = engine.containers.run(
+        image,
+        ["sleep", "infinity"],
+        entrypoint=[],
+        detach=True,
+        user=user,
+        volumes=volumes or {},
+        name=f"gpubake-test-{uuid.uuid4().hex[:10]}",
+    )
     try:
-        stream = box.attach(stdout=True, stderr=False, stream=True, logs=True)
-        box.start()
-        out = b"".join(stream)
-        status = box.wait()["StatusCode"]
-        if status != 0:
-            err = box.logs(stdout=False, stderr=True).decode("utf-8", "replace")[-3000:]
-            raise AssertionError(f"{command} in {image} exited {status}: {err}")
-        return out
+        result = box.exec_run([*prefix, *command], user=user, demux=True)
+        out, err = result.output
+        if result.exit_code != 0:
+            tail = (err or b"").decode("utf-8", "replace")[-3000:]
+            raise AssertionError(f"{command} in {image} exited {result.exit_code}: {tail}")
+        return out or b""
     finally:
         box.remove(force=True)
 

@@ -410,7 +410,8 @@ def test_force_rebuilds_the_stacks_own_stages_from_the_same_lock(engine, tree, b
     ref = "gpubake/tiny-b:ctest"
 
     def freeze() -> str:
-        return run_output(engine, ref, ["uv", "pip", "freeze"]).decode()
+        env = ["--python", "/opt/gpubake/env/bin/python"]  # the stack's environment
+        return run_output(engine, ref, ["uv", "pip", "freeze", *env]).decode()
 
     original = _edit(tree, EDITS["finish"], TWO_STACKS_EDIT)
     try:

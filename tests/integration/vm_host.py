@@ -118,6 +118,7 @@ class VmHost:
     second: Applied  # on the snapshot, booted again
     snapshot: str
     made: bool  # whether this run made the snapshot (else: an earlier run, same inputs)
+    booted_at: int  # when the snapshot was booted (epoch seconds; the journal has older boots)
 
     def build(self, *args: str, timeout: int = 3600) -> Applied:
         return build_over_ssh(self.login, self.key, self.known_hosts, *args, timeout=timeout)
@@ -238,6 +239,7 @@ def shared_vm_host(engine: Any) -> Iterator[VmHost]:
         made = not engine.images.list(name=ref)
         if made:
             _make_snapshot(engine, ref)
+        booted_at = time.time()
         box, login, key, known = stack.enter_context(ssh_host(engine, ref, ssh_port(ref)))
         first = _recorded(box)
         args = (*STACK_ARGS, "--ca-bundle", str(HOST_BUNDLE), "-v")
@@ -246,7 +248,9 @@ def shared_vm_host(engine: Any) -> Iterator[VmHost]:
     except BaseException as exc:
         release_vm_host(exc)
         raise
-    value = _SHARED["value"] = VmHost(box, login, key, known, first, second, ref, made)
+    value = _SHARED["value"] = VmHost(
+        box, login, key, known, first, second, ref, made, int(booted_at)
+    )
     print(  # shown with -s
         f"\nVM playbook over ssh: first run {first.seconds:.0f} s"
         f" ({'now' if made else 'recorded in ' + ref}), second {second.seconds:.0f} s"
