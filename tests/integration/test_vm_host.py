@@ -93,7 +93,8 @@ def test_it_went_over_ssh_not_a_container_connection(vm_host):
     )
     assert rc == 0
     logins = re.findall(r"Accepted publickey for root from \S+ .*: (\S+ \S+)", log)
-    assert len(logins) >= 3, log[-2000:]  # at least: the login check, vm.yml, smoke.yml
+    # at least the login check and Ansible's (it multiplexes vm.yml and smoke.yml over one)
+    assert len(logins) >= 2, log[-2000:]
     assert set(logins) == {f"ED25519 {fingerprint}"}
 
 
