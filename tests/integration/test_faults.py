@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from gpubake import guard, resources
-from tests.integration.helpers import HOST_BUNDLE, checkout_copy, run_output
+from tests.integration.helpers import HOST_BUNDLE, checkout_copy
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 OS = "faults-12"
@@ -403,26 +403,16 @@ def test_two_stacks_at_once_both_build(engine, tree, built_tiny):
     assert labels["io.gpubake.stack"] == "tiny-b"
 
 
-def test_force_rebuilds_the_stacks_own_stages_from_the_same_lock(engine, tree, built_tiny):
-    """--force rebuilds the asked stack's own stages only (tiny's, below, are reused), and
-    the environment rebuilt from the same lock is the same (`uv pip freeze`). On the tree
-    test_two_stacks_at_once built tiny-b from, whose images are there."""
+def test_force_rebuilds_the_stacks_own_stages_only(engine, tree, built_tiny):
+    """--force rebuilds the asked stack's own stages only: tiny's, below, are reused. On the
+    tree test_two_stacks_at_once built tiny-b from, whose images are there."""
     ref = "gpubake/tiny-b:ctest"
-
-    def freeze() -> str:
-        # the distributions in the stack's environment, as its own Python lists them
-        listing = (
-            "import importlib.metadata as m; print('\\n'.join(sorted("
-            "f\"{d.metadata['Name'].lower()}=={d.version}\" for d in m.distributions())))"
-        )
-        return run_output(engine, ref, ["/opt/gpubake/env/bin/python", "-c", listing]).decode()
-
     original = _edit(tree, EDITS["finish"], TWO_STACKS_EDIT)
     try:
         if _image_id(engine, ref) is None:  # this test alone
             proc = gpubake(tree, *build_args("tiny-b", "ctest"))
             assert proc.returncode == 0, proc.stderr[-3000:]
-        was, first = _image_id(engine, ref), freeze()
+        was = _image_id(engine, ref)
         proc = gpubake(tree, *build_args("tiny-b", "ctest"), "--force")
     finally:
         (tree / EDITS["finish"]).write_text(original)
@@ -432,5 +422,3 @@ def test_force_rebuilds_the_stacks_own_stages_from_the_same_lock(engine, tree, b
     assert "stage 5/6 tiny-b:env: building" in proc.stderr
     assert "stage 6/6 tiny-b:finish: building" in proc.stderr
     assert _image_id(engine, ref) not in (None, was)
-    assert "idna==3.10" in first.split() and "six==1.17.0" in first.split(), first
-    assert freeze() == first
