@@ -48,11 +48,19 @@ def ansible_playbook() -> str:
 
 
 @contextmanager
-def container(engine: Any, image: str, *, user: str = "root") -> Iterator[Any]:
+def container(
+    engine: Any, image: str, *, user: str = "root", volumes: dict[str, Any] | None = None
+) -> Iterator[Any]:
     """A long-running container of `image` that is removed whatever happens."""
     name = f"gpubake-test-{uuid.uuid4().hex[:10]}"
     box = engine.containers.run(
-        image, ["sleep", "infinity"], name=name, user=user, detach=True, entrypoint=[]
+        image,
+        ["sleep", "infinity"],
+        name=name,
+        user=user,
+        detach=True,
+        entrypoint=[],
+        volumes=volumes or {},
     )
     try:
         yield box
@@ -76,24 +84,13 @@ def run_output(
     config = engine.images.get(image).attrs["Config"]
     prefix = config.get("Entrypoint") or [] if entrypoint is None else entrypoint
     user = user if user is not None else config.get("User") or "root"
-    box = engine.containers.run(
-        image,
-        ["sleep", "infinity"],
-        entrypoint=[],
-        detach=True,
-        user=user,
-        volumes=volumes or {},
-        name=f"gpubake-test-{uuid.uuid4().hex[:10]}",
-    )
-    try:
+    with container(engine, image, user=user, volumes=volumes) as box:
         result = box.exec_run([*prefix, *command], user=user, demux=True)
-        out, err = result.output
-        if result.exit_code != 0:
-            tail = (err or b"").decode("utf-8", "replace")[-3000:]
-            raise AssertionError(f"{command} in {image} exited {result.exit_code}: {tail}")
-        return out or b""
-    finally:
-        box.remove(force=True)
+    out, err = result.output
+    if result.exit_code != 0:
+        tail = (err or b"").decode("utf-8", "replace")[-3000:]
+        raise AssertionError(f"{command} in {image} exited {result.exit_code}: {tail}")
+    return out or b""
 
 
 def play(
