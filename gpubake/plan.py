@@ -44,6 +44,8 @@ class PlanError(GpubakeError):
 STACK_LABEL = f"{LABEL_PREFIX}.stack"
 FRAMEWORK_LABEL = f"{LABEL_PREFIX}.framework"
 FRAMEWORK_VERSION_LABEL = f"{LABEL_PREFIX}.framework-version"
+# the stack's own pins and its parents' ("torch==2.15.0 ... fastai==2.8.12"): what the image is
+PACKAGES_LABEL = f"{LABEL_PREFIX}.packages"
 CUDA_LABEL = f"{LABEL_PREFIX}.cuda"
 PYTHON_LABEL = f"{LABEL_PREFIX}.python"
 OS_LABEL = f"{LABEL_PREFIX}.os"
@@ -438,6 +440,7 @@ def _target_specifics(
             STACK_LABEL: stack.name,
             FRAMEWORK_LABEL: stack.framework,
             FRAMEWORK_VERSION_LABEL: framework_version(stack),
+            PACKAGES_LABEL: " ".join(f"{name}=={version}" for name, version in stack.packages),
             CUDA_LABEL: stack.cuda,
             MIN_DRIVER_LABEL: str(stacks.min_driver_branch(stack.cuda)),
             CC_LABEL: ",".join(stacks.compute_capabilities(stack.cuda)),

@@ -210,7 +210,8 @@ def plan_chain(
                 container=level.container if final else None,
             )
             if final:
-                labels = {**whole.labels, HASH_LABEL: digest}
+                # the stage label too: else the image inherits the stage below's ("env")
+                labels = {**whole.labels, HASH_LABEL: digest, STAGE_LABEL: name}
                 if CREATED_LABEL in labels:  # the immutable tag names the last stage's hash
                     labels[VERSION_LABEL] = immutable_tag(level, labels[CREATED_LABEL], digest)
                 repository, tag = whole.image_repository, whole.image_tag
