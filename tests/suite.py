@@ -35,6 +35,7 @@ BUILDS = (
     "test_sbom.py",
     "test_wheel.py",
     "test_notebook_image.py",
+    "test_notebook_browser.py",  # the fastai image test_notebook_image.py built
     "test_image_registry.py",
     "test_jobs.py",
     "test_locked_builds.py",

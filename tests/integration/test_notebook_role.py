@@ -1,13 +1,15 @@
 """Role notebook for real, and python_env's locks and cache, in one Debian 12 container.
 
 build_ca, base, python_env and notebook converge (twice: no change the second time) by FQCN;
-then gpubake-notebook runs as the image's user: /storage/pre-run.sh ran, /api 200, /api/status
+then gpubake-notebook runs as the image's user: /storage/pre-run.sh ran as its own process
+(exiting 0, failing or hanging, Jupyter starts and the log says why), /api 200, /api/status
 403 without the token and 200 with it, the login page at /, the health check, Gradient's
-options in gradient mode. python_env_lock_file installs a `uv pip compile --generate-hashes`
-lock exactly and refuses a wrong hash or a pin the lock lacks; python_env_cache_dir uses a
-bind-mounted cache (the second install downloads nothing) and refuses a directory that is not
-a mount point. gpu-check.ipynb is checked with nbformat (it is run in the full-image test,
-where torch is installed).
+options in gradient mode, an unknown mode refused, a small /dev/shm named; the environment
+is the image user's and first on a login shell's PATH. python_env_lock_file installs a
+`uv pip compile --generate-hashes` lock exactly and refuses a wrong hash or a pin the lock
+lacks; python_env_cache_dir uses a bind-mounted cache (the second install downloads nothing)
+and refuses a directory that is not a mount point. gpu-check.ipynb is checked with nbformat
+(it is run in the full-image test, where torch is installed).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from tests.integration.test_roles_converge import CA_VARS
 pytestmark = pytest.mark.docker
 ROLE_TEST = Path(__file__).with_name("role_test.yml")
 ROLES = ["build_ca", "base", "python_env", "notebook"]
+# as playbooks/container.yml applies them: the image's user owns the environment
+ROLE_VARS = {"roles_under_test": ROLES, "python_env_owner": "gpubake", **CA_VARS}
 ENV_PYTHON = "/opt/gpubake/env/bin/python"
 CACHE_MOUNT = "/var/cache/gpubake-uv"
 TOKEN = "gpubake-test-token-0123456789abcdef"  # noqa: S105 (a test token)
@@ -116,11 +120,22 @@ def box(engine, cache_dir):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("ANSIBLE_PIPELINING", "True")
-            first, output = apply(box, ROLE_TEST, {"roles_under_test": ROLES, **CA_VARS})
+            first, output = apply(box, ROLE_TEST, ROLE_VARS)
         assert first["changed"] > 0, output[-3000:]
         yield box
     finally:
         box.remove(force=True)
+
+
+def changed_tasks(output: str) -> list[str]:
+    """The TASK lines of the tasks that reported a change."""
+    tasks, task = [], ""
+    for line in output.splitlines():
+        if line.startswith("TASK ["):
+            task = line
+        elif line.startswith("changed:") and task not in tasks:
+            tasks.append(task)
+    return tasks
 
 
 def recap(output: str) -> dict[str, int]:
@@ -205,7 +220,8 @@ def test_directories_tools_and_the_check_notebook(box):
         " assert 'import torch' in src and 'torch.cuda.is_available()' in src, src;"
         " compile(src, 'gpu-check', 'exec'); print(nb.nbformat)"
     )
-    rc, out = run_in(box, ENV_PYTHON, "-c", check, "/notebooks/gpu-check.ipynb")
+    # as the image's user: root's imports would leave root's .pyc files in the user's env
+    rc, out = run_in(box, ENV_PYTHON, "-c", check, "/notebooks/gpu-check.ipynb", user="gpubake")
     assert rc == 0 and out.strip().endswith("4"), out
     rc, out = run_in(
         box, "/usr/local/bin/uv", "pip", "show", "--no-cache", "--python", ENV_PYTHON, "jupyterlab"
@@ -214,9 +230,9 @@ def test_directories_tools_and_the_check_notebook(box):
 
 
 def test_converges_again_with_no_change(box):
-    rc, output = play(box, ROLE_TEST, {"roles_under_test": ROLES, **CA_VARS})
+    rc, output = play(box, ROLE_TEST, ROLE_VARS)
     assert rc == 0, output[-4000:]
-    assert recap(output)["changed"] == 0, output[-4000:]
+    assert recap(output)["changed"] == 0, changed_tasks(output)
 
 
 def wait_up(box, timeout: float = 90) -> None:
@@ -268,11 +284,13 @@ def test_lab_mode_needs_the_token_and_runs_pre_run(box):
         assert result["root"] == [200, True], result  # redirected to the login page
         _, ran = run_in(box, "cat", "/storage/pre-run.ran")
         assert ran.strip() == "gpubake"
-        # what pre-run.sh exported reached Jupyter; Jupyter serves /notebooks
+        # pre-run.sh is its own process: what it exports does not reach Jupyter, whose
+        # terminals are bash; Jupyter serves /notebooks
         _, pid = run_in(box, "pgrep", "-u", "gpubake", "-f", "jupyter-lab")
         pid = pid.split()[0]
         _, environ = run_in(box, "cat", f"/proc/{pid}/environ", user="gpubake")
-        assert "GPUBAKE_PRE_RUN=yes" in environ.split("\0")
+        assert "GPUBAKE_PRE_RUN=yes" not in environ.split("\0")
+        assert "SHELL=/bin/bash" in environ.split("\0")
         _, cmdline = run_in(box, "cat", f"/proc/{pid}/cmdline")
         assert "--ServerApp.root_dir=/notebooks" in cmdline.split("\0"), cmdline
         assert "--allow-root" not in cmdline
@@ -296,6 +314,97 @@ def test_lab_mode_without_a_token_makes_one_and_logs_it(box):
         assert result["status_anonymous"][0] == 403 and result["status_token"][0] == 200
     finally:
         stop_server(box)
+
+
+def start(box, *args: str, **environment: str) -> None:
+    box.exec_run(
+        [
+            "bash",
+            "-c",
+            'exec /usr/local/bin/gpubake-notebook "$@" > /tmp/notebook.log 2>&1',
+            "-",
+            *args,
+        ],
+        user="gpubake",
+        environment={"JUPYTER_TOKEN": TOKEN, **environment},
+        detach=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("hook", "said"),
+    [
+        ("exit 0", "pre-run.sh finished"),
+        (
+            "set -e\nfalse\necho never",
+            "pre-run.sh failed with exit status 1; starting Jupyter anyway",
+        ),
+        ("sleep 600", "pre-run.sh did not finish in 3 s and was stopped; starting Jupyter anyway"),
+    ],
+    ids=["exits-0", "fails", "hangs"],
+)
+def test_pre_run_cannot_keep_jupyter_from_starting(box, hook, said):
+    script = f"echo hook says hello\n{hook}\n"
+    rc, out = run_in(box, "sh", "-c", f"printf '{script}' > /storage/pre-run.sh")
+    assert rc == 0, out
+    start(box, GPUBAKE_PRE_RUN_TIMEOUT="3")
+    try:
+        wait_up(box)
+        _, log = run_in(box, "cat", "/tmp/notebook.log")
+        lines = log.splitlines()
+        assert "hook says hello" in lines, log  # the hook's output is in the log
+        assert [line for line in lines if line.endswith(said)] == [
+            f"gpubake-notebook: /storage/{said}"
+        ], log
+        assert "never" not in lines
+        rc, _ = run_in(box, "pgrep", "-f", "sleep 600")
+        assert rc != 0, "the hung hook was left running"
+        # the box's /dev/shm is Docker's 64 MiB: the start says what to pass
+        assert (
+            "gpubake-notebook: /dev/shm is 64 MiB: PyTorch DataLoader workers (num_workers > 0)"
+            " fail with 'unable to allocate shared memory'; start the container with"
+            " --shm-size=2g (or --ipc=host)"
+        ) in lines, log
+    finally:
+        stop_server(box)
+        run_in(box, "rm", "-f", "/storage/pre-run.sh")
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_an_unknown_mode_is_refused_in_one_line(box, how):
+    if how == "argument":
+        result = box.exec_run(["/usr/local/bin/gpubake-notebook", "bogus"], user="gpubake")
+    else:
+        result = box.exec_run(
+            ["/usr/local/bin/gpubake-notebook"],
+            user="gpubake",
+            environment={"GPUBAKE_NOTEBOOK_MODE": "bogus"},
+        )
+    out = result.output.decode()
+    assert result.exit_code == 2, out
+    assert out.splitlines() == [
+        "gpubake-notebook: unknown mode 'bogus': give lab or gradient"
+        " (Jupyter's own options start with --)"
+    ]
+
+
+def test_the_environment_is_the_users_and_first_on_a_login_shells_path(box):
+    rc, out = run_in(box, "find", "/opt/gpubake/env", "!", "-user", "gpubake", "-print")
+    assert rc == 0 and out.strip() == "", out  # all of it, the installs' files included
+    rc, out = run_in(
+        box, "bash", "-lc", 'command -v python jupyter; echo "$VIRTUAL_ENV"', user="gpubake"
+    )
+    assert out.split() == [
+        "/opt/gpubake/env/bin/python",
+        "/opt/gpubake/env/bin/jupyter",
+        "/opt/gpubake/env",
+    ], out
+    # the user writes into it without sudo (the notebook image test pip installs there)
+    purelib = "$(python -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')"
+    rc, out = run_in(
+        box, "bash", "-lc", f"touch {purelib}/probe.pth && rm {purelib}/probe.pth", user="gpubake"
+    )
+    assert rc == 0, out
 
 
 def test_gradient_mode_starts_with_gradients_options(box):

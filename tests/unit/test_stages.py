@@ -96,7 +96,10 @@ def test_derived_stacks_add_their_stages_on_the_parents_image():
     # the notebook role is the notebook stack's own: fastai's env stage does not run it again
     assert fastai[4].roles == ("build_ca", "pytorch", "notebook", "image_cleanup")
     assert fastai[6].roles == ("build_ca", "pytorch", "image_cleanup")
-    assert fastai[4].plan.ansible_vars["notebook_packages"] == {"jupyterlab": "4.6.6"}
+    assert fastai[4].plan.ansible_vars["notebook_packages"] == {
+        "jupyterlab": "4.6.6",
+        "pip": "26.3",
+    }
     changes = fastai[-1].plan.packer_vars["docker_changes"]
     for line in (
         "USER gpubake",
