@@ -14,9 +14,11 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+import docker
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -282,3 +284,12 @@ def build_in(
         env={**os.environ, "PYTHONPATH": str(tree)},
         check=False,
     )
+
+
+def remove_other_tags(engine: Any, repository: str, ref: str) -> None:
+    """Drop `repository`'s images other than `ref`: made from older inputs, never used again,
+    and large (the snapshot is about 13 GB): before making `ref`, so both never fill the disk."""
+    for old in engine.images.list(name=repository):
+        if ref not in old.tags:
+            with suppress(docker.errors.APIError):  # one still in use stays, until next time
+                engine.images.remove(old.id, force=False)

@@ -119,14 +119,18 @@ class Server:
         return code
 
     def stop(self) -> int:
-        """Ctrl-C: docker run passes SIGINT on to the container; --rm removes it."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.exited(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
+        """Ctrl-C, as the user stops it: docker run passes SIGINT on to the container (--rm
+        removes it). Again after 20 s, as a user presses it again when a first one was lost
+        (a SIGINT while Jupyter is busy starting a kernel can be)."""
+        for _ in range(3):
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                return self.exited(20)
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc.kill()
+        raise AssertionError(f"{self.argv} did not stop on Ctrl-C:\n{self.log[-3000:]}")
 
 
 def container_of(volume: str) -> str:

@@ -26,7 +26,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import HOST_BUNDLE, ROOT, bridge_address, run_in
+from tests.integration.helpers import (
+    HOST_BUNDLE,
+    ROOT,
+    bridge_address,
+    remove_other_tags,
+    run_in,
+)
 from tests.integration.systemd_helpers import systemd_container
 from tests.metadata_standins import metadata_standin
 from tests.object_stores import gcs_server, s3_server
@@ -111,6 +117,7 @@ def job_image(engine) -> str:
     ref = f"{SYSTEMD_REPOSITORY}:{tag}"
     if engine.images.list(ref):
         return ref
+    remove_other_tags(engine, SYSTEMD_REPOSITORY, ref)
     install = (
         "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
         "--no-install-recommends systemd systemd-sysv dbus && apt-get clean && "

@@ -31,14 +31,12 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import docker
-
-from tests.integration.helpers import HOST_BUNDLE, ROOT, run_in
+from tests.integration.helpers import HOST_BUNDLE, ROOT, remove_other_tags, run_in
 from tests.integration.systemd_helpers import systemd_container, systemd_image
 
 SNAPSHOT_REPOSITORY = "gpubake/test-vm-host"
@@ -196,6 +194,7 @@ def ssh_port(ref: str) -> int:
 
 def _make_snapshot(engine: Any, ref: str) -> Applied:
     """The first apply, on a fresh host, committed as `ref` with its output in it."""
+    remove_other_tags(engine, SNAPSHOT_REPOSITORY, ref)
     with ssh_host(engine, port=ssh_port(ref)) as (box, login, key, known):
         args = (*STACK_ARGS, "--ca-bundle", str(HOST_BUNDLE), "-v")
         first = build_over_ssh(login, key, known, *args, timeout=3600)
@@ -210,10 +209,6 @@ def _make_snapshot(engine: Any, ref: str) -> Applied:
         # (root's authorized_keys go with it: every boot writes a new one)
         repository, tag = ref.split(":")
         box.commit(repository=repository, tag=tag, changes=['CMD ["/sbin/init"]'])
-    for old in engine.images.list(name=SNAPSHOT_REPOSITORY):
-        if ref not in old.tags:
-            with suppress(docker.errors.APIError):  # one still in use stays, until next time
-                engine.images.remove(old.id, force=False)
     return first
 
 
