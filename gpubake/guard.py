@@ -266,6 +266,10 @@ def remove_leftovers(engine: Any, say: Say) -> list[str]:
     boxes = engine.containers.list(all=True, filters={"label": LOCK_LABEL})
     dirs = sorted(work_root().glob("*.*")) if work_root().is_dir() else []
     for box in boxes:
+        # a committed build container passes its label on to the image: a container of any
+        # gpubake image (a user's notebook, a test's host) has it too, and is not a build's
+        if not box.name.startswith("gpubake-build-"):
+            continue
         key = box.labels.get(LOCK_LABEL, "")
         lock = _free(slug(key))
         if lock is None:
