@@ -11,6 +11,7 @@ runs. Each moment is reached by waiting for its progress line (-v: Packer's own 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import docker.errors
 import pytest
 
 from gpubake import guard, resources
@@ -334,14 +336,18 @@ def test_a_secret_in_a_layer_fails_the_build_and_moves_no_tag(engine, tree, buil
 
 def test_leftovers_of_a_killed_build_are_removed_and_said(engine, tree, built_tiny):
     """A labelled build container and a work dir whose lock no build holds are removed by
-    the next build; those of a build still running (its lock held) are not."""
+    the next build; those of a build still running (its lock held) are not, and neither is
+    a user's container of a gpubake image (it inherits the label from the committed build)."""
     gone_key, running_key = guard.stage_key("a" * 64), guard.stage_key("b" * 64)
     boxes = {
         key: engine.containers.create(
-            BASE, ["true"], name=f"gpubake-faults-{key[6:12]}", labels={guard.LOCK_LABEL: key}
+            BASE, ["true"], name=f"gpubake-build-{key[6:18]}-faults", labels={guard.LOCK_LABEL: key}
         )
         for key in (gone_key, running_key)
     }
+    users = engine.containers.create(
+        BASE, ["true"], name="gpubake-faults-users-notebook", labels={guard.LOCK_LABEL: gone_key}
+    )
     work = resources.cache_dir() / "work"
     dirs = {key: work / f"{guard.slug(key)}.999999" for key in (gone_key, running_key)}
     for path in dirs.values():
@@ -357,10 +363,13 @@ def test_leftovers_of_a_killed_build_are_removed_and_said(engine, tree, built_ti
         assert boxes[running_key].name not in said and str(dirs[running_key]) not in said
         names = {b.name for b in engine.containers.list(all=True)}
         assert boxes[gone_key].name not in names and boxes[running_key].name in names
+        assert users.name in names and users.name not in said
         assert not dirs[gone_key].exists() and dirs[running_key].exists()
     finally:
         running.release()
-        boxes[running_key].remove(force=True)
+        for box in [*boxes.values(), users]:
+            with contextlib.suppress(docker.errors.NotFound):
+                box.remove(force=True)
         guard.remove_tree(dirs[running_key])
 
 
