@@ -306,6 +306,15 @@ def check_stacks(
     check_schema(data, "stacks", label)
     stacks, oses = data["stacks"], data["operating_systems"]
     branches, majors = data["driver_branches"], gpus["cuda"]
+    for arch, facts in gpus["architectures"].items():
+        for key in ("first_driver_branch", "last_driver_branch"):
+            if key in facts and str(facts[key]) not in branches:
+                raise _fail(
+                    label,
+                    ("driver_branches",),
+                    f"has no branch {facts[key]}, which {gpus_label}'s "
+                    f"architectures.{arch}.{key} names ({_one_of(branches)})",
+                )
     for key, names, what in (
         ("default_stack", stacks, "a stack under `stacks`"),
         ("default_os", oses, "an OS under `operating_systems`"),
@@ -353,6 +362,12 @@ def check_stacks(
                 )
             seen.append(parent)
             parent = stacks[parent].get("from")
+        like = stack.get("like")
+        if like is not None and (
+            like not in stacks or ("from" in stack) != ("from" in stacks[like]) or like == name
+        ):
+            kind = "a derived stack (with `from:`)" if "from" in stack else "a root stack"
+            raise _fail(label, (*at, "like"), f"'{like}' is not {kind} like this one")
         if "framework" in stack and stack["framework"] != "none":
             role((*at, "framework"), stack["framework"])
         for index, name_ in enumerate(stack.get("roles", [])):

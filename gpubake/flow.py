@@ -114,13 +114,16 @@ def resolve_stack(
 ) -> stacks.Stack:
     if target.is_cloud_image and gpu is None and gpu_build:
         gpu = stacks.stacks_data()["default_cloud_gpu"]
-    return stacks.resolve(
+    resolved = stacks.resolve(
         stack,
         os_key=os_key,
         gpu=gpu,
         variables=stacks.parse_vars(list(variables)),
         target=target.name,
     )
+    for warning in resolved.warnings:
+        echo(f"warning: {warning}")
+    return resolved
 
 
 def build(request: BuildRequest) -> None:

@@ -443,7 +443,7 @@ def _target_specifics(
             PACKAGES_LABEL: " ".join(f"{name}=={version}" for name, version in stack.packages),
             CUDA_LABEL: stack.cuda,
             MIN_DRIVER_LABEL: str(stacks.min_driver_branch(stack.cuda)),
-            CC_LABEL: ",".join(stacks.compute_capabilities(stack.cuda)),
+            CC_LABEL: ",".join(stack.kernels),
             PYTHON_LABEL: stack.python,
             OS_LABEL: stack.os.key,
             f"{LABEL_PREFIX}.version": __version__,

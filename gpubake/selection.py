@@ -158,24 +158,32 @@ def _newest_first(item: tuple[ImageInfo, _Labels]) -> tuple[datetime, str]:
     return item[1].created, item[0].tag
 
 
+def _of_family(image_stack: str, stack: str) -> bool:
+    """An image of `stack` or of a stack like it (stacks.yml `like`: fastai-legacy for
+    fastai), which `gpubake pull fastai` takes where the fastai image cannot run."""
+    return image_stack == stack or stacks.family_of(image_stack) == stacks.family_of(stack)
+
+
 def stacks_for_driver(branch: int, *, exclude: str | None = None) -> list[str]:
     """Stacks of images/stacks.yml whose images run on driver `branch` (the minimum of their
-    CUDA major: the label images carry)."""
-    return [
+    CUDA major: the label images carry), those of `exclude`'s family first."""
+    fits = [
         name
         for name in stacks.stack_names()
         if name != exclude
         and stacks.min_driver_branch(str(stacks.raw_stack(name)["cuda"])) <= branch
     ]
+    return sorted(fits, key=lambda name: not (exclude and _of_family(name, exclude)))
 
 
 def _stacks_for_gpu(gpu: GpuInfo, branch: int, exclude: str | None) -> list[str]:
-    """Stacks whose CUDA builds for this GPU (gpus.yml's min_cc of the CUDA major) and whose
-    driver branch this machine has."""
+    """Stacks with kernels for this GPU (stacks.yml's `kernels`) whose CUDA this machine's
+    driver branch runs."""
     out = []
     for name in stacks_for_driver(branch, exclude=exclude):
-        min_cc = str(stacks.cuda_major_facts(str(stacks.raw_stack(name)["cuda"]))["min_cc"])
-        if cc_key(gpu.compute_capability) >= cc_key(min_cc):
+        raw = stacks.raw_stack(name)
+        kernels = stacks.stack_kernels(raw, str(raw["cuda"]))
+        if stacks.kernels_run_on(gpu.compute_capability, raw, kernels):
             out.append(name)
     return out
 
@@ -214,14 +222,14 @@ def choose(
         try:
             labels = _labels(image)
         except _MalformedError as exc:
-            if stack is not None and image.labels.get(STACK, stack) != stack:
+            if stack is not None and not _of_family(image.labels.get(STACK, stack), stack):
                 other_stacks.add(image.labels[STACK])
                 reasons[index] = f"other stack ({image.labels[STACK]})"
             else:
                 reasons[index] = str(exc)
                 malformed.append(f"{image.tag}: {exc}")
             continue
-        if stack is not None and labels.stack != stack:
+        if stack is not None and not _of_family(labels.stack, stack):
             other_stacks.add(labels.stack)
             reasons[index] = f"other stack ({labels.stack})"
             continue
@@ -232,7 +240,12 @@ def choose(
         else:
             reasons[index] = why
 
-    chosen = max(fitting, key=_newest_first)[0] if fitting else None
+    # the stack asked for before its family's (fastai before fastai-legacy), then the newest
+    chosen = (
+        max(fitting, key=lambda item: (item[1].stack == stack, *_newest_first(item)))[0]
+        if fitting
+        else None
+    )
     verdicts = []
     for index, (image, aliases) in enumerate(entries):
         if image is chosen:

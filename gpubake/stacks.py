@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
+import datetime
 import functools
 import platform
 from collections.abc import Mapping
@@ -132,6 +134,8 @@ class Gpu:
     gcp_accelerators: tuple[str, ...]
     aws_instance_families: tuple[str, ...]
     end_of_life: bool = False
+    first_driver_branch: int | None = None
+    host_arch: str = "x86_64"
 
     @property
     def sm(self) -> str:
@@ -181,6 +185,10 @@ class Stack:
     container: Mapping[str, Any] = field(default_factory=dict)
     # role job_runner (gpubake-job): in VM images and hosts by default, in containers on request
     job_runner: bool = False
+    # the compute capabilities the framework carries kernels for (stacks.yml `kernels`)
+    kernels: tuple[str, ...] = ()
+    # what the build says before it starts (a driver branch past its end of life, allowed)
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(dataclasses.replace(self, parent=None))
@@ -190,6 +198,8 @@ class Stack:
         data["packages"] = dict(self.packages)
         data["overrides"] = dict(self.overrides)
         data["imports"] = list(self.imports)
+        data["kernels"] = list(self.kernels)
+        data["warnings"] = list(self.warnings)
         if self.gpu is not None:
             data["gpu"]["gcp_accelerators"] = list(self.gpu.gcp_accelerators)
             data["gpu"]["aws_instance_families"] = list(self.gpu.aws_instance_families)
@@ -222,24 +232,43 @@ def raw_stack(name: str) -> dict[str, Any]:
         raise StackError(f"unknown stack '{name}': choose one of {', '.join(stack_names())}")
     parent_name = raw.get("from")
     if parent_name is None:
-        return {"roles": [], "container": {}, **raw, "parent": None}
+        return {"roles": [], "container": {}, **raw, "parent": None, "like": None}
     if parent_name not in entries:
         raise StackError(
             f"stack '{name}' derives from unknown stack '{parent_name}': fix `from:` in "
             "images/stacks.yml"
         )
     merged = raw_stack(parent_name)
-    for key, value in raw.items():
-        if key == "from":
-            continue
-        if key in ("imports", "roles"):
-            merged[key] = [*merged[key], *(v for v in value if v not in merged[key])]
-        elif key in ("packages", "container"):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
+    for own in (*_like_additions(raw.get("like")), raw):
+        for key, value in own.items():
+            if key in ("from", "like"):
+                continue
+            if key in ("imports", "roles"):
+                merged[key] = [*merged[key], *(v for v in value if v not in merged[key])]
+            elif key in ("packages", "container"):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
     merged["parent"] = parent_name
+    merged["like"] = raw.get("like")
     return merged
+
+
+def _like_additions(name: str | None) -> list[dict[str, Any]]:
+    """What stack `name` adds to its parent (`like:`): its own packages, imports, roles and
+    container settings, after those of the stack it is like in turn."""
+    raw = stacks_data()["stacks"].get(name or "", {})
+    if "from" not in raw:
+        return []  # a root stack's `like` names its family only
+    own = {key: raw[key] for key in _ADDED_KEYS if key in raw}
+    return [*_like_additions(raw.get("like")), own]
+
+
+def family_of(name: str) -> str:
+    """The stack a `like:` chain ends at (fastai-legacy: fastai), the stack itself where
+    it is like none or is unknown: `gpubake pull fastai` takes any stack of fastai's family."""
+    like = stacks_data()["stacks"].get(name, {}).get("like")
+    return family_of(like) if like else name
 
 
 def stack_names() -> list[str]:
@@ -271,6 +300,8 @@ def get_gpu(key: str) -> Gpu:
         gcp_accelerators=tuple(raw.get("gcp", {}).get("accelerators", [])),
         aws_instance_families=tuple(raw.get("aws", {}).get("instance_families", [])),
         end_of_life=bool(raw.get("end_of_life", False)),
+        first_driver_branch=arch.get("first_driver_branch"),
+        host_arch=raw.get("host_arch", "x86_64"),
     )
 
 
@@ -359,8 +390,10 @@ def resolve(
     gpu: str | None = None,
     variables: Mapping[str, str] | None = None,
     target: str = targets.DEFAULT,
+    today: datetime.date | None = None,
 ) -> Stack:
-    """Resolve a stack and its overrides into a checked `Stack`."""
+    """Resolve a stack and its overrides into a checked `Stack` (`today`: the date end-of-life
+    checks use, today's by default)."""
     data = stacks_data()
     for flag, value, what in (
         ("--stack", name, f"a stack name ({', '.join(stack_names())})"),
@@ -396,6 +429,8 @@ def resolve(
     for key, value in (("driver_source", driver_source), ("cuda_source", cuda_source)):
         if value not in SOURCES:
             raise StackError(f"--var {key}={value}: choose {' or '.join(SOURCES)}")
+    if driver_source == "distro" and "driver_branch" not in variables:
+        branch = _distro_branch(osinfo, cuda, branch)
     toolkit = _check_sources(name, osinfo, cuda, branch, driver_source, cuda_source)
 
     # Python: uv environments use the OS's python3; conda brings its own.
@@ -420,6 +455,7 @@ def resolve(
         )
 
     _check_cuda_driver(name, cuda, branch)
+    warnings = _check_eol(name, branch, driver_source, variables, today)
 
     open_module = _open_module(gpu_info, variables.get("open_kernel_module"))
     job_runner = _flag("job_runner", variables, default=targets.get(target).kind != "container")
@@ -434,8 +470,9 @@ def resolve(
                 f"versions disagree): {fix}"
             )
         open_module = False  # Turing to Hopper work with the proprietary module too
+    kernels = stack_kernels(raw, cuda)
     if gpu_info is not None:
-        _check_gpu(name, gpu_info, cuda, branch, target)
+        _check_gpu(name, gpu_info, kernels, branch, target, today)
 
     if raw["python_env"] == "conda":
         arch = machine_arch()
@@ -454,6 +491,7 @@ def resolve(
             os_key=osinfo.key,
             gpu=gpu,
             target=target,
+            today=today,
             variables={
                 key: value
                 for key, value in variables.items()
@@ -485,6 +523,8 @@ def resolve(
         roles=tuple(raw["roles"]),
         container=dict(raw["container"]),
         job_runner=job_runner,
+        kernels=kernels,
+        warnings=warnings,
     )
 
 
@@ -497,6 +537,15 @@ def _flag(key: str, variables: Mapping[str, str], *, default: bool) -> bool:
     return value.lower() == "true"
 
 
+def _distro_branch(osinfo: OsInfo, cuda: str, branch: str) -> str:
+    """The branch the OS's own driver packages give, where it runs the stack's CUDA (Debian
+    12: 535 for a CUDA 11 stack); else `branch`, which _check_sources refuses."""
+    given = distro_packages(osinfo).driver_branches
+    if given and branch not in given and int(given[-1]) >= min_driver_branch(cuda):
+        return given[-1]
+    return branch
+
+
 def _check_sources(
     name: str, osinfo: OsInfo, cuda: str, branch: str, driver_source: str, cuda_source: str
 ) -> str:
@@ -505,11 +554,14 @@ def _check_sources(
     if driver_source == "nvidia" and cuda_source == "nvidia":
         return cuda
     distro = distro_packages(osinfo)
-    if (
-        driver_source == "distro"
-        and distro.driver_branches
-        and branch not in distro.driver_branches
-    ):
+    given = distro.driver_branches
+    if driver_source == "distro" and given and int(given[-1]) < min_driver_branch(cuda):
+        raise StackError(
+            f"{osinfo.key}'s own packages give driver branch {' or '.join(given)}, too old "
+            f"for CUDA {cuda} of stack '{name}' (it needs {min_driver_branch(cuda)} or newer): "
+            "use --var driver_source=nvidia"
+        )
+    if driver_source == "distro" and given and branch not in given:
         raise StackError(
             f"{osinfo.key}'s own packages give driver branch "
             f"{' or '.join(distro.driver_branches)}, not {branch} (stack '{name}'): use "
@@ -596,25 +648,148 @@ def compute_capabilities(cuda: str) -> tuple[str, ...]:
     return tuple(sorted((c for c in known if _major_minor(c) >= lowest), key=_major_minor))
 
 
-def _check_gpu(name: str, gpu: Gpu, cuda: str, branch: str, target: str) -> None:
-    min_cc = str(cuda_major_facts(cuda)["min_cc"])
-    if _major_minor(gpu.compute_capability) < _major_minor(min_cc):
-        fit = [
-            k
-            for k in gpu_names()
-            if _major_minor(str(gpus_data()["gpus"][k]["compute_capability"]))
-            >= _major_minor(min_cc)
-        ]
+def stack_kernels(raw: Mapping[str, Any], cuda: str) -> tuple[str, ...]:
+    """The compute capabilities a stack's framework carries kernels for: stacks.yml's
+    `kernels` (with its PTX target last where it has one), else every one CUDA `cuda` builds
+    for (compute_capabilities)."""
+    kernels = raw.get("kernels")
+    if not kernels:
+        return compute_capabilities(cuda)
+    return tuple(kernels["list"])
+
+
+def kernels_run_on(cc_text: str, raw: Mapping[str, Any], kernels: tuple[str, ...]) -> bool:
+    """Whether compute capability `cc_text` runs a stack (`raw`) carrying `kernels`: a kernel
+    for X.Y runs on X.Z (Z >= Y); PTX for X.Y JITs on any newer GPU."""
+    cc = _major_minor(cc_text)
+    ptx = (raw.get("kernels") or {}).get("ptx")
+    if ptx is not None and cc >= _major_minor(str(ptx)):
+        return True
+    return any(k[0] == cc[0] and k[1] <= cc[1] for k in map(_major_minor, kernels))
+
+
+def branch_eol(branch: str) -> datetime.date | None:
+    """The last day NVIDIA supports driver branch `branch` (stacks.yml's eol month)."""
+    eol = stacks_data()["driver_branches"][branch].get("eol")
+    if eol is None:
+        return None
+    year, month = (int(part) for part in eol.split("-"))
+    return datetime.date(year, month, calendar.monthrange(year, month)[1])
+
+
+def _check_eol(
+    name: str,
+    branch: str,
+    driver_source: str,
+    variables: Mapping[str, str],
+    today: datetime.date | None,
+) -> tuple[str, ...]:
+    """Refuse a branch past its end of life (or say it, where the user allowed it or took the
+    OS's own driver packages)."""
+    eol = branch_eol(branch)
+    today = today or datetime.date.today()
+    if eol is None or today <= eol:
+        return ()
+    said = f"driver branch {branch} (stack '{name}') is past its end of life ({eol:%Y-%m})"
+    if driver_source == "distro":
+        return (f"{said}: the OS's own packages give it; NVIDIA fixes it no more",)
+    if _flag("allow_eol_driver", variables, default=False):
+        return (f"{said}: built anyway (--var allow_eol_driver=true)",)
+    newer = [b for b in supported_branches(today) if int(b) > int(branch)]
+    fix = f"--var driver_branch={newer[0]}" if newer else "a newer driver branch"
+    raise StackError(f"{said}: use {fix}, or --var allow_eol_driver=true to build it anyway")
+
+
+def supported_branches(today: datetime.date | None = None) -> list[str]:
+    """Driver branches NVIDIA still supports on `today`, oldest first."""
+    today = today or datetime.date.today()
+    return sorted(
+        (b for b in stacks_data()["driver_branches"] if (branch_eol(b) or today) >= today),
+        key=int,
+    )
+
+
+def _branch_fits(gpu: Gpu, branch: str) -> bool:
+    first, last = gpu.first_driver_branch, gpu.last_driver_branch
+    return (first is None or int(branch) >= first) and (last is None or int(branch) <= last)
+
+
+def stacks_for_gpu(
+    gpu: Gpu, like: str | None = None, today: datetime.date | None = None
+) -> list[str]:
+    """Stacks whose images run on `gpu` (kernels for it, a driver branch it can use and NVIDIA
+    still supports, its CPU's architecture), those of `like`'s family first."""
+    today = today or datetime.date.today()
+    if gpu.host_arch != "x86_64":
+        return []
+    fits = []
+    for other in stack_names():
+        raw = raw_stack(other)
+        branch, cuda = str(raw["driver_branch"]), str(raw["cuda"])
+        eol = branch_eol(branch)
+        if (
+            kernels_run_on(gpu.compute_capability, raw, stack_kernels(raw, cuda))
+            and _branch_fits(gpu, branch)
+            and (eol is None or today <= eol)
+        ):
+            fits.append(other)
+    family = family_of(like) if like else None
+    return sorted(fits, key=lambda s: (family_of(s) != family, s != family, s))
+
+
+def _no_stack_why(gpu: Gpu, today: datetime.date | None) -> str:
+    """Why no stack runs on `gpu`."""
+    last = gpu.last_driver_branch
+    if last is not None and str(last) in stacks_data()["driver_branches"]:
+        eol = branch_eol(str(last))
+        if eol is not None and (today or datetime.date.today()) > eol:
+            return (
+                f"no stack of gpubake runs there: {gpu.architecture}'s last driver branch "
+                f"{last} is past its end of life ({eol:%Y-%m})"
+            )
+    return f"no stack of gpubake carries kernels for {gpu.sm} on a driver branch it can use"
+
+
+def _use_instead(gpu: Gpu, name: str, today: datetime.date | None) -> str:
+    fits = stacks_for_gpu(gpu, like=name, today=today)
+    if not fits:
+        return _no_stack_why(gpu, today)
+    if family_of(fits[0]) == family_of(name):
+        return f"use --stack {fits[0]}"
+    return f"use a stack that runs there: {', '.join(fits)}"
+
+
+def _check_gpu(
+    name: str,
+    gpu: Gpu,
+    kernels: tuple[str, ...],
+    branch: str,
+    target: str,
+    today: datetime.date | None = None,
+) -> None:
+    if gpu.host_arch != "x86_64":
         raise StackError(
-            f"GPU {gpu.key} ({gpu.architecture}, {gpu.sm}) is not supported by CUDA {cuda} of "
-            f"stack '{name}' (needs sm_{min_cc.replace('.', '')} or newer): use a GPU such as "
-            f"{fit[0]}, or a stack with an older CUDA"
+            f"GPU {gpu.key} comes in {gpu.host_arch} (Arm) machines: gpubake builds "
+            f"x86_64 images only, Arm images are not built yet"
+        )
+    raw = raw_stack(name)
+    if not kernels_run_on(gpu.compute_capability, raw, kernels):
+        span = f"sm_{kernels[0].replace('.', '')} to sm_{kernels[-1].replace('.', '')}"
+        raise StackError(
+            f"GPU {gpu.key} ({gpu.architecture}, {gpu.sm}) has no kernels in stack '{name}' "
+            f"(it carries {span}): {_use_instead(gpu, name, today)}"
         )
     if gpu.last_driver_branch is not None and int(branch) > gpu.last_driver_branch:
         raise StackError(
             f"GPU {gpu.key} ({gpu.architecture}) is supported only up to driver branch "
             f"{gpu.last_driver_branch}, but stack '{name}' uses {branch}: "
-            f"use --var driver_branch={gpu.last_driver_branch} with a CUDA it supports"
+            f"{_use_instead(gpu, name, today)}"
+        )
+    if gpu.first_driver_branch is not None and int(branch) < gpu.first_driver_branch:
+        raise StackError(
+            f"GPU {gpu.key} ({gpu.architecture}) needs driver branch {gpu.first_driver_branch} "
+            f"or newer, but stack '{name}' uses {branch}: "
+            f"use --var driver_branch={gpu.first_driver_branch} or newer"
         )
     cloud = targets.cloud_of(target)
     if cloud == "gcp" and not gpu.gcp_accelerators:

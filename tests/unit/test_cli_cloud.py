@@ -237,7 +237,7 @@ def test_cloud_dry_run_prints_the_packer_command(tmp_path, have_packer):
         "--dry-run",
     )
     assert proc.returncode == 0, proc.stderr
-    assert "g2-standard-8" in proc.stdout
+    assert "g2-standard-4" in proc.stdout
     assert (
         "build -color=false -on-error=cleanup -only=googlecompute.gpubake -var-file=<work dir>/gcp"
         in (proc.stdout)

@@ -68,8 +68,8 @@ def test_schema_machine_architectures_are_the_lock_architectures():
 STACK_EDITS = [
     # (old, new, the message after "images/stacks.yml: ")
     (
-        'cuda: "13.2"\n    driver_branch: "580"\n    packages:\n      torch',
-        'cuda: 13.2\n    driver_branch: "580"\n    packages:\n      torch',
+        'cuda: "13.2"\n    driver_branch: "580"\n    # the compute',
+        'cuda: 13.2\n    driver_branch: "580"\n    # the compute',
         'stacks.pytorch.cuda: 13.2 is a number, not a string: quote it ("13.2")',
     ),
     ("    framework: mxnet\n", "", "stacks.mxnet.framework: is missing (a required key)"),
@@ -83,7 +83,7 @@ STACK_EDITS = [
     (
         "from: pytorch-notebook",
         "from: pytorch-notbook",
-        "stacks.fastai.from: 'pytorch-notbook' is not a stack (fastai, mxnet, pytorch, ",
+        "stacks.fastai.from: 'pytorch-notbook' is not a stack (fastai, fastai-legacy, mxnet, ",
     ),
     (
         "from: pytorch\n",
@@ -99,11 +99,11 @@ STACK_EDITS = [
     (
         "default_cloud_gpu: t4",
         "default_cloud_gpu: t5",
-        "default_cloud_gpu: 't5' is not a GPU in images/gpus.yml (a100, ",
+        "default_cloud_gpu: 't5' is not a GPU in images/gpus.yml (a10, a100, ",
     ),
     (
-        'driver_branch: "535"',
-        'driver_branch: "536"',
+        'driver_branch: "580"\n    legacy',
+        'driver_branch: "536"\n    legacy',
         "stacks.mxnet.driver_branch: '536' is not a branch under `driver_branches` (470, ",
     ),
     (
@@ -115,14 +115,45 @@ STACK_EDITS = [
     ("roles: [notebook]", "roles: [notebok]", "stacks.pytorch-notebook.roles[0]: 'notebok' is"),
     ("python_env: conda", "python_env: mamba", "python_env: 'mamba' is not one of uv, conda"),
     ("ports: [8888]", "ports: 8888", "container.ports: 8888 is a number, not a list"),
-    ('  "470": {max_cuda', "  470: {max_cuda", "driver_branches.470: the key 470 is a number"),
+    ('  "470":\n    kind', "  470:\n    kind", "driver_branches.470: the key 470 is a number"),
+    (
+        "    source: &branches https://docs.nvidia.com/",
+        "    source: &branches http://docs.nvidia.com/",
+        "source: 'http://docs.nvidia.com/datacenter/tesla/drivers/supporte... is not the https:// "
+        "address of the page the fact was taken from",
+    ),
+    (
+        '  "620": {kind: ltsb, eol: "2029-09", source: *branches}',
+        '  "620": {kind: ltsb, eol: "2029-09"}',
+        "driver_branches.620.source: is missing (a required key)",
+    ),
+    (
+        '  "595": {kind: production, max_cuda: "13.2", min_driver: "595.45.04", eol: "2027-03",',
+        '  "595": {kind: production, max_cuda: "13.2", min_driver: "595.45.04",',
+        "driver_branches.595.eol: is missing (a required key)",
+    ),
+    (
+        '  "595": {kind: production,',
+        '  "595": {kind: stable,',
+        "driver_branches.595.kind: 'stable' is not one of ltsb, production, nfb",
+    ),
+    (
+        "    like: fastai\n",
+        "    like: pytorch\n",
+        "stacks.fastai-legacy.like: 'pytorch' is not a derived stack (with `from:`) like this",
+    ),
+    (
+        "      source: *torch_arch_lists\n",
+        "",
+        "stacks.pytorch-legacy.kernels.source: is missing (a required key)",
+    ),
     ("  pytorch-conda:", "  Pytorch-Conda:", "stacks.Pytorch-Conda: the key is not a stack name"),
     ('torch: "2.15.0"', 'torch: "2.15.0"\n      torch: "2.15.1"', "duplicate key 'torch'"),
     ('torch: "2.15.0"', 'torch: "two"', "stacks.pytorch.packages.torch: 'two' is not a version"),
     ('cuda_wheels: "^nvidia-"', 'cuda_wheels: "^(nvidia-"', "cuda_wheels: is not a regular"),
     ("root: [os, cuda, env, finish]", "root: [os, cuda, env, fnish]", "'fnish' is not a stage"),
     ('    python: "3.12"\n    cuda', "    cuda", "stacks.pytorch-conda.python: is missing"),
-    ('eol: "2024-09"', "eol: 2024-02-30", "line 70, column "),
+    ('eol: "2024-07"', "eol: 2024-02-30", "'2024-02-30' is no date (day is out of range"),
     ("vm_disk:\n", "vm_disk: [\n", "not valid YAML: line 14, column 13: expected ',' or ']'"),
     ("  margin: 1.25", "  margin: .nan", "vm_disk.margin: nan is not a finite number"),
 ]
@@ -151,13 +182,52 @@ GPU_EDITS = [
     ("matmul_dtype: bf16", "matmul_dtype: int8", "'int8' is not one of bf16, fp16, fp32"),
     ("open_kernel_module: required", "open_kernel_module: maybe", "architectures.blackwell."),
     (
-        "gcp: {accelerators: [nvidia-l4], build_machine_type: g2-standard-8}",
-        "gcp: {accelerators: [nvidia-l4]}",
+        "gcp: {accelerators: [nvidia-l4], build_machine_type: g2-standard-4, source: *gcp_gpus}",
+        "gcp: {accelerators: [nvidia-l4], source: *gcp_gpus}",
         "gpus.l4.gcp.build_machine_type: is missing (a required key)",
+    ),
+    # every fact names the page it was taken from
+    (
+        "    source: &ccs https://developer.nvidia.com/cuda-gpus\n",
+        "    source: &ccs https://developer.nvidia.com/cuda-gpus\n    peak: {fp16_tflops: 1}\n",
+        "duplicate key 'peak'",
+    ),
+    (
+        'peak: {fp16_tflops: 65, bandwidth_gbps: 320, source: "https://www.nvidia.com/en-us/data-center/tesla-t4/"}',
+        "peak: {fp16_tflops: 65, bandwidth_gbps: 320}",
+        "gpus.t4.peak.source: is missing (a required key)",
+    ),
+    (
+        '    match: ["Tesla T4"]\n    architecture: turing\n    compute_capability: "7.5"\n'
+        "    memory_gib: 15\n    source: &ccs https://developer.nvidia.com/cuda-gpus\n",
+        '    match: ["Tesla T4"]\n    architecture: turing\n    compute_capability: "7.5"\n'
+        "    memory_gib: 15\n    source: &ccs not-an-address\n",
+        "gpus.t4.source: 'not-an-address' is not the https:// address of the page",
+    ),
+    (
+        "    aws: {instance_families: [g4dn], build_instance_type: g4dn.xlarge, "
+        "source: *aws_accel}",
+        "    aws: {instance_families: [g4dn], build_instance_type: g4dn.xlarge}",
+        "gpus.t4.aws.source: is missing (a required key)",
+    ),
+    (
+        '  hopper: {min_cc: "9.0", open_kernel_module: recommended, source: *open_modules}',
+        '  hopper: {min_cc: "9.0", open_kernel_module: recommended}',
+        "architectures.hopper.source: is missing (a required key)",
+    ),
+    (
+        '    min_driver: "525.60.13"\n    source: *minor_compat\n',
+        '    min_driver: "525.60.13"\n',
+        "cuda.12.source: is missing (a required key)",
+    ),
+    (
+        "expected: {basis: datasheet, matmul_dtype: fp16, matmul_tflops: 28",
+        "expected: {matmul_dtype: fp16, matmul_tflops: 28",
+        "gpus.t4.expected.basis: is missing (a required key)",
     ),
     ("  h200:", "  H200:", "gpus.H200: the key is not a GPU key of lowercase letters"),
     ("    memory_gib: 15", "    memory_gb: 15", "gpus.t4.memory_gb: is not a key gpubake knows"),
-    ('min_driver: "580.0"', "min_driver: 580.0", "cuda.13.min_driver: 580.0 is a number"),
+    ('min_driver: "580.65.06"', "min_driver: 580.65", "cuda.13.min_driver: 580.65 is a number"),
 ]
 
 

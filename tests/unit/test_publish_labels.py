@@ -55,10 +55,15 @@ def test_container_labels_say_what_pulling_needs():
     # the immutable tag names the last stage's hash: gpubake.stages sets it
     assert plan_mod.VERSION_LABEL not in labels
     # and a legacy stack on CUDA 11 runs on older GPUs and drivers (minor-version
-    # compatibility from 450.80.02), though its VM images install 535
+    # compatibility from 450.80.02), though its VM images install 580
     mx = _plan("mxnet", created=WHEN)
-    assert mx.stack.driver_branch == "535" and mx.labels[plan_mod.MIN_DRIVER_LABEL] == "450"
+    assert mx.stack.driver_branch == "580" and mx.labels[plan_mod.MIN_DRIVER_LABEL] == "450"
     assert "7.0" in mx.labels[plan_mod.CC_LABEL].split(",")
+    # the legacy PyTorch family: CUDA 12.6 (525 on), the kernels its wheels carry, sm_50 on
+    legacy = _plan("fastai-legacy", created=WHEN)
+    assert legacy.labels[plan_mod.MIN_DRIVER_LABEL] == "525"
+    assert legacy.labels[plan_mod.CC_LABEL] == "5.0,6.0,7.0,7.5,8.0,8.6,9.0"
+    assert legacy.labels[plan_mod.STACK_LABEL] == "fastai-legacy"
 
 
 def test_the_immutable_tag_names_the_last_stages_hash():

@@ -83,9 +83,10 @@ def test_compute_cap_not_available_falls_back_to_gpus_yml():
 
 def test_gpu_names_match_whole_words_and_the_longest_pattern():
     data = stacks.gpus_data()
-    # "NVIDIA L4" must not claim an L40S; its own compute capability still counts
-    _, (l40s,) = parse_nvidia_smi("NVIDIA L40S, 580.95.05, 8.9\n", data)
-    assert l40s == GpuInfo("NVIDIA L40S", "8.9", None)
+    # "NVIDIA L4" must not claim an L40; its own compute capability still counts
+    _, (l40,) = parse_nvidia_smi("NVIDIA L40, 580.95.05, 8.9\n", data)
+    assert l40 == GpuInfo("NVIDIA L40", "8.9", None)
+    assert machine.gpu_key("NVIDIA L40S", data) == "l40s"
     # "H100 PCIe" is h100-pcie, not h100
     assert machine.gpu_key("NVIDIA H100 PCIe", data) == "h100-pcie"
     assert machine.gpu_key("NVIDIA A100-SXM4-40GB", data) == "a100"
@@ -161,7 +162,7 @@ def test_stated_driver_overrides_only_the_driver():
     [
         ("abc", None, "--driver 'abc' is not a driver version: give a branch such as 580"),
         ("58", None, "--driver '58' is not a driver version"),
-        (None, "rtx9999", "--gpu 'rtx9999' is unknown: choose one of a100, a100-80gb, a10g"),
+        (None, "rtx9999", "--gpu 'rtx9999' is unknown: choose one of a10, a100, a100-80gb"),
     ],
 )
 def test_bad_statements_are_one_line_errors(driver, gpu, needle):
@@ -272,7 +273,8 @@ def test_driver_535_refuses_pytorch_and_names_the_stack_that_runs():
     assert sel.chosen is None
     assert sel.refusal == (
         "driver 535 is older than every pytorch image's minimum (580): update the driver, "
-        "or pull a stack that runs on 535 (mxnet)"
+        "or pull a stack that runs on 535 (pytorch-legacy, fastai-legacy, mxnet, "
+        "pytorch-notebook-legacy)"
     )
     assert reasons(sel)[NEW] == "needs driver 580+, this machine has 535"
     assert not any(v.ok for v in sel.verdicts)
@@ -387,7 +389,7 @@ def test_no_driver_refuses_before_looking():
         "another machine"
     )
     sel = choose(registry_images(), "pytorch", Machine("580", (), "amd64"))
-    assert sel.refusal.startswith("no GPU found on this machine: give --gpu (a100, ")
+    assert sel.refusal.startswith("no GPU found on this machine: give --gpu (a10, a100, ")
 
 
 def test_any_stack_when_none_is_named():
@@ -398,5 +400,42 @@ def test_any_stack_when_none_is_named():
 
 
 def test_stacks_for_a_driver_come_from_stacks_yml():
-    assert selection.stacks_for_driver(535) == ["mxnet"]
+    # CUDA 11 and 12 stacks run on 535 (minor-version compatibility), CUDA 13 ones do not
+    assert selection.stacks_for_driver(535) == [
+        "fastai-legacy",
+        "mxnet",
+        "pytorch-legacy",
+        "pytorch-notebook-legacy",
+    ]
+    assert selection.stacks_for_driver(535, exclude="fastai")[0] == "fastai-legacy"
     assert set(selection.stacks_for_driver(580)) == set(stacks.stack_names())
+
+
+def test_pull_fastai_on_a_p5000_takes_the_legacy_familys_image_by_its_label():
+    """`gpubake pull fastai --gpu p5000`: the fastai image (sm_75 on) cannot run on a
+    Pascal card; the fastai-legacy image (like: fastai) carries sm_61's kernels and is taken.
+    Where both run, the stack asked for wins over its family, however new."""
+    legacy_ccs = ",".join(stacks.resolve("fastai-legacy").kernels)
+    fast = "2.8.12-cu132-py3.11-debian12-20261201-aaaaaaaaaaaa"
+    legacy = "2.8.12-cu126-py3.11-debian12-20261202-bbbbbbbbbbbb"
+    images = [
+        image(fast, stack="fastai"),
+        image(
+            legacy,
+            stack="fastai-legacy",
+            min_driver="525",
+            ccs=legacy_ccs,
+            created="2026-12-02T10:00:00Z",
+        ),
+        image(MX, stack="mxnet", min_driver="535", ccs=CCS_CU11),
+    ]
+    for gpu in ("p5000", "m4000", "p100", "v100"):
+        sel = choose(images, "fastai", detect("580", gpu), registry=REGISTRY)
+        assert sel.chosen is not None and sel.chosen.tag == legacy, gpu
+        assert reasons(sel)[fast].startswith("built for compute capabilities 7.5")
+        assert reasons(sel)[MX] == "other stack (mxnet)"
+    sel = choose(images, "fastai", detect("580", "t4"), registry=REGISTRY)
+    assert sel.chosen is not None and sel.chosen.tag == fast
+    # and the legacy family alone is what a 535 host can take
+    sel = choose(images, "fastai", detect("535", "p5000"), registry=REGISTRY)
+    assert sel.chosen is not None and sel.chosen.tag == legacy
