@@ -187,10 +187,12 @@ def base_image(engine: Any) -> str:
 
 
 def build_containers(engine: Any) -> set[str]:
-    """The ids of the containers gpubake's builds run (labelled with their lock's key)."""
+    """The ids of the containers gpubake's builds run (gpubake-build-*, labelled with their
+    lock's key; any container of a gpubake image inherits the label, and is not a build's)."""
     from gpubake import guard
 
-    return {c.id for c in engine.containers.list(all=True, filters={"label": guard.LOCK_LABEL})}
+    boxes = engine.containers.list(all=True, filters={"label": guard.LOCK_LABEL})
+    return {c.id for c in boxes if c.name.startswith("gpubake-build-")}
 
 
 def built_images(engine: Any) -> set[str]:

@@ -181,3 +181,30 @@ def make_wheel(
             archive.writestr(path, text)
     wheel.chmod(0o644)
     return wheel
+
+
+#: fast.ai trains two epochs on a tiny synthetic image dataset (two classes of coloured
+#: squares, a resnet18 from scratch: nothing downloaded) and prints the epochs it recorded
+#: and their losses; run with the image's python, on the CPU where there is no GPU.
+FASTAI_TWO_EPOCHS = """\
+import math, tempfile
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from fastai.vision.all import ImageDataLoaders, Resize, accuracy, resnet18, set_seed, vision_learner
+set_seed(0)
+root, rng = Path(tempfile.mkdtemp()), np.random.default_rng(0)
+for label, channel in (("red", 0), ("blue", 2)):
+    (root / label).mkdir()
+    for i in range(24):
+        pixels = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
+        pixels[..., channel] = rng.integers(180, 255, (64, 64), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / label / f"{i}.png")
+dls = ImageDataLoaders.from_folder(root, valid_pct=0.25, seed=0, item_tfms=Resize(64), bs=8)
+learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy)
+with learn.no_bar():
+    learn.fit(2)
+losses = [row[0] for row in learn.recorder.values]
+assert all(math.isfinite(v) for v in losses), losses
+print("trained", len(losses), "epochs on", dls.device.type, "losses", losses)
+"""

@@ -25,7 +25,7 @@ import docker.errors
 import pytest
 
 from gpubake import guard, resources
-from tests.integration.helpers import HOST_BUNDLE, checkout_copy
+from tests.integration.helpers import HOST_BUNDLE, build_containers, checkout_copy
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 OS = "faults-12"
@@ -187,8 +187,7 @@ def _image_id(engine, ref: str) -> str | None:
 def assert_nothing_left(engine, tree: Path, *, tag_was: str | None, tmp_before: set[str]) -> None:
     """Item 1 of the issue after an interruption (and, for SIGKILL, the next run). Work dirs
     and mounts of builds still running elsewhere (another worker's) are theirs, not left."""
-    boxes = engine.containers.list(all=True, filters={"label": guard.LOCK_LABEL})
-    assert boxes == [], [b.name for b in boxes]
+    assert build_containers(engine) == set()
     assert not [b for b in engine.containers.list(all=True) if b.name.startswith("gpubake-build")]
     assert _image_id(engine, IMAGE) == tag_was, "the image's tag moved"
     staged = [t for i in engine.images.list() for t in i.tags if ":output-" in t]

@@ -12,6 +12,7 @@ import pytest
 
 from gpubake import locks, stacks
 from tests.integration.helpers import ROOT, build_in, run_output
+from tests.integration.notebook_helpers import FASTAI_TWO_EPOCHS
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 TAG = "itest"
@@ -84,3 +85,8 @@ def test_no_download_cache_is_left_in_the_image(engine, chain):
     )
     out = run_output(engine, f"gpubake/fastai:{TAG}", ["sh", "-c", script], user="root").decode()
     assert out.strip() == ""
+
+
+def test_fastai_trains_two_epochs_on_images_on_the_cpu(engine, chain):
+    out = run_output(engine, f"gpubake/fastai:{TAG}", ["python", "-c", FASTAI_TWO_EPOCHS])
+    assert re.search(r"^trained 2 epochs on cpu losses \[", out.decode(), re.M), out[-2000:]

@@ -650,6 +650,72 @@ def test_mxnet_on_gpu_imports_and_sums_array_and_skips_perf(capsys, gpus_json):
     assert by["perf.matmul"]["status"] == "skipped" and "need torch" in by["perf.matmul"]["detail"]
 
 
+class FakeTensorflow:
+    """TensorFlow as gpu-smoke's adapter sees it: `seen` GPUs, a matmul that is right (or
+    `wrong`), on the device asked for."""
+
+    name = "tensorflow"
+    size = 256
+
+    def __init__(self, seen=(), wrong=False, cuda="12.5.1"):
+        self.seen, self.wrong, self.cuda = list(seen), wrong, cuda
+        self.devices: list[str] = []
+
+    def import_info(self):
+        return {"version": "2.21.0", "cuda": self.cuda, "cudnn": "9" if self.cuda else None}
+
+    def gpu_names(self):
+        return self.seen
+
+    def matmul(self, device):
+        self.devices.append(device)
+        total = float(self.size**3) - (1.0 if self.wrong else 0.0)
+        return total, f"/job:localhost/replica:0/task:0/device:{device.strip('/')}"
+
+
+def test_tensorflow_without_a_gpu_runs_its_cpu_checks_and_skips_the_gpu_ones(capsys, gpus_json):
+    fw = FakeTensorflow()
+    probe = gs.NoDriver("nvidia-smi not found and NVML unavailable (pynvml not installed)")
+    rc, report = run([], probe, fw, capsys=capsys, gpus_file=gpus_json)
+    by = checks(report)
+    assert rc == 0, report
+    assert by["tensorflow.import"] == {
+        "name": "tensorflow.import",
+        "status": "passed",
+        "detail": "tensorflow 2.21.0 (CUDA 12.5.1, cuDNN 9)",
+    }
+    assert by["tensorflow.matmul_cpu"]["status"] == "passed"
+    assert by["tensorflow.gpus"]["status"] == "skipped"
+    assert by["tensorflow.matmul"]["status"] == "skipped"
+    assert fw.devices == ["/CPU:0"]
+    assert report["versions"]["tensorflow"] == "2.21.0"
+    # a CPU-only TensorFlow build is not the stack's: it fails
+    rc, report = run([], probe, FakeTensorflow(cuda=None), capsys=capsys, gpus_file=gpus_json)
+    assert rc == 1 and checks(report)["tensorflow.import"]["status"] == "failed"
+
+
+def test_tensorflow_on_a_gpu_sees_it_and_multiplies_there(capsys, gpus_json):
+    fw = FakeTensorflow(seen=["/physical_device:GPU:0"])
+    rc, report = run([], FakeProbe([gpu()]), fw, capsys=capsys, gpus_file=gpus_json)
+    by = checks(report)
+    assert rc == 0, report
+    assert by["tensorflow.gpus"]["detail"] == (
+        "TensorFlow sees 1 of 1 visible GPU(s): /physical_device:GPU:0"
+    )
+    assert by["tensorflow.matmul"]["status"] == "passed" and fw.devices == ["/CPU:0", "/GPU:0"]
+    assert by["driver.cuda_compat"]["status"] == "passed"  # 13.0 >= 12.5
+    # TensorFlow blind to the GPU nvidia-smi shows: failed, and no GPU matmul attempted
+    fw = FakeTensorflow(seen=[])
+    rc, report = run([], FakeProbe([gpu()]), fw, capsys=capsys, gpus_file=gpus_json)
+    by = checks(report)
+    assert rc == 1 and by["tensorflow.gpus"]["status"] == "failed"
+    assert by["tensorflow.matmul"]["status"] == "skipped" and fw.devices == ["/CPU:0"]
+    # a wrong product fails
+    fw = FakeTensorflow(seen=["/physical_device:GPU:0"], wrong=True)
+    rc, report = run([], FakeProbe([gpu()]), fw, capsys=capsys, gpus_file=gpus_json)
+    assert rc == 1 and checks(report)["tensorflow.matmul"]["status"] == "failed"
+
+
 def test_mxnet_dist_cuda():
     assert gs.mxnet_dist_cuda("mxnet-cu117") == "11.7"
     assert gs.mxnet_dist_cuda("mxnet_cu102") == "10.2"

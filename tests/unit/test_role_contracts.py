@@ -54,6 +54,10 @@ def test_role_pins_mirror_stacks_yml():
     assert torch == data["stacks"]["pytorch"]["packages"]
     mx = _yaml(ROOT / "roles" / "mxnet" / "defaults" / "main.yml")["mxnet_packages"]
     assert mx == data["stacks"]["mxnet"]["packages"]
+    tf = _yaml(ROOT / "roles" / "tensorflow" / "defaults" / "main.yml")["tensorflow_packages"]
+    assert tf == data["stacks"]["tensorflow"]["packages"]
+    spec = _yaml(ROOT / "roles" / "tensorflow" / "meta" / "argument_specs.yml")
+    assert spec["argument_specs"]["main"]["options"]["tensorflow_packages"]["default"] == tf
 
 
 def test_smoke_role_ships_the_one_copy_of_the_checker_and_gpu_data():

@@ -274,7 +274,7 @@ def test_driver_535_refuses_pytorch_and_names_the_stack_that_runs():
     assert sel.refusal == (
         "driver 535 is older than every pytorch image's minimum (580): update the driver, "
         "or pull a stack that runs on 535 (pytorch-legacy, fastai-legacy, mxnet, "
-        "pytorch-notebook-legacy)"
+        "pytorch-notebook-legacy, tensorflow)"
     )
     assert reasons(sel)[NEW] == "needs driver 580+, this machine has 535"
     assert not any(v.ok for v in sel.verdicts)
@@ -406,6 +406,7 @@ def test_stacks_for_a_driver_come_from_stacks_yml():
         "mxnet",
         "pytorch-legacy",
         "pytorch-notebook-legacy",
+        "tensorflow",
     ]
     assert selection.stacks_for_driver(535, exclude="fastai")[0] == "fastai-legacy"
     assert set(selection.stacks_for_driver(580)) == set(stacks.stack_names())

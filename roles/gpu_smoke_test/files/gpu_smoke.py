@@ -613,6 +613,38 @@ class MxnetAdapter:
         return float((a + 1).sum())
 
 
+class TensorflowAdapter:
+    """TensorFlow: its build (CUDA, cuDNN), the GPUs it sees, a matmul on a device."""
+
+    name = "tensorflow"
+    size = 256
+
+    def import_info(self) -> dict[str, Any]:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # its start-up notices, not errors
+        import tensorflow as tf  # type: ignore[import-not-found]
+
+        build = dict(tf.sysconfig.get_build_info())
+        return {
+            "version": tf.__version__,
+            "cuda": build.get("cuda_version"),
+            "cudnn": build.get("cudnn_version"),
+        }
+
+    def gpu_names(self) -> list[str]:
+        import tensorflow as tf  # type: ignore[import-not-found]
+
+        return [d.name for d in tf.config.list_physical_devices("GPU")]
+
+    def matmul(self, device: str) -> tuple[float, str]:
+        """(sum of ones(n, n) @ ones(n, n), the device it ran on): n**3 when right."""
+        import tensorflow as tf  # type: ignore[import-not-found]
+
+        with tf.device(device):
+            ones = tf.ones((self.size, self.size))
+            product = tf.linalg.matmul(ones, ones)
+        return float(tf.reduce_sum(product).numpy()), product.device
+
+
 # --------------------------------------------------------------------------- check names
 
 # Every check gpu-smoke reports, by group; the report lists them in this order.
@@ -631,6 +663,9 @@ TORCH_CHECKS = (TORCH_IMPORT, TORCH_CUDA, TORCH_CUDNN, TORCH_NCCL, TORCH_TRAIN_C
                 TORCH_TRAIN_GPU, TORCH_ALLREDUCE)  # fmt: skip
 MXNET_IMPORT, MXNET_LIBS, MXNET_GPU_ARRAY = "mxnet.import", "mxnet.libs", "mxnet.gpu_array"
 MXNET_CHECKS = (MXNET_LIBS, MXNET_IMPORT, MXNET_GPU_ARRAY)
+TF_IMPORT, TF_MATMUL_CPU = "tensorflow.import", "tensorflow.matmul_cpu"
+TF_GPUS, TF_MATMUL_GPU = "tensorflow.gpus", "tensorflow.matmul"
+TF_CHECKS = (TF_IMPORT, TF_MATMUL_CPU, TF_GPUS, TF_MATMUL_GPU)
 PERF_MATMUL, PERF_COPY = "perf.matmul", "perf.copy"
 PERF_CHECKS = (PERF_MATMUL, PERF_COPY)
 
@@ -646,6 +681,7 @@ class Smoke:
         self.opts, self.probe, self.fw, self.env = opts, probe, fw, env
         self.checks: list[Check] = []
         keys = ("driver", "cuda_driver", "torch", "torch_cuda", "cudnn", "nccl", "mxnet")
+        keys += ("tensorflow",)
         self.versions: dict[str, str | None] = {"python": platform.python_version()}
         self.versions.update(dict.fromkeys(keys))
         self.models, self.models_why, self.models_broken = load_models(opts.gpus_file)
@@ -681,10 +717,16 @@ class Smoke:
         self.driver_group.run()
         if self.fw is None:
             if self.opts.framework == "auto":
-                self.add(FRAMEWORK, SKIPPED, "no deep-learning framework found (torch, mxnet)")
+                self.add(
+                    FRAMEWORK,
+                    SKIPPED,
+                    "no deep-learning framework found (torch, mxnet, tensorflow)",
+                )
             self.driver_group.cuda_compat()
         elif self.fw.name == "torch":
             TorchChecks(self).run()
+        elif self.fw.name == "tensorflow":
+            TensorflowChecks(self).run()
         else:
             MxnetChecks(self).run()
         PerfChecks(self).run()
@@ -1014,6 +1056,60 @@ class MxnetChecks:
         self.s.guard(MXNET_GPU_ARRAY, gpu_array)
 
 
+class TensorflowChecks:
+    """TensorFlow: import with its CUDA and cuDNN build (against the driver), a matmul on the
+    CPU, the GPUs TensorFlow sees against those visible, a matmul on the first of them."""
+
+    def __init__(self, smoke: Smoke) -> None:
+        self.s = smoke
+
+    def run(self) -> None:
+        fw = self.s.fw
+        try:
+            info = fw.import_info()
+        except Exception as exc:
+            self.s.add(TF_IMPORT, FAILED, f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+            self.s.driver_group.cuda_compat()
+            for name in TF_CHECKS[1:]:
+                self.s.add(name, SKIPPED, "tensorflow did not import")
+            return
+        self.s.versions["tensorflow"], self.s.versions["cudnn"] = info["version"], info["cudnn"]
+        self.s.fw_cuda = info["cuda"]
+        built = f"CUDA {info['cuda']}, cuDNN {info['cudnn']}" if info["cuda"] else "no CUDA"
+        self.s.add(
+            TF_IMPORT, PASSED if info["cuda"] else FAILED, f"tensorflow {info['version']} ({built})"
+        )
+        self.s.driver_group.cuda_compat()
+        self.s.guard(TF_MATMUL_CPU, lambda: self._matmul(TF_MATMUL_CPU, "/CPU:0"))
+        if not self.s.visible:
+            self.s.add(TF_GPUS, SKIPPED, NO_GPU)
+            self.s.add(TF_MATMUL_GPU, SKIPPED, NO_GPU)
+            return
+        self.s.guard(TF_GPUS, self._gpus)
+        if self.s.checks[-1].status != PASSED:
+            self.s.add(TF_MATMUL_GPU, SKIPPED, "TensorFlow sees no GPU (see tensorflow.gpus)")
+            return
+        self.s.guard(TF_MATMUL_GPU, lambda: self._matmul(TF_MATMUL_GPU, "/GPU:0"))
+
+    def _gpus(self) -> None:
+        seen, visible = self.s.fw.gpu_names(), len(self.s.gpus)
+        ok = len(seen) == visible
+        detail = f"TensorFlow sees {len(seen)} of {visible} visible GPU(s)"
+        self.s.add(TF_GPUS, PASSED if ok else FAILED, f"{detail}: {', '.join(seen) or 'none'}")
+
+    def _matmul(self, name: str, device: str) -> None:
+        total, ran_on = self.s.fw.matmul(device)
+        want = float(self.s.fw.size**3)
+        kind = device.split(":")[0].strip("/")
+        ok = total == want and kind in ran_on.upper()
+        detail = (
+            f"ones({self.s.fw.size}, {self.s.fw.size}) @ itself on {ran_on or '?'}: sum {total:g}"
+        )
+        self.s.add(
+            name, PASSED if ok else FAILED, detail if ok else f"{detail}, want {want:g} on {kind}"
+        )
+
+
 class PerfChecks:
     """Performance: a bf16/fp16 matmul and a device-to-device copy, against the expected
     figures of the GPU model (images/gpus.yml)."""
@@ -1085,13 +1181,17 @@ class PerfChecks:
 def pick_framework(choice: str) -> Any:
     if choice == "none":
         return None
-    if choice in ("torch", "mxnet"):
-        return TorchAdapter() if choice == "torch" else MxnetAdapter()
+    if choice in ("torch", "mxnet", "tensorflow"):
+        return {"torch": TorchAdapter, "mxnet": MxnetAdapter, "tensorflow": TensorflowAdapter}[
+            choice
+        ]()
     # auto: find_spec, not import, so a broken install is reported rather than passed over
     if importlib.util.find_spec("torch") is not None:
         return TorchAdapter()
     if importlib.util.find_spec("mxnet") is not None:
         return MxnetAdapter()
+    if importlib.util.find_spec("tensorflow") is not None:
+        return TensorflowAdapter()
     return None
 
 
@@ -1114,7 +1214,9 @@ def parse_args(argv: list[str] | None, env: dict[str, str]) -> argparse.Namespac
         help="fraction of the expected figures to reach (default 0.70)",
     )
     p.add_argument("--expect-gpus", type=int, metavar="N", help="exact number of GPUs expected")
-    p.add_argument("--framework", choices=("auto", "torch", "mxnet", "none"), default="auto")
+    p.add_argument(
+        "--framework", choices=("auto", "torch", "mxnet", "tensorflow", "none"), default="auto"
+    )
     p.add_argument(
         "--gpus-file",
         metavar="PATH",
