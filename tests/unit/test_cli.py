@@ -237,6 +237,10 @@ def test_stacks_lists_every_stack():
     assert "pytorch (default)" in text
     assert "from pytorch: built on its image" in text
     assert "container stages: pytorch-notebook + env -> finish" in text
+    assert data["fastai-legacy"]["kernels"][:2] == ["5.0", "6.0"]
+    assert (
+        "    kernels for sm_50 to sm_90\n" in text and "    kernels for sm_75 to sm_120\n" in text
+    )
     ubuntu = subprocess.run(
         [sys.executable, "-m", "gpubake", "stacks", "--os", "ubuntu-24.04"],
         capture_output=True,

@@ -459,6 +459,19 @@ DEBIAN_CASES = {
         "nvidia_driver_gpu_architecture": "kepler",
         "nvidia_driver_branch": "580",
     },
+    "blackwell-535": {
+        "nvidia_driver_gpu_architecture": "blackwell",
+        "nvidia_driver_branch": "535",
+    },
+    "blackwell-580": {
+        "nvidia_driver_gpu_architecture": "blackwell",
+        "nvidia_driver_branch": "580",
+    },
+    "pascal-595": {
+        "nvidia_driver_open": False,
+        "nvidia_driver_gpu_architecture": "pascal",
+        "nvidia_driver_branch": "595",
+    },
     "kepler-470": {
         "nvidia_driver_open": False,
         "nvidia_driver_gpu_architecture": "kepler",
@@ -569,7 +582,9 @@ def test_open_module_refused_before_turing(refusals, arch):
     assert "nvidia_driver_open: false" in message
 
 
-@pytest.mark.parametrize("case", ["open-turing", "open-unknown", "proprietary-volta", "kepler-470"])
+@pytest.mark.parametrize(
+    "case", ["open-turing", "open-unknown", "proprietary-volta", "kepler-470", "blackwell-580"]
+)
 def test_workable_requests_pass(refusals, case):
     assert refusals[case] == "passed"
 
@@ -594,6 +609,12 @@ def test_proprietary_module_refused_on_blackwell(refusals):
 
 def test_kepler_needs_branch_470(refusals):
     assert "470" in refusals["kepler-580"] and "580" in refusals["kepler-580"]
+
+
+def test_branches_an_architecture_cannot_use_are_refused(refusals):
+    """gpus.yml's first and last branches: Blackwell from 570, Pascal up to 580."""
+    assert refusals["blackwell-535"] == "Blackwell GPUs need driver branch 570 or newer, not 535."
+    assert refusals["pascal-595"] == "Pascal GPUs are supported up to driver branch 580, not 595."
 
 
 def test_debian_ships_535_only(refusals):
