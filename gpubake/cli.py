@@ -262,10 +262,7 @@ def stacks_cmd(as_json: bool, os_key: str | None) -> None:
             f"CUDA {item['cuda']}, driver branch {item['driver_branch']}+"
             f"{', legacy' if item['legacy'] else ''}"
         )
-        kernels = item["kernels"]
-        click.echo(
-            f"    kernels for sm_{kernels[0].replace('.', '')} to sm_{kernels[-1].replace('.', '')}"
-        )
+        click.echo(f"    kernels for {stacks.sm_span(item['kernels'])}")
         click.echo(f"    {packages}")
         if item["parent"]:
             click.echo(f"    from {item['parent']}: built on its image, sharing its layers")

@@ -161,7 +161,7 @@ def _newest_first(item: tuple[ImageInfo, _Labels]) -> tuple[datetime, str]:
 def _of_family(image_stack: str, stack: str) -> bool:
     """An image of `stack` or of a stack like it (stacks.yml `like`: fastai-legacy for
     fastai), which `gpubake pull fastai` takes where the fastai image cannot run."""
-    return image_stack == stack or stacks.family_of(image_stack) == stacks.family_of(stack)
+    return stacks.family_of(image_stack) == stacks.family_of(stack)
 
 
 def stacks_for_driver(branch: int, *, exclude: str | None = None) -> list[str]:

@@ -472,7 +472,7 @@ def resolve(
         open_module = False  # Turing to Hopper work with the proprietary module too
     kernels = stack_kernels(raw, cuda)
     if gpu_info is not None:
-        _check_gpu(name, gpu_info, kernels, branch, target, today)
+        _check_gpu(name, raw, gpu_info, kernels, branch, target, today)
 
     if raw["python_env"] == "conda":
         arch = machine_arch()
@@ -564,8 +564,8 @@ def _check_sources(
     if driver_source == "distro" and given and branch not in given:
         raise StackError(
             f"{osinfo.key}'s own packages give driver branch "
-            f"{' or '.join(distro.driver_branches)}, not {branch} (stack '{name}'): use "
-            f"--var driver_branch={distro.driver_branches[-1]} or --var driver_source=nvidia"
+            f"{' or '.join(given)}, not {branch} (stack '{name}'): use "
+            f"--var driver_branch={given[-1]} or --var driver_source=nvidia"
         )
     if cuda_source == "nvidia":
         return cuda
@@ -650,8 +650,8 @@ def compute_capabilities(cuda: str) -> tuple[str, ...]:
 
 def stack_kernels(raw: Mapping[str, Any], cuda: str) -> tuple[str, ...]:
     """The compute capabilities a stack's framework carries kernels for: stacks.yml's
-    `kernels` (with its PTX target last where it has one), else every one CUDA `cuda` builds
-    for (compute_capabilities)."""
+    `kernels` list (its PTX target, `ptx`, is read by kernels_run_on), else every one CUDA
+    `cuda` builds for (compute_capabilities)."""
     kernels = raw.get("kernels")
     if not kernels:
         return compute_capabilities(cuda)
@@ -666,6 +666,11 @@ def kernels_run_on(cc_text: str, raw: Mapping[str, Any], kernels: tuple[str, ...
     if ptx is not None and cc >= _major_minor(str(ptx)):
         return True
     return any(k[0] == cc[0] and k[1] <= cc[1] for k in map(_major_minor, kernels))
+
+
+def sm_span(kernels: tuple[str, ...] | list[str]) -> str:
+    """'sm_75 to sm_120' for kernels 7.5 ... 12.0, as messages and `gpubake stacks` say it."""
+    return f"sm_{kernels[0].replace('.', '')} to sm_{kernels[-1].replace('.', '')}"
 
 
 def branch_eol(branch: str) -> datetime.date | None:
@@ -686,10 +691,9 @@ def _check_eol(
 ) -> tuple[str, ...]:
     """Refuse a branch past its end of life (or say it, where the user allowed it or took the
     OS's own driver packages)."""
-    eol = branch_eol(branch)
-    today = today or datetime.date.today()
-    if eol is None or today <= eol:
+    if branch_supported(branch, today):
         return ()
+    eol = branch_eol(branch)
     said = f"driver branch {branch} (stack '{name}') is past its end of life ({eol:%Y-%m})"
     if driver_source == "distro":
         return (f"{said}: the OS's own packages give it; NVIDIA fixes it no more",)
@@ -700,12 +704,17 @@ def _check_eol(
     raise StackError(f"{said}: use {fix}, or --var allow_eol_driver=true to build it anyway")
 
 
+def branch_supported(branch: str, today: datetime.date | None = None) -> bool:
+    """Whether NVIDIA still supports driver branch `branch` on `today` (default: today); a
+    branch without an end of life is."""
+    eol = branch_eol(branch)
+    return eol is None or (today or datetime.date.today()) <= eol
+
+
 def supported_branches(today: datetime.date | None = None) -> list[str]:
     """Driver branches NVIDIA still supports on `today`, oldest first."""
-    today = today or datetime.date.today()
     return sorted(
-        (b for b in stacks_data()["driver_branches"] if (branch_eol(b) or today) >= today),
-        key=int,
+        (b for b in stacks_data()["driver_branches"] if branch_supported(b, today)), key=int
     )
 
 
@@ -719,18 +728,16 @@ def stacks_for_gpu(
 ) -> list[str]:
     """Stacks whose images run on `gpu` (kernels for it, a driver branch it can use and NVIDIA
     still supports, its CPU's architecture), those of `like`'s family first."""
-    today = today or datetime.date.today()
     if gpu.host_arch != "x86_64":
         return []
     fits = []
     for other in stack_names():
         raw = raw_stack(other)
         branch, cuda = str(raw["driver_branch"]), str(raw["cuda"])
-        eol = branch_eol(branch)
         if (
             kernels_run_on(gpu.compute_capability, raw, stack_kernels(raw, cuda))
             and _branch_fits(gpu, branch)
-            and (eol is None or today <= eol)
+            and branch_supported(branch, today)
         ):
             fits.append(other)
     family = family_of(like) if like else None
@@ -740,13 +747,11 @@ def stacks_for_gpu(
 def _no_stack_why(gpu: Gpu, today: datetime.date | None) -> str:
     """Why no stack runs on `gpu`."""
     last = gpu.last_driver_branch
-    if last is not None and str(last) in stacks_data()["driver_branches"]:
-        eol = branch_eol(str(last))
-        if eol is not None and (today or datetime.date.today()) > eol:
-            return (
-                f"no stack of gpubake runs there: {gpu.architecture}'s last driver branch "
-                f"{last} is past its end of life ({eol:%Y-%m})"
-            )
+    if last is not None and not branch_supported(str(last), today):
+        return (
+            f"no stack of gpubake runs there: {gpu.architecture}'s last driver branch "
+            f"{last} is past its end of life ({branch_eol(str(last)):%Y-%m})"
+        )
     return f"no stack of gpubake carries kernels for {gpu.sm} on a driver branch it can use"
 
 
@@ -761,6 +766,7 @@ def _use_instead(gpu: Gpu, name: str, today: datetime.date | None) -> str:
 
 def _check_gpu(
     name: str,
+    raw: Mapping[str, Any],
     gpu: Gpu,
     kernels: tuple[str, ...],
     branch: str,
@@ -772,12 +778,10 @@ def _check_gpu(
             f"GPU {gpu.key} comes in {gpu.host_arch} (Arm) machines: gpubake builds "
             f"x86_64 images only, Arm images are not built yet"
         )
-    raw = raw_stack(name)
     if not kernels_run_on(gpu.compute_capability, raw, kernels):
-        span = f"sm_{kernels[0].replace('.', '')} to sm_{kernels[-1].replace('.', '')}"
         raise StackError(
             f"GPU {gpu.key} ({gpu.architecture}, {gpu.sm}) has no kernels in stack '{name}' "
-            f"(it carries {span}): {_use_instead(gpu, name, today)}"
+            f"(it carries {sm_span(kernels)}): {_use_instead(gpu, name, today)}"
         )
     if gpu.last_driver_branch is not None and int(branch) > gpu.last_driver_branch:
         raise StackError(
