@@ -1,7 +1,7 @@
 """A loopback stand-in of the Compute Engine REST API v1 (no emulator of it exists), enough for
 gpubake.jobs.gcp, following the documented API (https://cloud.google.com/compute/docs/reference/rest/v1):
 
-- paths under /compute/v1/projects/{project}/: global/images/{image},
+- paths under /compute/v1/projects/{project}/: global/images (GET list), global/images/{image},
   global/images/family/{family} (the newest READY, not deprecated image of the family),
   zones/{zone}/acceleratorTypes/{name}, zones/{zone}/machineTypes/{name},
   zones/{zone}/disks/{name}, zones/{zone}/instances (GET list, POST insert),
@@ -457,6 +457,15 @@ class _Handler(BaseHTTPRequestHandler):
         project, rest = parts[0], parts[1:]
         route = (method, *rest)
         match route:
+            case ("GET", "global", "images"):
+                test = _parse_filter(query.get("filter", ""))
+                with state.lock:
+                    found = [
+                        copy.deepcopy(image)
+                        for (p, _), image in sorted(state.images.items())
+                        if p == project and test(image)
+                    ]
+                return _page(found, query, state.page_size, "compute#imageList", "global")
             case ("GET", "global", "images", "family", family):
                 return state.family(project, family)
             case ("GET", "global", "images", name):

@@ -12,6 +12,7 @@ server bound on the Docker bridge's gateway can be reached from a container.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import subprocess
@@ -27,9 +28,28 @@ START_TIMEOUT_S = 20.0
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+#: objects larger than this are read back as their SHA-256 (a Digest), not held in memory
+LARGE_BYTES = 64 << 20
+_READ_CHUNK = 8 << 20
+
+
+class Digest(str):
+    """The SHA-256 (hex) of an object too large to keep."""
+
+
+def _kept(chunks: Iterator[bytes], size: int) -> bytes | Digest:
+    if size <= LARGE_BYTES:
+        return b"".join(chunks)
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return Digest(digest.hexdigest())
+
+
 class ObjectStoreServer:
     """A running server: endpoint (http://HOST:PORT), env (what a client process needs),
-    make_bucket(name) and client() (the native client, configured for this server)."""
+    make_bucket(name), client() (the native client, configured for this server) and
+    read(bucket, prefix): every object under the prefix, each in one streamed GET."""
 
     kind = ""
 
@@ -69,6 +89,22 @@ class S3Server(ObjectStoreServer):
     def make_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
 
+    def keys(self, bucket: str, prefix: str) -> list[str]:
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def read(self, bucket: str, prefix: str) -> dict[str, bytes | Digest]:
+        # one GET each: boto3's ranged parallel downloads re-read the whole object from
+        # moto's memory for every range (74 s for 1 GiB here, 2 s for one GET)
+        client, found = self.client(), {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"]
+                found[item["Key"]] = _kept(body.iter_chunks(_READ_CHUNK), item["Size"])
+        return found
+
 
 class GcsServer(ObjectStoreServer):
     kind = "gs"
@@ -90,6 +126,17 @@ class GcsServer(ObjectStoreServer):
 
     def make_bucket(self, name: str) -> None:
         self.client().create_bucket(name)
+
+    def keys(self, bucket: str, prefix: str) -> list[str]:
+        return [blob.name for blob in self.client().bucket(bucket).list_blobs(prefix=prefix)]
+
+    def read(self, bucket: str, prefix: str) -> dict[str, bytes | Digest]:
+        found = {}
+        for blob in self.client().bucket(bucket).list_blobs(prefix=prefix):
+            with blob.open("rb", chunk_size=_READ_CHUNK) as stream:
+                chunks = iter(lambda s=stream: s.read(_READ_CHUNK), b"")
+                found[blob.name] = _kept(chunks, int(blob.size or 0))
+        return found
 
 
 def _url_host(host: str) -> str:
@@ -185,4 +232,4 @@ def gcs_server(host: str = "127.0.0.1") -> Iterator[GcsServer]:
         yield s
 
 
-__all__ = ["GcsServer", "ObjectStoreServer", "S3Server", "gcs_server", "s3_server"]
+__all__ = ["Digest", "GcsServer", "ObjectStoreServer", "S3Server", "gcs_server", "s3_server"]

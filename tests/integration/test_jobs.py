@@ -6,7 +6,9 @@ preemption notices from loopback stand-ins of the GCE metadata server and EC2's 
 that records when it was called (the test machine is never powered off).
 
 The training script is real PyTorch on the CPU: one optimiser step and a `torch.save`
-checkpoint a second, resumable, stopping cleanly on SIGINT.
+checkpoint a second, resumable, stopping cleanly on SIGINT; with BIG_MIB it also writes a
+checkpoint folder step-1/ of that size at its first step, with FINAL_MIB one (step-final/) as
+it stops (sparse files with random heads and tails: large to send, fast to write).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tests.integration.helpers import (
 )
 from tests.integration.systemd_helpers import systemd_container
 from tests.metadata_standins import metadata_standin
-from tests.object_stores import gcs_server, s3_server
+from tests.object_stores import Digest, gcs_server, s3_server
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -52,6 +54,18 @@ WAIT_INACTIVE = (
 TRAIN = r"""
 import json, os, signal, sys, time
 from pathlib import Path
+
+
+def big_checkpoint(name, mib):
+    # a checkpoint folder of mib MiB, made whole under a temporary name, then renamed
+    tmp = ckpt.parent / f".{name}.tmp"
+    tmp.mkdir(exist_ok=True)
+    with (tmp / "weights.bin").open("wb") as f:
+        f.write(os.urandom(1 << 20))
+        f.truncate(mib << 20)
+        f.seek((mib << 20) - (1 << 20))
+        f.write(os.urandom(1 << 20))
+    os.replace(tmp, ckpt.parent / name)
 
 import torch
 
@@ -92,8 +106,12 @@ while step < steps:
     torch.save({"model": model.state_dict(), "step": step}, ckpt.with_suffix(".tmp"))
     os.replace(ckpt.with_suffix(".tmp"), ckpt)  # a sync never sees half a checkpoint
     (results / "last_step").write_text(str(step))
+    if step == 1 and os.environ.get("BIG_MIB"):
+        big_checkpoint("step-1", int(os.environ["BIG_MIB"]))
     print(f"step {step} loss {loss.item():.4f}", flush=True)
     if stop["at"] is not None:
+        if os.environ.get("FINAL_MIB"):
+            big_checkpoint("step-final", int(os.environ["FINAL_MIB"]))
         (results / "sigint_at").write_text(repr(stop["at"]))
         print(f"SIGINT: stopping after step {step}", flush=True)
         sys.exit(130)
@@ -224,18 +242,24 @@ def _sync(store: Any, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 class Objects(dict):
-    """{relative path: bytes} of the objects under a URL; [] reads one as text."""
+    """{relative path: bytes, or the Digest of a large object} of the objects under a URL;
+    [] reads one as text."""
 
     def __getitem__(self, key: str) -> str:
-        return super().__getitem__(key).decode("utf-8", "replace")
+        value = super().__getitem__(key)
+        return value if isinstance(value, Digest) else value.decode("utf-8", "replace")
+
+    def sha256(self, key: str) -> str:
+        value = super().__getitem__(key)
+        return value if isinstance(value, Digest) else hashlib.sha256(value).hexdigest()
 
 
-def _fetch(store: Any, url: str, dest: Path) -> Objects:
-    """Every object under url, read back with the client the images use."""
-    _sync(store, "download", url, str(dest))
-    return Objects(
-        {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
-    )
+def _fetch(store: Any, url: str) -> Objects:
+    """Every object under url, read with the store's own client (test_job_sync.py tests
+    the images' client's downloads)."""
+    bucket, _, prefix = url.split("://", 1)[1].partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    return Objects({key[len(prefix) :]: v for key, v in store.read(bucket, prefix).items()})
 
 
 class Job:
@@ -312,7 +336,7 @@ class Job:
         )[1]  # fmt: skip
 
     def outputs(self) -> Objects:
-        return _fetch(self.store, self.results, self.tmp / f"out-{uuid.uuid4().hex[:6]}")
+        return _fetch(self.store, self.results)
 
 
 def test_normal_end_syncs_results_and_powers_off(machine, stores, tmp_path):
@@ -340,40 +364,88 @@ def test_normal_end_syncs_results_and_powers_off(machine, stores, tmp_path):
     assert "step 3 loss" in tagged
 
 
-def _preempted(job: Job, notify) -> None:
+def _synced_step_1(job: Job, timeout: float = 90) -> None:
+    """The checkpoint watcher sent step-1/ (1 GiB) as soon as it settled (an object exists
+    only once all of it arrived)."""
+    bucket, _, prefix = job.results.split("://", 1)[1].partition("/")
+    deadline = time.monotonic() + timeout
+    while not job.store.keys(bucket, f"{prefix}/checkpoints/step-1/"):
+        if time.monotonic() > deadline:
+            pytest.fail(f"step-1 was not synced: {job.journal()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _same_as_local(job: Job, out: Objects, rel: str) -> None:
+    _, local = run_in(job.box, "sha256sum", job.local(f"checkpoints/{rel}"))
+    synced = out.sha256(f"checkpoints/{rel}")
+    assert local.split()[0] == synced, rel
+
+
+def _preempted(job: Job, notify, window: float = 30.0, *, all_synced: bool = True) -> Any:
+    """The notice, then: SIGINT at once, power-off inside the window, _PREEMPTED, and the
+    checkpoints in the results location byte for byte the job's (the 1 GiB one, and the last
+    one it wrote when it stopped). `all_synced`: the window was long enough for the results
+    and logs too (a too-short one sends the checkpoints first)."""
+    big = "BIG_MIB" in job.spec.get("env", {})
     job.wait_step(3)
+    if big:
+        _synced_step_1(job)  # the final sync has only what changed since left
     notified = time.time()
     notify()
     powered_off = job.wait_poweroff(timeout=60)
     out = job.outputs()
-    sigint = float(out["results/sigint_at"])
-    assert sigint - notified < 2.0, f"SIGINT came {sigint - notified:.1f} s after the notice"
-    assert powered_off - notified < 30.0, f"powered off {powered_off - notified:.1f} s after"
-    last = int(out["results/last_step"])
-    assert last >= 3
+    assert powered_off - notified < window, f"powered off {powered_off - notified:.1f} s after"
     marker = json.loads(out["_PREEMPTED"])
     assert marker["exit_code"] == 130 and "_SUCCESS" not in out
-    # the checkpoint in the results location is the last one the job wrote, when it stopped
-    _, local = run_in(job.box, "sha256sum", job.local("checkpoints/model.pt"))
-    synced = hashlib.sha256(dict.__getitem__(out, "checkpoints/model.pt")).hexdigest()
-    assert local.split()[0] == synced
+    if big:
+        _same_as_local(job, out, "step-1/weights.bin")
+    _same_as_local(job, out, "model.pt")
     code, _ = run_in(job.box, "test", "-e", job.local("PREEMPTED"))
     assert code == 0  # $GPUBAKE_PREEMPT_FILE was touched
-    assert f"SIGINT: stopping after step {last}" in out["logs/job.log"]
+    _, sigint = run_in(job.box, "cat", job.local("results/sigint_at"))
+    assert float(sigint) - notified < 2.0, f"SIGINT came {float(sigint) - notified:.1f} s after"
+    if all_synced:
+        assert out["results/sigint_at"] == sigint
+        last = int(out["results/last_step"])
+        assert last >= 3
+        assert f"SIGINT: stopping after step {last}" in out["logs/job.log"]
+    return out, marker
 
 
 def test_gce_preemption_signals_the_job_and_keeps_its_checkpoint(machine, stores, tmp_path):
-    job = Job(machine, stores, tmp_path, "gs", env={"STEPS": "1000"})
+    job = Job(machine, stores, tmp_path, "gs", env={"STEPS": "1000", "BIG_MIB": "1024"})
     job.start("gce")
-    _preempted(job, stores["md"].preempt)
+    _, marker = _preempted(job, stores["md"].preempt)
     assert "instance/preempted = TRUE" in job.journal()
+    assert (marker["checkpoint"], marker["newest_checkpoint_synced"]) == ("model.pt", True)
 
 
 def test_ec2_spot_notice_signals_the_job_and_keeps_its_checkpoint(machine, stores, tmp_path):
-    job = Job(machine, stores, tmp_path, "s3", env={"STEPS": "1000"})
+    job = Job(machine, stores, tmp_path, "s3", env={"STEPS": "1000", "BIG_MIB": "1024"})
     job.start("ec2")
-    _preempted(job, stores["md"].spot_notice)
+    _, marker = _preempted(job, stores["md"].spot_notice)
     assert "EC2 spot/instance-action" in job.journal()
+    assert (marker["checkpoint"], marker["newest_checkpoint_synced"]) == ("model.pt", True)
+
+
+def test_a_window_too_short_for_the_newest_checkpoint_keeps_the_previous(machine, stores, tmp_path):
+    """A 10 s EC2 notice and a 2 GiB checkpoint written as the job stops: it cannot go up in
+    time; the power-off still comes inside the window, no part of it replaced anything, and
+    _PREEMPTED names the previous checkpoint, complete and byte-identical in the bucket."""
+    job = Job(
+        machine, stores, tmp_path, "s3",
+        env={"STEPS": "1000", "BIG_MIB": "1024", "FINAL_MIB": "2048"},
+    )  # fmt: skip
+    job.start("ec2")
+    notice = lambda: stores["md"].spot_notice(seconds=10)  # noqa: E731
+    # step-final could not go up in time at the rate step-1 went: it is not started, and the
+    # window's time goes to the results and logs instead
+    out, marker = _preempted(job, notice, window=10.0)
+    assert "file(s) of checkpoints left: no time to send them" in job.journal()
+    assert marker["checkpoint"] == "model.pt"  # written before step-final, and synced
+    assert marker["newest_checkpoint_synced"] is False
+    assert marker["checkpoints_left"] == ["step-final"]
+    assert not any(rel.startswith("checkpoints/step-final") for rel in out)
 
 
 def test_system_shutdown_is_a_notice_too(machine, stores, tmp_path):
@@ -446,6 +518,51 @@ def test_hung_runner_is_powered_off_by_the_deadline_timer(machine, stores, tmp_p
         )
     assert "armed the deadline: power-off in 8 s" in job.journal()
     assert "max_run_time" not in job.outputs().get("_FAILED", b"").decode()  # not the runner
+
+
+@pytest.mark.parametrize(
+    ("hung", "marker", "said"),
+    [
+        # the end: the dataset's umount, the timers' systemctl stop, systemd-run arming them
+        (("umount", "systemctl", "systemd-run"), "_SUCCESS", "unmounting /mnt/dataset failed"),
+        # the start: the dataset's mount (the job fails, the machine still goes off)
+        (("mount",), "_FAILED", "mount hung: gave up after 2 s"),
+    ],
+    ids=["at-the-end", "at-the-start"],
+)
+def test_hung_system_tools_do_not_keep_it_up(machine, stores, tmp_path, hung, marker, said):
+    """Each system tool the runner calls on its way to power-off, replaced by one that never
+    returns (a stuck disk, a busy systemd): it is given up on after GPUBAKE_TOOL_TIMEOUT, said,
+    and the machine is powered off all the same."""
+    job = Job(
+        machine, stores, tmp_path, "gs", env={"STEPS": "2"}, max_run_time=600,
+        dataset={"device": DATASET, "mount": "/mnt/dataset"},
+    )  # fmt: skip
+    for name in hung:
+        _write(machine, f"/opt/hung-tools/{name}", "#!/bin/sh\nexec sleep 600\n")
+    path = "/opt/hung-tools:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    dropin = "/etc/systemd/system/gpubake-job.service.d/hung.conf"
+    _write(
+        machine,
+        dropin,
+        f'[Service]\nEnvironment="PATH={path}" "GPUBAKE_TOOL_TIMEOUT=2"\n',
+    )
+    try:
+        started = time.time()
+        job.start("gce")
+        powered_off = job.wait_poweroff(timeout=90)
+        assert powered_off - started < 45, powered_off - started
+    finally:
+        _exec(
+            machine,
+            f"rm -rf /opt/hung-tools {dropin}; systemctl daemon-reload; {WAIT_INACTIVE}; "
+            "umount /mnt/dataset 2>/dev/null; true",
+        )
+    journal = job.journal()
+    assert said in journal, journal[-3000:]
+    assert marker in job.outputs()
+    if "systemd-run" in hung:
+        assert "deadline timer: systemd-run hung: gave up after 2 s" in journal
 
 
 def test_on_end_stay_keeps_the_machine_up_for_a_while(machine, stores, tmp_path):
@@ -527,7 +644,7 @@ def test_job_local_runs_the_same_runner(stores, tmp_path):
     }))  # fmt: skip
     proc = _job_local(store, spec, "--work-dir", str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = _fetch(store, f"s3://{bucket}/run", tmp_path / "out")
+    out = _fetch(store, f"s3://{bucket}/run")
     assert out["results/done"] == "yes" and out["checkpoints/ckpt"] == "1"
     assert json.loads(out["_SUCCESS"])["job"] == "local-try"
     assert "powered off" not in proc.stdout and "power-off" not in proc.stdout
@@ -571,7 +688,7 @@ def test_job_local_fetches_code_from_git_at_a_commit(stores, tmp_path):
     }))  # fmt: skip
     proc = _job_local(store, spec, "--work-dir", str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert _fetch(store, f"gs://{bucket}/run", tmp_path / "out")["results/v"] == "pinned"
+    assert _fetch(store, f"gs://{bucket}/run")["results/v"] == "pinned"
 
 
 def test_the_spec_job_run_dry_run_prints_runs_here_and_job_fetch_finds_it(

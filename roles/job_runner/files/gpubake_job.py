@@ -11,10 +11,14 @@ object with "gpubake_job"); without one it does nothing. With one it:
 - runs the command as a non-root user in its own process group, with the Python environment
   and CUDA on PATH, its output to journald (field GPUBAKE_JOB_ID) and to <results>/logs/;
 - syncs $GPUBAKE_CKPT_DIR and $GPUBAKE_RESULTS_DIR to the results location every
-  sync_interval and at the end (local writes, then a sync: never checkpoints through gcsfuse);
+  sync_interval, the checkpoints also as soon as a new one settles (checkpoint_poll), and at
+  the end (local writes, then a sync: never checkpoints through gcsfuse), all through one
+  `gpubake-sync serve` process that stays loaded (no cloud SDK import in the window);
 - watches for preemption (GCE: long-polls of instance/preempted and instance/maintenance-event;
   EC2: IMDSv2 spot/instance-action every 5 s, rebalance hints), and on a notice signals the
-  job's process group, touches $GPUBAKE_PREEMPT_FILE and makes a final sync within the window;
+  job's process group, touches $GPUBAKE_PREEMPT_FILE and makes a final sync that ends inside
+  the window: the newest checkpoint first, no file started too late to finish, power-off on
+  time; _PREEMPTED names the newest checkpoint that is complete in the results location;
 - writes _SUCCESS, _FAILED or _PREEMPTED, then powers off (or stays up for a while if the
   spec says so). The unit's ExecStopPost (`gpubake-job backstop`) powers off a machine whose
   runner died; a transient systemd timer powers off one whose runner hung past max_run_time.
@@ -34,6 +38,7 @@ import datetime
 import json
 import os
 import pwd
+import queue
 import re
 import shlex
 import shutil
@@ -59,6 +64,15 @@ STAY_UNIT = "gpubake-job-stay"
 WINDOWS = {"gce": 30.0, "ec2": 120.0}
 # Seconds kept back from the window for the final sync, the marker and the power-off.
 SYNC_RESERVE = {"gce": 12.0, "ec2": 40.0}
+# Seconds at the end of the window for _PREEMPTED (with a fresh client if the sync process had
+# to be killed) and the power-off: the final sync's uploads end before.
+END_RESERVE = 4.0
+# A periodic sync runs to its end, however long a large checkpoint takes (killing it at the next
+# interval would start it over, forever); this only bounds a hung one. A notice cuts it short.
+PERIODIC_SYNC_TIMEOUT = 3600.0
+# A sync that sent at least this much measures the upload rate the final sync plans with (a file
+# it could not send by the window's end is not started: the time goes to those that can).
+RATE_MIN_BYTES = 32 << 20
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
 # checkpoint_dir is given to the job's user: never under these
 SYSTEM_DIRS = {
@@ -117,6 +131,7 @@ FIELDS = {
     "results": "gs://BUCKET/PREFIX or s3://BUCKET/PREFIX",
     "checkpoint_dir": "local directory for checkpoints ($GPUBAKE_CKPT_DIR)",
     "sync_interval": "seconds (or 30s, 5m, 1h) between syncs, at least 10",
+    "checkpoint_poll": "seconds between looks for a new checkpoint to sync at once (0: off)",
     "preempt_signal": "SIGINT (default) or SIGTERM",
     "grace_period": "seconds the job gets to stop after the signal",
     "env": "environment variables for the command",
@@ -203,6 +218,7 @@ def parse_spec(text: str, *, now: datetime.datetime | None = None) -> dict[str, 
             )
     spec["checkpoint_dir"] = value
     spec["sync_interval"] = _duration("sync_interval", raw.get("sync_interval", 300), 10)
+    spec["checkpoint_poll"] = _duration("checkpoint_poll", raw.get("checkpoint_poll", 5))
     preempt = raw.get("preempt_signal", "SIGINT")
     if preempt not in SIGNALS:
         raise SpecError(f"preempt_signal {preempt!r} is not SIGINT or SIGTERM")
@@ -281,6 +297,22 @@ def _dataset(value: Any) -> dict[str, Any] | None:
     return {"device": device, "mount": mount, "read_only": read_only}
 
 
+def tool(argv: list[str], timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """A system tool on the way to power-off (findmnt, blkid, mount, umount, systemctl,
+    systemd-run), bounded: a hung one (a stuck NFS or disk, a busy systemd) gives exit 124 and
+    says so instead of holding the machine up. GPUBAKE_TOOL_TIMEOUT: its seconds (30)."""
+    if timeout is None:
+        timeout = float(os.environ.get("GPUBAKE_TOOL_TIMEOUT", "30"))
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(
+            argv, 124, "", f"{argv[0]} hung: gave up after {timeout:g} s"
+        )
+    except OSError as exc:
+        return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: {exc.strerror or exc}")
+
+
 def ec2_nvme_volume(
     device: str, by_id: Path = Path("/dev/disk/by-id"), root: str | None = None
 ) -> str | None:
@@ -288,9 +320,7 @@ def ec2_nvme_volume(
     exists only where Amazon's udev rules are installed. Without it: the one EBS volume that
     is not the root disk (a job gets exactly one, its dataset), else None."""
     if root is None:
-        proc = subprocess.run(
-            ["findmnt", "-n", "-o", "SOURCE", "/"], capture_output=True, text=True, check=False
-        )
+        proc = tool(["findmnt", "-n", "-o", "SOURCE", "/"])
         root = os.path.realpath(proc.stdout.strip()) if proc.returncode == 0 else ""
     candidates = []
     for link in sorted(by_id.glob("nvme-Amazon_Elastic_Block_Store_*")):
@@ -566,6 +596,141 @@ class State:
             return {}
 
 
+class SyncServer:
+    """`gpubake-sync serve`: one process for the job's syncs and markers, started once, so the
+    cloud SDK is imported and its connections opened before a notice comes. Still a process of
+    its own: a hung or crashing client cannot take the runner down, and the runner kills it on
+    its own deadline (and starts another for the next request)."""
+
+    def __init__(self, argv: list[str], log) -> None:
+        self.argv, self.log = argv, log
+        self.proc: subprocess.Popen[str] | None = None
+        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._ids = 0
+        self._lock = threading.Lock()  # one request at a time (cut() goes through at once)
+
+    def _start(self) -> subprocess.Popen[str]:
+        if self.proc is None or self.proc.poll() is not None:
+            self.events = queue.Queue()
+            self.proc = subprocess.Popen(
+                [*self.argv, "serve"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+            )
+            threading.Thread(target=self._read, args=(self.proc, self.events), daemon=True).start()
+        return self.proc
+
+    @staticmethod
+    def _read(proc: subprocess.Popen[str], events: queue.Queue) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with contextlib.suppress(ValueError):
+                events.put(json.loads(line))
+        events.put(None)  # it ended
+
+    def request(self, op: str, *, timeout: float, on_event=None, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for its end; StepError with the one-line error when it
+        fails or does not end in `timeout` (the process is then killed)."""
+        if not self._lock.acquire(timeout=max(0.1, timeout)):
+            raise StepError(f"sync {op}: an earlier request still ran after {timeout:.0f} s")
+        try:
+            deadline = time.monotonic() + timeout
+            proc = self._start()
+            self._ids += 1
+            rid = self._ids
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps({"id": rid, "op": op, **fields}) + "\n")
+                proc.stdin.flush()
+            except OSError as exc:
+                self.kill()
+                raise StepError(f"sync {op}: the sync process is gone ({exc})") from None
+            while True:
+                try:
+                    event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    self.kill()
+                    raise StepError(f"sync {op} did not finish in {timeout:.0f} s") from None
+                if event is None:
+                    err = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
+                    self.kill()
+                    raise StepError(err[-1] if err else f"sync {op}: the sync process ended")
+                if event.get("id") != rid:
+                    continue  # a request given up on earlier
+                if event.get("event") == "error":
+                    raise StepError(f"gpubake-sync: {event.get('error')}")
+                if event.get("event") == "done":
+                    return event
+                if on_event is not None:
+                    on_event(event)
+        finally:
+            self._lock.release()
+
+    def cut(self) -> None:
+        """The upload now running starts no more files (its files in flight finish)."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None and proc.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.write('{"op": "cut"}\n')
+                proc.stdin.flush()
+
+    def kill(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+    def close(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                assert proc.stdin is not None
+                proc.stdin.close()  # it ends by itself
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Checkpoints:
+    """Which checkpoints (top-level entries of the checkpoint folder) are complete in the
+    results location, from the final sync's plan and its file events."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []  # newest first
+        self.pending: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def event(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            if event.get("event") == "plan":
+                self.order = [name for name, _ in event.get("groups", [])]
+                self.pending = {name: set(rels) for name, rels in event.get("groups", [])}
+            elif event.get("event") in ("uploaded", "unchanged", "skipped"):
+                rel = str(event.get("rel", ""))
+                self.pending.get(rel.split("/", 1)[0], set()).discard(rel)
+
+    def summary(self) -> dict[str, Any]:
+        """{"checkpoint": the newest complete one (or None), "newest_checkpoint_synced",
+        "checkpoints_left": newer ones not complete there}."""
+        with self._lock:
+            left: list[str] = []
+            for name in self.order:
+                if not self.pending.get(name):
+                    return {
+                        "checkpoint": name,
+                        "newest_checkpoint_synced": not left,
+                        "checkpoints_left": left,
+                    }
+                left.append(name)
+            return {"checkpoint": None, "newest_checkpoint_synced": False, "checkpoints_left": left}
+
+
 class Runner:
     def __init__(self, config: dict[str, Any], *, local: bool, work: Path | None) -> None:
         self.config, self.local = config, local
@@ -578,7 +743,9 @@ class Runner:
         self.notice = Notice()
         self.stop = threading.Event()
         self._sync_lock = threading.Lock()
-        self._background: subprocess.Popen[str] | None = None
+        self.server = SyncServer(config["sync"], self.log)
+        self.checkpoints = Checkpoints()  # as the last sync of the checkpoints left them
+        self.rate: float | None = None  # bytes/s of the last sync that sent enough to tell
         self.mounted: Path | None = None
         self.deadline_armed = False
         self.timer_at: float | None = None  # when the deadline timer fires (monotonic)
@@ -586,76 +753,95 @@ class Runner:
 
     # -- sync ---------------------------------------------------------------------------
 
-    def sync_tool(self, *args: str, timeout: float = 600, background: bool = False) -> str:
-        """Run the sync client; StepError with its one-line error when it fails. A
-        `background` (periodic) run can be cut short by cut_background_sync()."""
+    def sync_tool(self, *args: str, timeout: float = 600) -> str:
+        """Run the sync client once (code, restore, a marker when the server is gone);
+        StepError with its one-line error when it fails."""
         proc = subprocess.Popen(
             [*self.config["sync"], *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        if background:
-            self._background = proc
         try:
             out, err = proc.communicate(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
             raise StepError(f"sync {args[0]} did not finish in {timeout:.0f} s") from None
-        finally:
-            if background:
-                self._background = None
         if proc.returncode != 0:
             lines = err.strip().splitlines() or [f"exit status {proc.returncode}"]
             raise StepError(lines[-1])
         return out
 
-    def cut_background_sync(self) -> None:
-        """A notice or the end: the final sync must not wait for a periodic one."""
-        proc = self._background
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.kill()
-
-    def sync(self, *, timeout: float = 600, final: bool = False) -> None:
-        """Upload checkpoints, results and logs (only what changed). A final sync cuts a
-        periodic one short and fails (StepError) if any folder could not be synced."""
-        deadline = time.monotonic() + timeout
+    def sync(
+        self,
+        *,
+        timeout: float = 600,
+        final: bool = False,
+        deadline: float | None = None,
+        only_checkpoints: bool = False,
+    ) -> None:
+        """Upload checkpoints, results and logs (only what changed), checkpoints first and the
+        newest of them first. A final sync cuts a periodic one short (its files in flight
+        finish) and fails (StepError) if any folder could not be synced; `deadline`
+        (monotonic): no file starts after it."""
+        end = time.monotonic() + timeout
         if final:
             self.stop.set()
-            self.cut_background_sync()
-        if not self._sync_lock.acquire(timeout=max(0.1, deadline - time.monotonic())):
-            raise StepError(f"an earlier sync still ran after {timeout:.0f} s")
+            self.server.cut()
+        # a final sync lets a cut periodic one finish its files in flight for half its time,
+        # then kills it (files are atomic: nothing half-sent replaces anything) and goes on
+        wait = (end - time.monotonic()) * (0.5 if final else 1.0)
+        if not self._sync_lock.acquire(timeout=max(0.1, wait)):
+            if not final:
+                raise StepError(f"an earlier sync still ran after {timeout:.0f} s")
+            self.server.kill()
+            if not self._sync_lock.acquire(timeout=5.0):
+                raise StepError("an earlier sync still held the sync process after it was killed")
         failed: list[str] = []
         try:
             results = self.spec["results"]
-            for local, remote in (
-                (self.ckpt_dir, f"{results}/checkpoints"),
-                (self.results_dir, f"{results}/results"),
-                (self.logs_dir, f"{results}/logs"),
-            ):
+            folders = [(self.ckpt_dir, "checkpoints"), (self.results_dir, "results")]
+            if not only_checkpoints:
+                folders.append((self.logs_dir, "logs"))
+            for local, name in folders:
                 if self.stop.is_set() and not final:
                     return  # a final sync follows
-                state = self.work / f".sync-{local.name}.json"
-                left = deadline - time.monotonic()
+                remote = f"{results}/{name}"
+                left = end - time.monotonic()
+                if left < 0.5:
+                    failed.append(f"{name}: no time left")
+                    continue
+                fields: dict[str, Any] = {
+                    "local_dir": str(local),
+                    "url": remote,
+                    "state": str(self.work / f".sync-{local.name}.json"),
+                    "checkpoints": name == "checkpoints",
+                }
+                if deadline is not None:
+                    fields["deadline"] = max(0.0, deadline - time.monotonic())
+                    fields["rate"] = self.rate
+                track = Checkpoints() if name == "checkpoints" else None
+                started = time.monotonic()
                 try:
-                    out = self.sync_tool(
-                        "upload",
-                        str(local),
-                        remote,
-                        "--state",
-                        str(state),
-                        timeout=left,
-                        background=not final,
+                    done = self.server.request(
+                        "upload", timeout=left, on_event=track and track.event, **fields
                     )
                 except StepError as exc:
                     self.log(f"sync of {local} to {remote} failed: {exc}")
                     failed.append(f"{local.name}: {exc}")
                     continue
-                uploaded = [ln for ln in out.splitlines() if ln.startswith("uploaded ")]
-                if uploaded and local != self.logs_dir:
-                    self.log(f"synced {len(uploaded)} file(s) of {local.name} to {remote}")
+                finally:
+                    if track is not None and track.order:
+                        self.checkpoints = track
+                if done.get("left"):
+                    self.log(f"{len(done['left'])} file(s) of {name} left: no time to send them")
+                    failed.append(f"{name}: {len(done['left'])} file(s) left at the deadline")
+                took = time.monotonic() - started
+                if done.get("bytes", 0) >= RATE_MIN_BYTES and took > 0:
+                    self.rate = done["bytes"] / took  # what the final sync plans with
+                if done.get("uploaded") and local != self.logs_dir:
+                    self.log(f"synced {len(done['uploaded'])} file(s) of {name} to {remote}")
         finally:
             self._sync_lock.release()
         if final and failed:
@@ -669,8 +855,15 @@ class Runner:
                 **fields,
             }
         )
-        self.sync_tool("put", f"{self.spec['results']}/{name}", body, timeout=timeout)
-        self.log(f"wrote {self.spec['results']}/{name}: {body}")
+        url = f"{self.spec['results']}/{name}"
+        started = time.monotonic()
+        try:
+            self.server.request("put", url=url, text=body, timeout=timeout)
+        except StepError as exc:  # a killed or broken sync process: a fresh client, once
+            self.log(f"writing {name} through the sync process failed ({exc}): again")
+            left = timeout - (time.monotonic() - started)
+            self.sync_tool("put", url, body, timeout=max(2.0, left))
+        self.log(f"wrote {url}: {body}")
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -720,16 +913,11 @@ class Runner:
         if source.is_dir():  # a directory standing in for a disk (tests, a host path)
             argv = ["mount", "--bind", "-o", ",".join(options), str(source), str(mount)]
         else:
-            kind = subprocess.run(
-                ["blkid", "-o", "value", "-s", "TYPE", str(source)],
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout.strip()
+            kind = tool(["blkid", "-o", "value", "-s", "TYPE", str(source)]).stdout.strip()
             if dataset["read_only"] and kind in ("ext3", "ext4"):
                 options.append("noload")  # no journal replay: it would write to the disk
             argv = ["mount", "-o", ",".join(options), str(source), str(mount)]
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        proc = tool(argv)
         if proc.returncode != 0:
             raise StepError(f"mounting {device} at {mount} failed: {proc.stderr.strip()}")
         self.mounted = mount
@@ -893,13 +1081,39 @@ class Runner:
                 daemon=True,
             ).start()
         threading.Thread(target=self._periodic_sync, daemon=True).start()
+        if self.spec["checkpoint_poll"]:
+            threading.Thread(target=self._watch_checkpoints, daemon=True).start()
+
+    def _ckpt_fingerprint(self) -> list[tuple[str, int, int]]:
+        found = []
+        for dirpath, _, filenames in os.walk(self.ckpt_dir):
+            for name in filenames:
+                path = Path(dirpath, name)
+                with contextlib.suppress(OSError):
+                    st = path.lstat()
+                    found.append((str(path), st.st_size, st.st_mtime_ns))
+        return sorted(found)
+
+    def _watch_checkpoints(self) -> None:
+        """Sync the checkpoints as soon as a new one has settled (unchanged for one look), so
+        that at a notice only what changed since is left to send."""
+        seen = synced = self._ckpt_fingerprint()
+        while not self.stop.wait(self.spec["checkpoint_poll"]):
+            now = self._ckpt_fingerprint()
+            if now != seen:
+                seen = now  # still being written: wait until it settles
+                continue
+            if now != synced:
+                with contextlib.suppress(StepError):
+                    self.sync(timeout=PERIODIC_SYNC_TIMEOUT, only_checkpoints=True)
+                    synced = now
 
     def _sync_soon(self) -> None:
         threading.Thread(target=self.sync, kwargs={"timeout": 300}, daemon=True).start()
 
     def _periodic_sync(self) -> None:
         while not self.stop.wait(self.spec["sync_interval"]):
-            self.sync(timeout=self.spec["sync_interval"])
+            self.sync(timeout=PERIODIC_SYNC_TIMEOUT)
 
     def arm_deadline(self) -> None:
         """A transient timer that powers off even if this runner hangs past max_run_time."""
@@ -925,9 +1139,7 @@ class Runner:
         if not self.local:
             # an earlier job of this boot may have left its timers
             for unit in (DEADLINE_UNIT, STAY_UNIT):
-                subprocess.run(
-                    ["systemctl", "stop", f"{unit}.timer"], capture_output=True, check=False
-                )
+                tool(["systemctl", "stop", f"{unit}.timer"])
         # A Spot VM's soft-off comes with the notice: systemd stops this unit with SIGTERM; an
         # evicted pod (job emit k8s) or a Batch task gets it too, with the runner as PID 1
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -944,8 +1156,8 @@ class Runner:
         self.prepare_dirs()
         self.state.update(results=self.spec["results"], work=str(self.work))
         self.log(f"job {self.spec['id']} on {self.cloud}; results in {self.spec['results']}")
-        try:
-            self.sync_tool("check", self.spec["results"], timeout=60)
+        try:  # starts the sync process: its clients are loaded from now on
+            self.server.request("check", url=self.spec["results"], timeout=60)
         except StepError as exc:
             self.log(f"the results location cannot be used: {exc}")
             return 2
@@ -1011,6 +1223,7 @@ class Runner:
     def _preempted(self) -> int:
         notice = self.notice
         window = notice.window
+        end = notice.seen_at + window - END_RESERVE  # the final sync's uploads end by then
         reserve = SYNC_RESERVE.get(self.cloud, 12.0)
         grace = min(float(self.spec["grace_period"]), max(2.0, window - reserve))
         sig = SIGNALS[self.spec["preempt_signal"]]
@@ -1020,16 +1233,26 @@ class Runner:
             f"preemption notice ({notice.reason}): sent {self.spec['preempt_signal']} to "
             f"the job, {grace:.0f} s to stop"
         )
-        code = self.stop_job(sig, grace)
+        code = self.stop_job(sig, grace)  # the checkpoint watcher syncs meanwhile
         self.stop.set()
-        left = window - (time.monotonic() - notice.seen_at) - 3
-        try:
-            self.sync(timeout=max(3.0, left - 3), final=True)
+        try:  # no file starts in the last second: it could not end in time
+            self.sync(timeout=max(1.0, end - time.monotonic()), final=True, deadline=end - 1)
         except StepError as exc:
             self.log(f"the final sync after the notice failed: {exc}")
+        summary = self.checkpoints.summary()
+        self.log(
+            f"the newest complete checkpoint in {self.spec['results']}/checkpoints: "
+            f"{summary['checkpoint']} (not synced: {', '.join(summary['checkpoints_left']) or '-'})"
+        )
         left = window - (time.monotonic() - notice.seen_at) - 1
         with contextlib.suppress(StepError):
-            self.marker("_PREEMPTED", exit_code=code, reason=notice.reason, timeout=max(2, left))
+            self.marker(
+                "_PREEMPTED",
+                exit_code=code,
+                reason=notice.reason,
+                timeout=max(2, left),
+                **summary,
+            )
         return 3
 
     def _fail_early(self, spec_text: str, reason: str) -> None:
@@ -1048,14 +1271,15 @@ class Runner:
         """Unmount, then power off (or schedule it after stay_minutes)."""
         self.finishing = True
         self.stop.set()
+        self.server.close()
         if self.mounted is not None:
-            subprocess.run(["umount", str(self.mounted)], capture_output=True, check=False)
+            proc = tool(["umount", str(self.mounted)])
+            if proc.returncode != 0:
+                self.log(f"unmounting {self.mounted} failed: {proc.stderr.strip()}: powering off")
         if self.local:
             return
         if self.deadline_armed:  # the runner got here itself: the backstop timer is not needed
-            subprocess.run(
-                ["systemctl", "stop", f"{DEADLINE_UNIT}.timer"], capture_output=True, check=False
-            )
+            tool(["systemctl", "stop", f"{DEADLINE_UNIT}.timer"])
         if self.spec.get("on_end") == "stay":
             minutes = self.spec["stay_minutes"]
             self.log(f"on_end stay: the machine powers off in {minutes} min")
@@ -1074,7 +1298,7 @@ def poweroff_timer(
 ) -> subprocess.CompletedProcess[str]:
     """A transient systemd timer that runs `gpubake-job poweroff` in `seconds`, whatever
     becomes of this process."""
-    return subprocess.run(
+    return tool(
         [
             "systemd-run",
             f"--unit={unit}",
@@ -1085,10 +1309,7 @@ def poweroff_timer(
             sys.executable,
             str(Path(__file__).resolve()),
             "poweroff",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+        ]
     )
 
 

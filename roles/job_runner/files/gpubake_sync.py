@@ -7,16 +7,29 @@ exit 0 on success; exit 2 with exactly one line "gpubake-sync: <what is wrong>" 
 failure, never a traceback (GPUBAKE_SYNC_DEBUG=1 adds the traceback and the clients' logs).
 
     check URL                             the location answers and its bucket exists
-    upload LOCAL_DIR URL [--state FILE]   every regular file, skipping those already there
+    upload LOCAL_DIR URL [--state FILE] [--deadline S] [--checkpoints]
+                                          every regular file, skipping those already there
     download URL LOCAL_DIR                every object under the prefix
     put URL TEXT                          a small text object at exactly URL (_SUCCESS markers)
     fetch-code URL DIR                    a .tar.gz/.tgz/.tar object extracted, else a folder
+    serve                                 JSON requests on stdin, events on stdout (the runner)
 
 stdout has a line per file ("uploaded REL (N B)", "downloaded REL (N B)") and one to close
 ("ok URL", "upload done: ...", "download done: ...", "fetch-code done: ...", "wrote URL (N B)").
-A file counts as already there when an object of the same size has the same md5: the store's
-own (GCS md5Hash, a single-part S3 ETag) where it is one, else the "gpubake-md5" metadata that
-every upload sets (S3 multipart and KMS objects, GCS composites).
+A file counts as already there when its size and mtime are those the --state file recorded at
+the last sync and the object still has the ETag/generation recorded then (nothing read); else
+when an object of the same size has the same md5: the store's own (GCS md5Hash, a single-part
+S3 ETag) where it is one, else the "gpubake-md5" metadata that every S3 upload sets (multipart
+and KMS objects). Files go up in parallel (UPLOAD_WORKERS), each one atomically: a PUT, an S3
+multipart upload or a GCS resumable upload only makes an object once all of it arrived, so a
+killed sync never leaves a truncated object in place of a whole one. With --checkpoints the
+folder's top-level entries are checkpoints, sent newest first; --deadline S starts no file after
+S seconds (what is left is said), so that a sync in a preemption window ends in it.
+
+`serve` keeps the clients loaded for the runner's periodic and final syncs (one process, no
+import in the preemption window): one JSON request a line on stdin ({"id", "op": "upload" |
+"put" | "check", ...}; {"op": "cut"} makes the running upload start no more files), JSON events
+a line on stdout, each request ending with {"event": "done"} or {"event": "error"}.
 
 It runs on the images' own python3 (3.10+) and imports boto3 or google-cloud-storage only when a
 URL needs it. Credentials are each cloud's defaults (instance role / profile, google.auth
@@ -34,12 +47,16 @@ import json
 import logging
 import os
 import posixpath
+import queue
 import re
 import stat
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 PROG = "gpubake-sync"
@@ -55,6 +72,19 @@ GCS_RETRY_S = 5.0  # about as long as S3's three attempts (the client's default:
 # Above this, S3 uploads go multipart (their ETag is then no md5, hence MD5_KEY).
 S3_MULTIPART_BYTES = 64 << 20
 HASH_CHUNK_BYTES = 8 << 20
+# Files in flight at once: many small files are latency-bound, so several go at a time.
+UPLOAD_WORKERS = 8
+EMULATOR_WORKERS = 4
+# Parts of one S3 multipart upload in flight (s3transfer's own threads).
+S3_PART_WORKERS = 8
+# Large files (over S3_MULTIPART_BYTES) in flight at once: each holds up to GCS_CHUNK_BYTES
+# in memory on GCS, and a few saturate the link anyway.
+LARGE_SLOTS = 2
+# A GCS resumable upload sends the file in chunks of this size, one request each. Not
+# transfer_manager's sliced uploads: they use the XML multipart API, which gcp-storage-emulator
+# lacks (and parallel composite uploads leave composites without md5Hash plus temporary objects
+# that a killed sync strands); large chunks keep the per-request overhead small instead.
+GCS_CHUNK_BYTES = 1 << 30
 
 _HAVE_DATA_FILTER = hasattr(tarfile, "data_filter")  # 3.10.12+, 3.11.4+ (PEP 706)
 _URL = re.compile(
@@ -113,10 +143,16 @@ class _Location:
 
 
 class _Object:
-    __slots__ = ("key", "md5", "multipart", "size")
+    """A listed object; stamp is what changes whenever it is rewritten (S3 ETag, GCS
+    generation), recorded in the state file to tell an unchanged object without reading."""
 
-    def __init__(self, key: str, size: int, md5: str | None, multipart: bool = False) -> None:
+    __slots__ = ("key", "md5", "multipart", "size", "stamp")
+
+    def __init__(
+        self, key: str, size: int, md5: str | None, multipart: bool = False, stamp: str = ""
+    ) -> None:
         self.key, self.size, self.md5, self.multipart = key, size, md5, multipart
+        self.stamp = stamp
 
 
 def _reason(exc: BaseException) -> str:
@@ -158,6 +194,8 @@ class _S3:
             connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=READ_TIMEOUT_S,
             retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+            # every worker and every part thread gets a connection of its own
+            max_pool_connections=UPLOAD_WORKERS + LARGE_SLOTS * S3_PART_WORKERS,
         )
         self.client = boto3.session.Session().client("s3", config=config)
 
@@ -207,7 +245,13 @@ class _S3:
                 for item in page.get("Contents", []):
                     etag = item.get("ETag", "").strip('"')
                     multipart = "-" in etag
-                    yield _Object(item["Key"], item["Size"], None if multipart else etag, multipart)
+                    yield _Object(
+                        item["Key"],
+                        item["Size"],
+                        None if multipart else etag,
+                        multipart,
+                        etag,
+                    )
 
     def same(self, obj: _Object, md5: str) -> bool:
         if obj.md5 == md5:
@@ -234,15 +278,29 @@ class _S3:
                 raise
         return True
 
-    def upload(self, path: Path, key: str, md5: str) -> None:
+    needs_md5 = True  # a multipart or KMS ETag is no md5: MD5_KEY must be set on upload
+
+    def upload(self, path: Path, key: str, md5: str | None) -> str:
+        """Upload path as key; returns the new object's stamp (its ETag)."""
         from boto3.s3.transfer import TransferConfig
 
-        transfer = TransferConfig(
-            multipart_threshold=S3_MULTIPART_BYTES, multipart_chunksize=S3_MULTIPART_BYTES
-        )
-        extra = {"Metadata": {MD5_KEY: md5}}
+        extra = {"Metadata": {MD5_KEY: md5}} if md5 else {}
         with self.errors(key):
+            if path.stat().st_size < S3_MULTIPART_BYTES:
+                with path.open("rb") as body:  # one PUT, whose answer has the ETag
+                    answer = self.client.put_object(
+                        Bucket=self.loc.bucket, Key=key, Body=body, **extra
+                    )
+                return str(answer.get("ETag", "")).strip('"')
+            # s3transfer: parts in parallel; the object exists only once all are in
+            transfer = TransferConfig(
+                multipart_threshold=S3_MULTIPART_BYTES,
+                multipart_chunksize=S3_MULTIPART_BYTES,
+                max_concurrency=S3_PART_WORKERS,
+            )
             self.client.upload_file(str(path), self.loc.bucket, key, extra, None, transfer)
+            head = self.client.head_object(Bucket=self.loc.bucket, Key=key)
+        return str(head.get("ETag", "")).strip('"')
 
     def download(self, key: str, path: Path) -> None:
         with self.errors(key):
@@ -342,7 +400,10 @@ class _GCS:
                 # objects); our own MD5_KEY stands in where there is not.
                 md5 = base64.b64decode(blob.md5_hash).hex() if blob.md5_hash else None
                 yield _Object(
-                    blob.name, int(blob.size or 0), md5 or (blob.metadata or {}).get(MD5_KEY)
+                    blob.name,
+                    int(blob.size or 0),
+                    md5 or (blob.metadata or {}).get(MD5_KEY),
+                    stamp=_gcs_stamp(blob),
                 )
 
     def same(self, obj: _Object, md5: str) -> bool:
@@ -352,11 +413,17 @@ class _GCS:
         with self.errors(key):
             return self.bucket.get_blob(key, timeout=self.timeout, retry=self.retry) is not None
 
-    def upload(self, path: Path, key: str, md5: str) -> None:
-        blob = self.bucket.blob(key)
-        blob.metadata = {MD5_KEY: md5}
+    needs_md5 = False  # the server computes md5Hash; the client checks crc32c on upload
+
+    def upload(self, path: Path, key: str, md5: str | None) -> str:
+        """Upload path as key (in one request up to 8 MiB, else a resumable upload of
+        GCS_CHUNK_BYTES chunks); returns the new object's stamp (its generation)."""
+        blob = self.bucket.blob(key, chunk_size=GCS_CHUNK_BYTES)
+        if md5:
+            blob.metadata = {MD5_KEY: md5}
         with self.errors():  # a 404 on an upload: the bucket is missing
             blob.upload_from_filename(str(path), timeout=self.timeout, retry=self.retry)
+        return _gcs_stamp(blob)
 
     def download(self, key: str, path: Path) -> None:
         with self.errors(key):
@@ -377,7 +444,24 @@ class _GCS:
             )
 
 
+def _gcs_stamp(blob) -> str:
+    return str(blob.generation or blob.etag or blob.md5_hash or "")
+
+
+_STORES: dict | None = None  # serve: clients made once and reused (their connections too)
+
+
 def _store(loc: _Location):
+    if _STORES is not None:
+        store = _STORES.get((loc.scheme, loc.bucket))
+        if store is None:
+            store = _STORES[(loc.scheme, loc.bucket)] = _new_store(loc)
+        store.loc = loc
+        return store
+    return _new_store(loc)
+
+
+def _new_store(loc: _Location):
     try:
         return _S3(loc) if loc.scheme == "s3" else _GCS(loc)
     except ImportError as exc:
@@ -409,44 +493,66 @@ def _file_md5(path: Path) -> str:
 
 
 class _HashCache:
-    """--state: each file's md5 by (relative path, size, mtime_ns), so that an unchanged
-    multi-GB checkpoint is not read again at every interval. Only an optimisation: a missing,
-    unreadable or foreign state file just means hashing again."""
+    """--state: what the last sync knew of each file, by relative path: its size and mtime,
+    its md5 once hashed, and the stamp of the object it became. A file whose size and mtime are
+    unchanged and whose object still has that stamp is not read again (a multi-GB checkpoint at
+    every interval). Only an optimisation: a missing, unreadable or foreign state file just
+    means comparing by md5 again."""
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, path: str | os.PathLike | None, root: Path) -> None:
         self.path = Path(path) if path else None
         self.root = str(root.resolve())
         self.old: dict = {}
         self.new: dict = {}
+        self.lock = threading.Lock()
         if self.path is None:
             return
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             data = json.loads(self.path.read_text(encoding="utf-8"))
             if data.get("version") == self.VERSION and data.get("root") == self.root:
                 self.old = dict(data.get("files") or {})
 
-    def md5(self, rel: str, path: Path, st: os.stat_result) -> str:
-        known = self.old.get(rel)
+    def known(self, rel: str, st: os.stat_result) -> dict:
+        """The entry of an unchanged file (same size and mtime), else {}."""
+        entry = self.old.get(rel)
         if (
-            isinstance(known, dict)
-            and known.get("size") == st.st_size
-            and known.get("mtime_ns") == st.st_mtime_ns
+            isinstance(entry, dict)
+            and entry.get("size") == st.st_size
+            and entry.get("mtime_ns") == st.st_mtime_ns
         ):
-            md5 = str(known.get("md5"))
-        else:
-            md5 = _file_md5(path)
-            after = path.stat()
-            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-                return md5  # written while being read: hash it again next time
-        self.new[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": md5}
-        return md5
+            return entry
+        return {}
+
+    def unchanged(self, rel: str, st: os.stat_result, obj: _Object | None) -> bool:
+        """Unchanged since the last sync here and the object it made is still there: nothing
+        to read, nothing to send."""
+        entry = self.known(rel, st)
+        if entry and obj is not None and obj.stamp and entry.get("stamp") == obj.stamp:
+            self.keep(rel, entry)
+            return True
+        return False
+
+    def md5(self, rel: str, path: Path, st: os.stat_result) -> str:
+        md5 = self.known(rel, st).get("md5")
+        if md5:
+            return str(md5)
+        md5 = _file_md5(path)
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+            self.keep(rel, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": md5})
+        return md5  # else written while being read: hashed again next time
+
+    def keep(self, rel: str, entry: dict, **more) -> None:
+        with self.lock:
+            self.new[rel] = {**self.new.get(rel, {}), **entry, **more}
 
     def save(self) -> None:
         if self.path is None:
             return
-        data = {"version": self.VERSION, "root": self.root, "files": self.new}
+        with self.lock:
+            data = {"version": self.VERSION, "root": self.root, "files": dict(self.new)}
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -474,51 +580,152 @@ def _local_files(root: Path, skip: set[Path]) -> list[tuple[str, Path, os.stat_r
     return sorted(found, key=lambda item: item[0])
 
 
-def upload(local_dir: str | os.PathLike, url: str, state=None, log=_quiet) -> list[str]:
+def _plan(files: list, checkpoints: bool) -> list[tuple[str, list]]:
+    """Groups of files in the order they go up. With checkpoints, a group is a top-level entry
+    (step-200/, model.pt): the newest (by its newest file) first, so that the newest complete
+    checkpoint is safe before an older one is sent; in a group the largest first (the longest
+    transfers start first, and the group ends soonest). Else one group, newest files first."""
+    groups: dict[str, list] = {}
+    for item in files:
+        name = item[0].split("/", 1)[0] if checkpoints else ""
+        groups.setdefault(name, []).append(item)
+    ordered = sorted(
+        groups.items(), key=lambda g: (-max(st.st_mtime_ns for _, _, st in g[1]), g[0])
+    )
+    for _, items in ordered:
+        if checkpoints:
+            items.sort(key=lambda item: (-item[2].st_size, item[0]))
+        else:
+            items.sort(key=lambda item: (-item[2].st_mtime_ns, item[0]))
+    return ordered
+
+
+def upload(local_dir: str | os.PathLike, url: str, state=None, log=_quiet, **options) -> list[str]:
     """Upload every regular file under local_dir to url's prefix, keeping relative paths, and
-    skip those whose content is already there; return the relative paths uploaded. Never
-    deletes anything remote; a missing local_dir uploads nothing."""
+    skip those whose content is already there; return the relative paths uploaded, sorted.
+    Never deletes anything remote; a missing local_dir uploads nothing. options: see
+    sync_folder."""
+    return sorted(sync_folder(local_dir, url, state, log, **options)["uploaded"])
+
+
+def sync_folder(
+    local_dir: str | os.PathLike,
+    url: str,
+    state=None,
+    log=_quiet,
+    *,
+    deadline: float | None = None,
+    checkpoints: bool = False,
+    workers: int | None = None,
+    cut: threading.Event | None = None,
+    events=None,
+    rate: float | None = None,
+) -> dict:
+    """upload(), with the outcome: {"uploaded", "unchanged", "left", "bytes", "groups"}.
+    deadline (time.monotonic()) and cut: no file starts after it or once cut is set (those are
+    "left"; files in flight finish); with rate (bytes/s, as earlier syncs went), neither does
+    a file that could not be sent by the deadline at that rate, so that the time left goes to
+    files that can still make it. events(dict) is called, from worker threads, with
+    {"event": "plan", "groups": [[name, [rel pending, ...]], ...]} first (the order they go
+    in), then {"event": "uploaded" | "unchanged" | "skipped", "rel": REL, "size": N} a file."""
     loc = _Location(url)
     root = Path(local_dir).resolve()
+    outcome: dict = {"uploaded": [], "unchanged": 0, "left": [], "bytes": 0, "groups": []}
+    emit = events or _quiet
     if not root.exists():
         log(f"nothing to upload: {local_dir} does not exist")
-        return []
+        emit({"event": "plan", "groups": []})
+        return outcome
     if not root.is_dir():
         raise SyncError(f"{local_dir} is not a directory")
     cache = _HashCache(state, root)
     state_path = cache.path.resolve() if cache.path else None
     skip = {state_path, state_path.with_name(state_path.name + ".tmp")} if state_path else set()
-    uploaded: list[str] = []
-    unchanged = sent = 0
     store = _store(loc)
     remote = {obj.key: obj for obj in store.objects(loc.folder)}  # fails before any hashing
+    plan = []
+    for name, items in _plan(_local_files(root, skip), checkpoints):
+        pending = []
+        for rel, path, st in items:
+            if cache.unchanged(rel, st, remote.get(loc.key(rel))):
+                outcome["unchanged"] += 1
+            else:
+                pending.append((rel, path, st))
+        plan.append((name, pending))
+    outcome["groups"] = [[name, [rel for rel, _, _ in items]] for name, items in plan]
+    emit({"event": "plan", "groups": outcome["groups"]})
+    lock = threading.Lock()
+
+    def say(line: str) -> None:  # from worker threads: one line at a time, each whole
+        with lock:
+            log(line)
+
+    large = threading.Semaphore(LARGE_SLOTS)
+
+    def stopped() -> bool:
+        return bool(cut is not None and cut.is_set()) or (
+            deadline is not None and time.monotonic() >= deadline
+        )
+
+    def too_late(size: int) -> bool:
+        if stopped():
+            return True
+        return bool(deadline is not None and rate and size / rate > deadline - time.monotonic())
+
+    def one(rel: str, path: Path, st: os.stat_result) -> None:
+        if too_late(st.st_size):
+            cache.keep(rel, cache.known(rel, st))
+            with lock:
+                outcome["left"].append(rel)
+            return
+        obj = remote.get(loc.key(rel))
+        md5 = None
+        try:
+            if store.needs_md5 or (obj is not None and obj.size == st.st_size):
+                md5 = cache.md5(rel, path, st)
+            if obj is not None and obj.size == st.st_size and store.same(obj, md5):
+                cache.keep(rel, {"size": st.st_size, "mtime_ns": st.st_mtime_ns}, stamp=obj.stamp)
+                with lock:
+                    outcome["unchanged"] += 1
+                emit({"event": "unchanged", "rel": rel, "size": st.st_size})
+                return
+            with large if st.st_size >= S3_MULTIPART_BYTES else contextlib.nullcontext():
+                stamp = store.upload(path, loc.key(rel), md5)
+        except FileNotFoundError:
+            say(f"skipped {rel}: deleted before it could be uploaded")
+            emit({"event": "skipped", "rel": rel, "size": 0})
+            return
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+            cache.keep(rel, {"size": st.st_size, "mtime_ns": st.st_mtime_ns}, stamp=stamp)
+        with lock:
+            outcome["uploaded"].append(rel)
+            outcome["bytes"] += st.st_size
+        say(f"uploaded {rel} ({st.st_size} B)")
+        emit({"event": "uploaded", "rel": rel, "size": st.st_size})
+
+    workers = max(1, workers or UPLOAD_WORKERS)
+    if loc.scheme == "gs" and os.environ.get("STORAGE_EMULATOR_HOST"):
+        # gcp-storage-emulator serves one request at a time with a listen backlog of 5: more
+        # connections than that wait past the connect timeout, and parallelism gains nothing
+        workers = min(workers, EMULATOR_WORKERS)
     try:
-        local = []
-        for rel, path, st in _local_files(root, skip):
-            try:
-                local.append((rel, path, st.st_size, cache.md5(rel, path, st)))
-            except FileNotFoundError:
-                continue
-        for rel, path, size, md5 in local:
-            obj = remote.get(loc.key(rel))
-            if obj is not None and obj.size == size and store.same(obj, md5):
-                unchanged += 1
-                continue
-            try:
-                store.upload(path, loc.key(rel), md5)
-            except FileNotFoundError:
-                log(f"skipped {rel}: deleted before it could be uploaded")
-                continue
-            uploaded.append(rel)
-            sent += size
-            log(f"uploaded {rel} ({size} B)")
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(one, *item) for _, items in plan for item in items]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
     except BaseException:
         with contextlib.suppress(SyncError):
-            cache.save()  # the md5s hashed so far stay valid, whatever failed remotely
+            cache.save()  # what was hashed and sent so far stays valid, whatever failed
         raise
     cache.save()
-    log(f"upload done: {len(uploaded)} uploaded ({sent} B), {unchanged} unchanged, to {url}")
-    return uploaded
+    left = f", {len(outcome['left'])} left at the deadline" if outcome["left"] else ""
+    log(
+        f"upload done: {len(outcome['uploaded'])} uploaded ({outcome['bytes']} B), "
+        f"{outcome['unchanged']} unchanged{left}, to {url}"
+    )
+    return outcome
 
 
 def _target(dest: Path, rel: str, key: str, url: str) -> Path:
@@ -674,6 +881,82 @@ def fetch_code(url: str, dest: str | os.PathLike, log=_quiet) -> list[str]:
     return names
 
 
+def serve(stdin=None, stdout=None) -> None:
+    """The runner's sync process: requests (JSON lines) in, events (JSON lines) out, the
+    clients loaded once. A reader thread takes {"op": "cut"} at once (the upload running
+    starts no more files: the final sync follows) and queues the rest; requests run one at a
+    time. Every event carries the request's "id"; each request ends with "done" or "error"."""
+    global _STORES
+    _STORES = {}
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    requests: queue.Queue = queue.Queue()
+    cut = threading.Event()
+    out_lock = threading.Lock()
+
+    def emit(event: dict) -> None:
+        with out_lock:
+            stdout.write(json.dumps(event) + "\n")
+            stdout.flush()
+
+    def read() -> None:
+        for line in stdin:
+            with contextlib.suppress(ValueError):
+                request = json.loads(line)
+                if isinstance(request, dict) and request.get("op") == "cut":
+                    cut.set()
+                elif isinstance(request, dict):
+                    requests.put(request)
+        requests.put(None)  # stdin closed: the runner is done with us
+
+    threading.Thread(target=read, daemon=True).start()
+    while (request := requests.get()) is not None:
+        rid = request.get("id")
+        cut.clear()
+        try:
+            result = _serve_one(request, cut, lambda e, rid=rid: emit({"id": rid, **e}))
+            emit({"id": rid, "event": "done", **result})
+        except Exception as exc:
+            emit({"id": rid, "event": "error", "error": _one_line(exc)})
+
+
+def _serve_one(request: dict, cut: threading.Event, emit) -> dict:
+    op = request.get("op")
+    if op == "upload":
+        seconds = request.get("deadline")
+        outcome = sync_folder(
+            request["local_dir"],
+            request["url"],
+            request.get("state"),
+            checkpoints=bool(request.get("checkpoints")),
+            workers=request.get("workers"),
+            deadline=None if seconds is None else time.monotonic() + float(seconds),
+            cut=cut,
+            events=emit,
+            rate=request.get("rate"),
+        )
+        return {k: v for k, v in outcome.items() if k != "groups"}
+    if op == "put":
+        put_text(request["url"], request["text"])
+        return {}
+    if op == "check":
+        check(request["url"])
+        return {}
+    raise SyncError(f"unknown request {op!r}")
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        message = "interrupted"
+    elif isinstance(exc, SyncError):
+        message = str(exc)
+    elif isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        message = f"local file error{where}: {exc.strerror or exc}"
+    else:
+        message = f"unexpected {type(exc).__name__}: {exc}"
+    return " ".join(message.split())
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own is several lines and exit 2
         raise SyncError(f"{message} (try {PROG} --help)")
@@ -687,7 +970,11 @@ def _cli(argv: list[str] | None) -> None:
     p = sub.add_parser("upload", help="upload a folder's new or changed files")
     p.add_argument("local_dir")
     p.add_argument("url")
-    p.add_argument("--state", help="JSON cache of the local files' md5s")
+    p.add_argument("--state", help="JSON record of the last sync (sizes, mtimes, md5s)")
+    p.add_argument("--deadline", type=float, help="start no file after this many seconds")
+    p.add_argument("--rate", type=float, help="with --deadline: bytes/s expected (skip too-big)")
+    p.add_argument("--checkpoints", action="store_true", help="top-level entries: newest first")
+    p.add_argument("--workers", type=int, help=f"files in flight (default {UPLOAD_WORKERS})")
     p = sub.add_parser("download", help="download every object under the prefix")
     p.add_argument("url")
     p.add_argument("local_dir")
@@ -697,6 +984,7 @@ def _cli(argv: list[str] | None) -> None:
     p = sub.add_parser("fetch-code", help="a code tarball extracted, or a code folder")
     p.add_argument("url")
     p.add_argument("dir")
+    sub.add_parser("serve", help="JSON requests on stdin, events on stdout (the job runner)")
     args = parser.parse_args(argv)
 
     def log(line: str) -> None:
@@ -706,12 +994,24 @@ def _cli(argv: list[str] | None) -> None:
         check(args.url)
         log(f"ok {args.url}")
     elif args.command == "upload":
-        upload(args.local_dir, args.url, state=args.state, log=log)
+        deadline = None if args.deadline is None else time.monotonic() + args.deadline
+        sync_folder(
+            args.local_dir,
+            args.url,
+            args.state,
+            log,
+            deadline=deadline,
+            checkpoints=args.checkpoints,
+            workers=args.workers,
+            rate=args.rate,
+        )
     elif args.command == "download":
         download(args.url, args.local_dir, log=log)
     elif args.command == "put":
         put_text(args.url, args.text)
         log(f"wrote {args.url} ({len(args.text.encode('utf-8'))} B)")
+    elif args.command == "serve":
+        serve()
     else:
         fetch_code(args.url, args.dir, log=log)
 
@@ -728,20 +1028,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _cli(argv)
     except (Exception, KeyboardInterrupt) as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            message = "interrupted"
-        elif isinstance(exc, SyncError):
-            message = str(exc)
-        elif isinstance(exc, OSError):
-            where = f" {exc.filename}" if exc.filename else ""
-            message = f"local file error{where}: {exc.strerror or exc}"
-        else:
-            message = f"unexpected {type(exc).__name__}: {exc}"
         if debug:
             import traceback
 
             traceback.print_exc()
-        print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        print(f"{PROG}: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 2
     return 0
 
