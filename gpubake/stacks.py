@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 from packaging.version import InvalidVersion, Version
 
-from gpubake import GpubakeError, data_schema, targets
+from gpubake import GpubakeError, data_schema
+from gpubake.build import targets
 from gpubake.resources import data_root
 
 #: Keys --var may set, with a parser for each value.
@@ -269,6 +270,13 @@ def family_of(name: str) -> str:
     it is like none or is unknown: `gpubake pull fastai` takes any stack of fastai's family."""
     like = stacks_data()["stacks"].get(name, {}).get("like")
     return family_of(like) if like else name
+
+
+def family(name: str) -> list[str]:
+    """The stacks of `name`'s family (fastai: fastai and fastai-legacy), `name` first: the
+    repositories `gpubake pull` reads."""
+    head = family_of(name)
+    return [name, *(n for n in stack_names() if n != name and family_of(n) == head)]
 
 
 def stack_names() -> list[str]:

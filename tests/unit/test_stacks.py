@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from gpubake import selection, stacks
+from gpubake import stacks
+from gpubake.publish import selection
 from gpubake.stacks import StackError, parse_vars, resolve
 
 
@@ -250,6 +251,10 @@ def test_the_legacy_family_covers_the_cards_cuda_13_dropped():
         assert resolve("fastai-legacy", gpu=gpu).driver_branch == "580"
     assert stacks.family_of("fastai-legacy") == "fastai"
     assert stacks.family_of("pytorch-legacy") == "pytorch"
+    # the repositories `gpubake pull fastai` reads: the asked stack's first
+    assert stacks.family("fastai") == ["fastai", "fastai-legacy"]
+    assert stacks.family("pytorch-notebook") == ["pytorch-notebook", "pytorch-notebook-legacy"]
+    assert stacks.family("mxnet") == ["mxnet"]
     # `like` takes fastai's own pins onto the legacy notebook stack: one copy of each
     fastai = dict(resolve("fastai").packages)
     legacy = dict(stack.packages)
