@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh Debian 12 machine, as root; safe to run again.
 # Installs Docker Engine, Packer, debootstrap, the linters' system tools and the
-# CNCF registry (docker-registry, htpasswd: the publishing tests) and Chromium (Playwright drives
-# it in the notebook tests) from Debian, starts dockerd when none runs, and makes .venv with gpubake.
+# CNCF registry (docker-registry, htpasswd: the publishing tests), Chromium (Playwright drives
+# it in the notebook tests) and mmdebstrap + QEMU (the VM base disk, booted) from Debian,
+# starts dockerd when none runs, and makes .venv with gpubake.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 packages=(docker.io packer debootstrap shellcheck openssl python3-venv git ca-certificates
-  docker-registry apache2-utils chromium)
+  docker-registry apache2-utils chromium
+  mmdebstrap qemu-system-x86 qemu-utils fdisk e2fsprogs mount openssh-client)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
