@@ -1,0 +1,119 @@
+"""`gpubake prune` on a real engine: a stack's old stage images go, the newest stays, and so
+does every one that a tagged image or a container is built on; lock files of free locks go,
+a held one stays; scan results of layers no image has, or of other rules, go. Tiny images
+of a stack no one builds (zz-prune), and the command's caches in a folder of the test's own
+(XDG_CACHE_HOME), so nothing of the rest of the suite is touched."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import suppress
+
+import docker
+import pytest
+
+from gpubake.build import guard
+from gpubake.build.plan import HASH_LABEL
+from gpubake.publish import scan
+from tests.integration.helpers import base_image, tiny_image
+
+pytestmark = [pytest.mark.docker]
+STACK = "zz-prune"
+REPO = f"gpubake-stage/{STACK}"
+FINAL = f"gpubake/{STACK}:itest"
+
+
+@pytest.fixture(scope="module")
+def world(engine):
+    """Four env stages of STACK, oldest first: `unused` (nothing on it), `tagged` (FINAL is
+    built on it), `boxed` (a container of it exists) and `newest`."""
+    base = base_image(engine)
+    made = {}
+    for n, name in enumerate(("unused", "tagged", "boxed", "newest")):
+        digest = f"{n:x}" * 64
+        made[name] = tiny_image(
+            engine, base, f"{REPO}:env-{digest[:12]}", {HASH_LABEL: digest}, name
+        )
+        time.sleep(1.1)  # the engine dates images in whole seconds: their order is known
+    tiny_image(engine, made["tagged"].id, FINAL, {}, "final")
+    box = engine.containers.create(made["boxed"].id, ["true"], name="gpubake-test-prune-box")
+    yield made
+    box.remove(force=True)
+    for ref in [FINAL, *(t for i in engine.images.list(name=REPO) for t in i.tags)]:
+        with suppress(docker.errors.APIError):
+            engine.images.remove(ref)
+
+
+def prune(cache, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpubake", "prune", "--stack", STACK, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "XDG_CACHE_HOME": str(cache)},
+        check=False,
+    )
+
+
+def exists(engine, image) -> bool:
+    try:
+        engine.images.get(image.id)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def test_dry_run_lists_and_removes_nothing_then_prune_keeps_what_is_used(engine, world, tmp_path):
+    dry = prune(tmp_path, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    listed = json.loads(dry.stdout)
+    assert [i["id"] for i in listed["images"]] == [world["unused"].short_id]
+    assert listed["images"][0]["bytes"] > 0  # its own layer, not the base's
+    assert all(exists(engine, image) for image in world.values())
+
+    done = prune(tmp_path, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [i["id"] for i in report["images"]] == [world["unused"].short_id]
+    assert not exists(engine, world["unused"])
+    assert all(exists(engine, world[n]) for n in ("tagged", "boxed", "newest"))
+    kept = "\n".join(report["kept_in_use"])
+    assert FINAL in kept and "container gpubake-test-prune-box" in kept
+
+    # --keep 0: the newest goes too, what is in use never
+    done = prune(tmp_path, "--keep", "0")
+    assert done.returncode == 0, done.stderr
+    assert not exists(engine, world["newest"])
+    assert exists(engine, world["tagged"]) and exists(engine, world["boxed"])
+    assert "1 stage image(s)" in done.stdout and "freed" in done.stdout
+
+
+def test_lock_files_of_free_locks_and_stale_scan_results_go(engine, world, tmp_path, monkeypatch):
+    locks = tmp_path / "gpubake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "output-free.lock").write_text("gpubake (pid 1)\noutput-x\n")
+    held = locks / "output-held.lock"
+    held.write_text("gpubake (pid 2)\noutput-y\n")
+    results = tmp_path / "gpubake" / "scan"
+    results.mkdir(parents=True)
+    layer = world["tagged"].attrs["RootFS"]["Layers"][-1].removeprefix("sha256:")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where prune looks, as it does
+    rules = scan.rules_digest(scan.load_rules())
+    assert scan.cache_folder() == results and guard.lock_dir() == locks
+    keep = results / f"{layer}-{rules}.json"
+    gone = [results / f"{'e' * 64}-{rules}.json", results / f"{layer}-{'0' * 16}.json"]
+    for path in (keep, *gone):
+        path.write_text("{}")
+    with held.open("a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        done = prune(tmp_path, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["lock_files"], report["scan_entries"]) == (1, 2)
+    assert sorted(p.name for p in locks.iterdir()) == ["output-held.lock"]
+    assert keep.exists() and not any(p.exists() for p in gone)
