@@ -36,7 +36,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gpubake import docker_engine, locks, stacks  # noqa: E402 (the checkout's gpubake)
+from gpubake import stacks  # noqa: E402 (the checkout's gpubake)
+from gpubake.build import docker_engine, locks  # noqa: E402
 
 HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 ENV_PREFIX = "/opt/gpubake/env"

@@ -8,3 +8,9 @@ __version__ = "0.1.0"
 
 class GpubakeError(Exception):
     """An error the user can fix; its message is one line saying what is wrong and how."""
+
+
+def one_line(text: object) -> str:
+    """`text` with each run of whitespace, line breaks included, one space: a message that
+    quotes a server's or a tool's words stays one line."""
+    return " ".join(str(text).split())

@@ -19,15 +19,28 @@ import functools
 import json
 import math
 import re
+import sys
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 from packaging.version import InvalidVersion, Version
 
-from gpubake import GpubakeError, resources
+from gpubake import GpubakeError, one_line, resources
+
+# jsonschema imports rfc3987_syntax where it is installed (Jupyter's extras bring it), and that
+# builds a Lark parser at import: a second added to every gpubake command. No format checker
+# runs here, so it is kept out while jsonschema loads (bench/startup.py measures it).
+_UNUSED_FORMATS = "rfc3987_syntax"
+_kept_out = _UNUSED_FORMATS not in sys.modules
+if _kept_out:
+    sys.modules[_UNUSED_FORMATS] = None  # type: ignore[assignment]  # makes its import fail
+try:
+    import jsonschema
+finally:
+    if _kept_out:
+        del sys.modules[_UNUSED_FORMATS]
 
 SCHEMA_DIR = Path("images") / "schema"
 
@@ -75,25 +88,21 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_dupl
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _yaml_problem(exc: BaseException, text: str) -> str:
     """`line L, column C: PROBLEM` (1-based) for a YAML error, as one line."""
     if isinstance(exc, yaml.reader.ReaderError):
         before = text[: exc.position]
         line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
         char = exc.character if isinstance(exc.character, int) else ord(exc.character)
-        return f"line {line}, column {column}: {_one_line(exc.reason)} (character U+{char:04X})"
+        return f"line {line}, column {column}: {one_line(exc.reason)} (character U+{char:04X})"
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
-        problem = _one_line(exc.problem or exc.context or "not valid YAML")
+        problem = one_line(exc.problem or exc.context or "not valid YAML")
         if exc.context and exc.problem:
-            problem = f"{problem} ({_one_line(exc.context)})"
+            problem = f"{problem} ({one_line(exc.context)})"
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         return where + problem
-    return _one_line(str(exc)) or type(exc).__name__
+    return one_line(str(exc)) or type(exc).__name__
 
 
 def read_yaml(path: Path, label: str) -> Any:
@@ -155,7 +164,7 @@ _JSON_KINDS = {
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = _one_line(repr(value))
+    text = one_line(repr(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -196,7 +205,7 @@ def _describe(error: jsonschema.ValidationError) -> tuple[list[Any], str]:
         return path, "is empty: give at least one"
     if rule == "uniqueItems":
         return path, f"lists an entry twice: {_short(value)}"
-    return path, _one_line(error.message)
+    return path, one_line(error.message)
 
 
 _RELEVANCE = jsonschema.exceptions.by_relevance(strong=frozenset({"additionalProperties"}))

@@ -2,8 +2,10 @@
 
 `DOCKER_HOST=unix://<proxy.socket>` for the command under test: each HTTP request line it
 sends is recorded, then passed to the real engine (or, with no upstream, the connection is
-closed: an engine that is not there). Tests assert on the command's own requests, so other
-tests starting containers at the same time (pytest-xdist) cannot make them pass or fail.
+closed: an engine that is not there; with `stop_after=N`, the engine stops after N
+requests: every connection is dropped and new ones are refused). Tests assert on the
+command's own requests, so other tests starting containers at the same time (pytest-xdist)
+cannot make them pass or fail.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ _REQUEST_LINE = re.compile(rb"(?:^|\r\n)(GET|HEAD|POST|PUT|DELETE) (\S+) HTTP/1\
 STARTING = re.compile(r"^POST (/v[\d.]+)?/(containers/create|build|commit)\b")
 
 
+class EngineStoppedError(OSError):
+    pass
+
+
 class EngineProxy:
-    def __init__(self, path: Path, upstream: str | None) -> None:
-        self.path, self.upstream = path, upstream
+    def __init__(self, path: Path, upstream: str | None, stop_after: int | None = None) -> None:
+        self.path, self.upstream, self.stop_after = path, upstream, stop_after
+        self.stopped = threading.Event()
         self.requests: list[str] = []
         self._lock = threading.Lock()
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -54,6 +61,10 @@ class EngineProxy:
             self.requests.extend(
                 f"{m[1].decode()} {m[2].decode()}" for m in _REQUEST_LINE.finditer(data)
             )
+            if self.stop_after is not None and len(self.requests) > self.stop_after:
+                self.stopped.set()
+                self._server.close()  # new connections are refused
+                raise EngineStoppedError  # drops this connection
 
     def _handle(self, client: socket.socket) -> None:
         with client:
@@ -77,6 +88,9 @@ def _pump(src: socket.socket, dst: socket.socket, record) -> None:
             if record is not None:
                 record(data)
             dst.sendall(data)
+    except EngineStoppedError:
+        with suppress(OSError):
+            src.shutdown(socket.SHUT_RDWR)  # the client's request is never answered
     except OSError:
         pass
     finally:
@@ -85,8 +99,10 @@ def _pump(src: socket.socket, dst: socket.socket, record) -> None:
 
 
 @contextmanager
-def engine_proxy(directory: Path, upstream: str | None = ENGINE_SOCKET) -> Iterator[EngineProxy]:
-    proxy = EngineProxy(directory / "engine.sock", upstream)
+def engine_proxy(
+    directory: Path, upstream: str | None = ENGINE_SOCKET, stop_after: int | None = None
+) -> Iterator[EngineProxy]:
+    proxy = EngineProxy(directory / "engine.sock", upstream, stop_after)
     try:
         yield proxy
     finally:

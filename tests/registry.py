@@ -189,6 +189,8 @@ class TokenService:
         pem = self.cert_path.read_text()
         self._x5c = "".join(pem.split("-----")[2].split())  # the DER certificate, base64
         self.users = users
+        #: identity tokens the service takes as OAuth2 refresh tokens, and whose they are
+        self.identity_tokens = {f"idt-{name}": name for name in users}
         self.issued: list[tuple[str, list[str]]] = []  # (user or "", scopes asked)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.realm = f"http://127.0.0.1:{self._server.server_address[1]}/token"
@@ -243,6 +245,21 @@ class TokenService:
                 service.issued.append((user, scopes))
                 token = service.token(user, scopes)
                 self._answer(200, {"token": token, "access_token": token, "expires_in": 300})
+
+            def do_POST(self) -> None:
+                """The OAuth2 form of the token protocol: an identity token (`docker login`'s
+                `identitytoken`) as the refresh token."""
+                length = int(self.headers.get("Content-Length", "0"))
+                form = parse_qs(self.rfile.read(length).decode())
+                grant = form.get("grant_type", [""])[0]
+                user = service.identity_tokens.get(form.get("refresh_token", [""])[0])
+                if grant != "refresh_token" or user is None:
+                    self._answer(401, {"error": "invalid_grant"})
+                    return
+                scopes = " ".join(form.get("scope", [])).split()
+                service.issued.append((f"{user} (identity token)", scopes))
+                token = service.token(user, scopes)
+                self._answer(200, {"access_token": token, "expires_in": 300})
 
             def _answer(self, status: int, body: dict) -> None:
                 data = json.dumps(body).encode()

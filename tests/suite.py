@@ -13,7 +13,7 @@ that nothing was built twice.
 - **Report.** The run ends with the slowest tests (--durations), the slowest session and
   module fixtures (the image builds, the VM host), the time per module and per group, and
   the suite's wall time.
-- **Audit.** Every stage gpubake builds is written to its build journal (gpubake.journal);
+- **Audit.** Every stage gpubake builds is written to its build journal (gpubake.build.journal);
   at the end, a stage input hash built twice in this run fails the run, unless the second
   build was asked with --force (tests/integration/test_faults.py proves --force).
 """
@@ -39,6 +39,10 @@ BUILDS = (
     "test_image_registry.py",
     "test_jobs.py",
     "test_locked_builds.py",
+    "test_legacy_family.py",  # fastai-legacy's chain, then pull's choice between both fastai
+    "test_tensorflow_image.py",
+    "test_stage_reuse.py",  # its images carry gpubake-stage/ names: none while a build runs
+    "test_prune.py",  # the same, and a container of a stage image
     "test_faults.py",
 )
 #: the modules with tests on the shared VM host (vm_host.py): its users first, one after
@@ -49,6 +53,7 @@ VM_HOST = "vm-host"
 GROUP_ORDER = (
     "builds",
     VM_HOST,
+    "tests/integration/test_vm_disk.py",
     "tests/integration/test_builder_image.py",
     "tests/integration/test_notebook_role.py",
     "tests/integration/test_jupyter.py",
@@ -161,7 +166,7 @@ class SuitePlugin:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(self.config, "workerinput"):
             return  # the controller audits the whole run
-        from gpubake import journal
+        from gpubake.build import journal
 
         self.audit = rebuilt(journal.entries(since=self.started_at))
         if self.audit and session.exitstatus == pytest.ExitCode.OK:
@@ -195,7 +200,7 @@ class SuitePlugin:
 
 
 def rebuilt(entries: Any) -> list[str]:
-    """The stage builds of `entries` (gpubake.journal) that repeat an input hash already
+    """The stage builds of `entries` (gpubake.build.journal) that repeat an input hash already
     built, --force ones excepted: one line each."""
     seen: dict[str, dict[str, Any]] = {}
     found = []

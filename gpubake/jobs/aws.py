@@ -17,10 +17,12 @@ import contextlib
 import datetime
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-from gpubake import GpubakeError, stacks, targets
+from gpubake import stacks
+from gpubake.clouds import aws as rules
+from gpubake.clouds.aws import AwsSession
 from gpubake.jobs import storage
 from gpubake.jobs.cloud import DEADLINE_LABEL, JOB_LABEL, RUNNER_IMAGE_LABEL, SWEEP_LABEL, Instance
 from gpubake.jobs.launch import AWS_DATASET_DEVICE, Job, JobError, JobOptions
@@ -33,33 +35,27 @@ IMAGE_PLACEHOLDER = "<newest AMI tagged gpubake-stack={stack}, gpubake-job-runne
 #: Instance states listed (terminated ones are gone; shutting-down is on its way there).
 LISTED_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 STOPPED_STATES = frozenset({"shutting-down", "stopping", "stopped"})
-CONNECT_TIMEOUT_S = 10
-READ_TIMEOUT_S = 60
-MAX_ATTEMPTS = 3
 TERMINATE_BATCH = 100
 
-_REFUSED_CREDENTIALS = frozenset(
-    {
-        "AuthFailure",
-        "InvalidClientTokenId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "ExpiredTokenException",
-        "RequestExpired",
-        "InvalidAccessKeyId",
-        "UnrecognizedClientException",
-    }
-)
-_NOT_ALLOWED = frozenset({"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"})
+
+def check_offline(options: JobOptions) -> None:
+    """What the EC2 and IAM APIs would refuse in the request, said before it is printed or
+    sent (gpubake.clouds.aws's rules)."""
+    rules.check_results(options.results)
+    rules.check_gpu_count(options.gpu_count, options.machine_type)
+    if options.image:
+        rules.check_ami(options.image)
+    if options.dataset_disk:
+        rules.check_snapshot(options.dataset_disk)
+    if options.instance_profile:
+        rules.check_instance_profile(options.instance_profile)
+    if options.zone and options.region:
+        rules.check_zone(options.zone, options.region)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-class Aws:
+class Aws(AwsSession):
     """EC2 for `gpubake job`: requests() offline, preflight() then create() per job, list(),
-    stop() and delete()."""
+    stop() and delete(); the session, its clients and errors are gpubake.clouds.aws's."""
 
     def __init__(
         self,
@@ -68,11 +64,17 @@ class Aws:
         endpoint_url: str | None = None,
         instance_profile: str | None = None,
     ) -> None:
+        super().__init__(
+            options.region,
+            options.profile,
+            endpoint_url=endpoint_url,
+            error_type=JobError,
+            agent="gpubake-job",
+            purpose="AWS jobs",
+        )
+        check_offline(options)
         self.options = options
-        self.endpoint_url = endpoint_url
         self.instance_profile = instance_profile
-        self._session: Any = None
-        self._clients: dict[str, Any] = {}
         self._type_info: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ offline: the requests
@@ -161,141 +163,6 @@ class Aws:
         if self.options.zone:
             request["Placement"] = {"AvailabilityZone": self.options.zone}
         return request
-
-    # ------------------------------------------------------------------ the session, errors
-
-    @property
-    def session(self) -> Any:
-        if self._session is None:
-            import boto3
-            from botocore.exceptions import BotoCoreError
-
-            try:
-                session = boto3.session.Session(
-                    profile_name=self.options.profile, region_name=self.options.region
-                )
-            except BotoCoreError as exc:
-                raise self._error("opening the AWS session", exc) from None
-            if not session.region_name:
-                raise JobError(
-                    "--region is required for AWS jobs (or set AWS_REGION, or a region in the "
-                    "profile)"
-                )
-            try:
-                targets.check_aws_region(session.region_name, "the region")
-            except GpubakeError as exc:
-                raise JobError(str(exc)) from None
-            self._session = session
-        return self._session
-
-    @property
-    def region(self) -> str:
-        return str(self.session.region_name)
-
-    def client(self, service: str) -> Any:
-        if service not in self._clients:
-            from botocore.config import Config
-
-            config = Config(
-                connect_timeout=CONNECT_TIMEOUT_S,
-                read_timeout=READ_TIMEOUT_S,
-                retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-                user_agent_extra="gpubake-job",
-            )
-            kwargs: dict[str, Any] = {"config": config}
-            if self.endpoint_url:
-                kwargs["endpoint_url"] = self.endpoint_url
-            self._clients[service] = self.session.client(service, **kwargs)
-        return self._clients[service]
-
-    def _error(self, what: str, exc: Exception) -> JobError:
-        from botocore import exceptions as bx
-
-        profile = self.options.profile or "default"
-        if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
-            text = (
-                f"{what}: no AWS credentials (profile {profile}): set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, run `aws configure sso`, or pass --profile with a "
-                "profile from ~/.aws/config"
-            )
-        elif isinstance(exc, bx.ProfileNotFound):
-            text = (
-                f"{what}: --profile {self.options.profile}: no such profile in ~/.aws/config or "
-                "~/.aws/credentials (see `aws configure list-profiles`)"
-            )
-        elif isinstance(
-            exc, bx.SSOTokenLoadError | bx.TokenRetrievalError | bx.UnauthorizedSSOTokenError
-        ):
-            text = f"{what}: the SSO login has expired: run `aws sso login --profile {profile}`"
-        elif isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError):
-            text = f"{what}: {exc}: check the network, the region and AWS_ENDPOINT_URL"
-        elif isinstance(exc, bx.ReadTimeoutError | bx.ConnectionClosedError):
-            text = f"{what}: AWS did not answer ({exc}): try again"
-        elif isinstance(exc, bx.ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", "error"))
-            message = str(error.get("Message", "")).split("Encoded authorization failure")[0]
-            if code in _REFUSED_CREDENTIALS:
-                text = (
-                    f"{what}: AWS refused the credentials of profile {profile} ({code}): renew "
-                    "them (`aws sso login`, or new keys with `aws configure`)"
-                )
-            elif code in _NOT_ALLOWED:
-                text = (
-                    f"{what}: not allowed ({code}: {message.strip()}): grant the identity of "
-                    f"profile {profile} the permission, or use --profile with one that has it"
-                )
-            else:
-                text = f"{what}: {code}: {message}"
-        else:
-            text = f"{what}: {exc}"
-        return JobError(_one_line(text))
-
-    def _call(self, what: str, service: str, operation: str, **kwargs: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return getattr(self.client(service), operation)(**kwargs)
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error(what, exc) from None
-
-    @staticmethod
-    def _code(exc: Exception) -> str:
-        response = getattr(exc, "response", None) or {}
-        return str(response.get("Error", {}).get("Code", ""))
-
-    def _try(self, what: str, func: Callable[[], Any], *, missing: Callable[[str], bool]) -> Any:
-        """func(), None when the cloud says the thing is missing (missing(code) is true)."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return func()
-        except ClientError as exc:
-            if missing(self._code(exc)):
-                return None
-            raise self._error(what, exc) from None
-        except BotoCoreError as exc:
-            raise self._error(what, exc) from None
-
-    # ------------------------------------------------------------------ preflight
-
-    def check_credentials(self) -> str:
-        """The caller's ARN; refuses missing or rejected credentials."""
-        from botocore.exceptions import BotoCoreError
-
-        try:
-            credentials = self.session.get_credentials()
-        except BotoCoreError as exc:
-            raise self._error("reading the AWS credentials", exc) from None
-        if credentials is None:
-            profile = self.options.profile or "default"
-            raise JobError(
-                f"no AWS credentials (profile {profile}): set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, run `aws configure sso`, or pass --profile with a "
-                "profile from ~/.aws/config"
-            )
-        identity = self._call("checking the AWS credentials", "sts", "get_caller_identity")
-        return str(identity.get("Arn", ""))
 
     def find_image(self) -> dict[str, Any]:
         """The AMI the jobs boot: --image, or the newest of this account tagged

@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -17,9 +18,15 @@ from typing import Any
 
 import click
 
-from gpubake.jobs import launch, storage
+from gpubake.build.plan import CloudOptions
+from gpubake.clouds import CloudError
+from gpubake.clouds.location import settle_options
+from gpubake.jobs import emit, launch, storage
+from gpubake.jobs.aws import Aws
 from gpubake.jobs.cloud import STOPPING_STATES, Instance
+from gpubake.jobs.gcp import Gcp
 from gpubake.jobs.launch import JobError, JobOptions, Record
+from gpubake.resources import data_root
 
 Echo = Callable[[str], None]
 
@@ -44,13 +51,9 @@ _PROFILE_SET: set[str] = set()
 
 
 def _cloud_client(options: JobOptions) -> Any:
-    """gpubake.jobs.gcp.Gcp or gpubake.jobs.aws.Aws (imported on use: each pulls in a big
-    client library)."""
+    """gpubake.jobs.gcp.Gcp or gpubake.jobs.aws.Aws."""
     if options.cloud == "gcp":
-        from gpubake.jobs.gcp import Gcp
-
         return Gcp(options, service_account=options.service_account)
-    from gpubake.jobs.aws import Aws
 
     _use_profile(options)
     return Aws(options, instance_profile=options.instance_profile)
@@ -59,9 +62,6 @@ def _cloud_client(options: JobOptions) -> Any:
 def settle(options: JobOptions, env: Mapping[str, str]) -> JobOptions:
     """Project and zone (GCP) or region and profile (AWS), from the options or the variables
     the clouds' CLIs use, checked the way `build` checks them."""
-    from gpubake import clouds
-    from gpubake.plan import CloudOptions
-
     target = "gcp-image" if options.cloud == "gcp" else "aws-ami"
     if options.cloud == "aws" and not (
         options.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
@@ -71,8 +71,8 @@ def settle(options: JobOptions, env: Mapping[str, str]) -> JobOptions:
         project=options.project, zone=options.zone, region=options.region, profile=options.profile
     )
     try:
-        settled = clouds.settle_options(target, given, env)
-    except clouds.CloudError as exc:
+        settled = settle_options(target, given, env)
+    except CloudError as exc:
         raise JobError(str(exc).replace(f"for {target}", "for the job")) from None
     return dataclasses.replace(
         options,
@@ -510,8 +510,59 @@ def _param_option(func):  # type: ignore[no-untyped-def]
     )(func)
 
 
+def _job_runner(*args: str) -> int:
+    """Run the runner the images hold (roles/job_runner/files/gpubake_job.py) with this
+    Python, whose boto3 / google-cloud-storage the sync client then uses."""
+    files = data_root() / "roles" / "job_runner" / "files"
+    env = {**os.environ, "GPUBAKE_JOB_CONFIG": os.environ.get("GPUBAKE_JOB_CONFIG", os.devnull)}
+    return subprocess.call([sys.executable, str(files / "gpubake_job.py"), *args], env=env)
+
+
+@click.command(name="local")
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False),
+    help="Where the job's code, checkpoints, results and logs go "
+    "(default: ~/.cache/gpubake/jobs/<id>).",
+)
+def job_local_cmd(spec: str, work_dir: str | None) -> None:
+    """Run the job SPEC (a JSON file) on this machine, as an instance would, to try it
+    before paying for one.
+
+    The same runner as in the images: the code is fetched, earlier checkpoints restored,
+    the command run with $GPUBAKE_CKPT_DIR, $GPUBAKE_RESULTS_DIR and $GPUBAKE_PREEMPT_FILE
+    set, and they are synced to the spec's results location (gs:// or s3://, with this
+    machine's credentials) every sync_interval and at the end, with _SUCCESS, _FAILED or
+    _PREEMPTED. Unlike an instance, the dataset disk is not mounted, the command runs as
+    you, and nothing is powered off. Exit status: 0 success, 1 the job failed, 2 a bad spec
+    or an unusable results location, 3 preempted.
+
+    \b
+    Example spec:
+      {"gpubake_job": 1, "command": ["python", "train.py"],
+       "code": {"url": "gs://my-bucket/code/train.tar.gz"},
+       "results": "gs://my-bucket/runs/first", "sync_interval": "5m",
+       "max_run_time": "6h"}
+    """
+    code = _job_runner("local", spec, *(["--work-dir", work_dir] if work_dir else []))
+    if code:
+        sys.exit(code)
+
+
+@click.command(name="validate")
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+def job_validate_cmd(spec: str) -> None:
+    """Check the job SPEC and print it with every default filled in (one-line error if bad)."""
+    code = _job_runner("validate", spec)
+    if code:
+        sys.exit(code)
+
+
 def register(group: click.Group) -> None:
-    """Add the launch and follow commands to `gpubake job`."""
+    """Add the commands of `gpubake job`: local and validate, then launch and follow."""
+    group.add_command(job_local_cmd)
+    group.add_command(job_validate_cmd)
 
     @group.command(name="run", context_settings={"ignore_unknown_options": False})
     @_launch_options
@@ -623,7 +674,8 @@ def register(group: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
     def gc_cmd(dry_run: bool, as_json: bool, **kw: Any) -> None:
         """Delete gpubake job VMs past their deadline (--max-run-duration) or stopped."""
-        options = settle(JobOptions(results="gs://unused-bucket", command=("-",), **kw), os.environ)
+        unused = "gs://unused-bucket" if kw.get("cloud") == "gcp" else "s3://unused-bucket"
+        options = settle(JobOptions(results=unused, command=("-",), **kw), os.environ)
         client = _cloud_client(options)
         doomed = gc_candidates(client.list())
         if as_json:
@@ -663,8 +715,6 @@ def register(group: click.Group) -> None:
         the engine's own types or schema: a Google Cloud Batch job (JSON; SPOT, the gpubake
         image, one task per combination, retried on preemption), a SkyPilot task (YAML) or a
         Kubernetes Indexed Job (YAML, the gpubake container)."""
-        from gpubake.jobs import emit
-
         options = _options(kw)
         # the project and zone the clouds' CLIs would use; nothing is looked up
         env = os.environ

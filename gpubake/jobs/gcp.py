@@ -22,17 +22,19 @@ http:// endpoint is never sent credentials (anonymous, unless credentials are pa
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from gpubake import GpubakeError, stacks, targets
+from gpubake import GpubakeError, one_line, stacks
+from gpubake.build.plan import required_disk_gb
+from gpubake.clouds import gcp as rules
+from gpubake.clouds.gcp import CALL_TIMEOUT_S, GcpSession
 from gpubake.jobs import storage
 from gpubake.jobs.cloud import (
     DEADLINE_LABEL,
@@ -43,12 +45,7 @@ from gpubake.jobs.cloud import (
 )
 from gpubake.jobs.launch import GCP_DATASET_DEVICE, Job, JobError, JobOptions
 from gpubake.jobs.runner_code import job_module
-from gpubake.plan import required_disk_gb
 
-#: A Compute Engine API endpoint other than Google's (a test stand-in), like api_endpoint=.
-ENDPOINT_ENV = "GPUBAKE_COMPUTE_ENDPOINT"
-#: What gpubake's own calls are authorised for.
-CLIENT_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 #: What the VM's service account may do: write results to GCS, write logs.
 VM_SCOPES = (
     "https://www.googleapis.com/auth/devstorage.read_write",
@@ -73,7 +70,6 @@ A_SERIES_COUNTS = {
 #: Room for checkpoints, logs and the code next to the image's own content.
 MIN_BOOT_DISK_GB = 100
 NETWORK = "global/networks/default"
-CALL_TIMEOUT_S = 60.0
 CREATE_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 600.0
 POLL_S = 5.0
@@ -84,14 +80,9 @@ _IMAGE_PATH = re.compile(
     r"^(?:https://[^/]+/compute/v1/)?projects/(?P<project>[^/]+)/global/images/"
     r"(?:(?P<family>family/))?(?P<name>[^/]+)$"
 )
-_HTTP_PREFIX = re.compile(r"^(?:GET|POST|PUT|PATCH|DELETE) \S+: ")
 
 #: The clock for gpubake-deadline labels (a test replaces it).
 _now: Callable[[], float] = time.time
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _short(url: str) -> str:
@@ -102,10 +93,6 @@ def _short(url: str) -> str:
 def _path(url: str) -> str:
     """A resource URL from `projects/` on (full and partial URLs compare equal)."""
     return url[url.find("projects/") :] if "projects/" in url else url
-
-
-def _api_message(exc: Any) -> str:
-    return _one_line(_HTTP_PREFIX.sub("", str(getattr(exc, "message", "") or exc)))
 
 
 def settle_location(options: JobOptions) -> tuple[str, str]:
@@ -125,8 +112,8 @@ def settle_location(options: JobOptions) -> tuple[str, str]:
             "(or set CLOUDSDK_COMPUTE_ZONE)"
         )
     try:
-        targets.check_gcp_project(project)
-        targets.check_gcp_zone(zone)
+        rules.check_project(project)
+        rules.check_zone(zone)
     except GpubakeError as exc:
         raise JobError(str(exc)) from None
     return project, zone
@@ -168,8 +155,24 @@ def boot_disk_gb(stack: str) -> int:
     return max(MIN_BOOT_DISK_GB, need)
 
 
-class Gcp:
-    """Jobs as Compute Engine VMs in one project and zone."""
+def check_offline(options: JobOptions, machine_type: str, accelerator: str, builtin: bool) -> None:
+    """What the Compute Engine API would refuse in the request, said before it is printed or
+    sent (gpubake.clouds.gcp's rules)."""
+    rules.check_results(options.results)
+    rules.check_machine_type(machine_type)
+    rules.check_gpus(accelerator, options.gpu_count, machine_type, builtin)
+    rules.check_service_account(options.service_account or "default")
+    if options.image:
+        rules.check_image(options.image)
+    if options.dataset_disk:
+        rules.check_resource_name(options.dataset_disk, "--dataset-disk")
+    if options.max_run_duration:
+        rules.check_max_run_duration(options.max_run_duration)
+
+
+class Gcp(GcpSession):
+    """Jobs as Compute Engine VMs in one project and zone; the credentials, clients and their
+    errors are gpubake.clouds.gcp's."""
 
     def __init__(
         self,
@@ -182,7 +185,16 @@ class Gcp:
         if options.cloud != "gcp":
             raise JobError(f"--cloud {options.cloud}: this is the GCP module")
         self.options = options
-        self.project, self.zone = settle_location(options)
+        project, self.zone = settle_location(options)
+        super().__init__(
+            project,
+            endpoint=api_endpoint,
+            credentials=credentials,
+            error_type=JobError,
+            forbidden_hint=(
+                "the account needs roles/compute.instanceAdmin.v1 and roles/iam.serviceAccountUser"
+            ),
+        )
         gcp = stacks.gpus_data()["gpus"].get(options.gpu, {}).get("gcp", {})
         accelerators = list(gcp.get("accelerators") or [])
         if not accelerators:
@@ -200,98 +212,13 @@ class Gcp:
             options.gpu, options.gpu_count
         )
         self.builtin_gpus = self.machine_type.startswith(BUILTIN_GPU_PREFIXES)
+        check_offline(options, self.machine_type, self.accelerator, self.builtin_gpus)
         self.boot_disk_gb = boot_disk_gb(options.stack)
-        self.endpoint = api_endpoint or os.environ.get(ENDPOINT_ENV) or None
         self.service_account = service_account or "default"  # the project's default account
         self.poll_interval = POLL_S
         self.create_timeout = CREATE_TIMEOUT_S
         self.stop_timeout = STOP_TIMEOUT_S
-        self._given_credentials = credentials
-        self._credentials = credentials
-        self._clients: dict[type, Any] = {}
         self._image: str | None = None  # what preflight resolved
-
-    # ------------------------------------------------------------------ clients, errors
-
-    @property
-    def _anonymous(self) -> bool:
-        """A plain-http endpoint (a stand-in on loopback) gets no credentials."""
-        return bool(self.endpoint and self.endpoint.startswith("http://"))
-
-    def _creds(self) -> Any:
-        if self._credentials is None:
-            if self._anonymous:
-                from google.auth.credentials import AnonymousCredentials
-
-                self._credentials = AnonymousCredentials()
-            else:
-                import google.auth
-
-                with self._api("looking up GCP credentials"):
-                    self._credentials, _ = google.auth.default(scopes=list(CLIENT_SCOPES))
-        return self._credentials
-
-    def _client(self, kind: str) -> Any:
-        from google.cloud import compute_v1
-
-        cls = getattr(compute_v1, kind)
-        if cls not in self._clients:
-            from google.api_core.client_options import ClientOptions
-
-            opts = ClientOptions(api_endpoint=self.endpoint) if self.endpoint else None
-            self._clients[cls] = cls(
-                credentials=self._creds(), client_options=opts, transport="rest"
-            )
-        return self._clients[cls]
-
-    @contextlib.contextmanager
-    def _api(self, what: str) -> Iterator[None]:
-        """google.api_core / google.auth failures as one-line JobErrors."""
-        import requests
-        from google.api_core import exceptions as gexc
-        from google.auth import exceptions as aexc
-
-        where = self.endpoint or "compute.googleapis.com"
-        try:
-            yield
-        except aexc.DefaultCredentialsError:
-            raise JobError(
-                "no GCP credentials: run `gcloud auth application-default login` (or set "
-                "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file)"
-            ) from None
-        except (aexc.RefreshError, gexc.Unauthorized) as exc:
-            raise JobError(
-                f"{what}: GCP refused the credentials ({_api_message(exc)}): run "
-                "`gcloud auth application-default login`"
-            ) from None
-        except gexc.Forbidden as exc:
-            raise JobError(
-                f"{what}: permission denied in project {self.project} ({_api_message(exc)}): the "
-                "account needs roles/compute.instanceAdmin.v1 and roles/iam.serviceAccountUser"
-            ) from None
-        except gexc.GoogleAPICallError as exc:
-            raise JobError(f"{what}: {exc.code} {_api_message(exc)}") from None
-        except (gexc.RetryError, aexc.TransportError, requests.RequestException) as exc:
-            raise JobError(
-                f"{what}: the Compute Engine API at {where} could not be reached "
-                f"({_one_line(str(exc))[:200]}): check the network"
-            ) from None
-        except gexc.GoogleAPIError as exc:
-            raise JobError(f"{what}: {_one_line(str(exc))}") from None
-
-    def _get(
-        self, kind: str, method: str, what: str, *, missing: bool = False, **kwargs: Any
-    ) -> Any:
-        """One call; with missing=True a 404 gives None instead of an error."""
-        from google.api_core.exceptions import NotFound
-
-        with self._api(what):
-            try:
-                return getattr(self._client(kind), method)(timeout=CALL_TIMEOUT_S, **kwargs)
-            except NotFound:
-                if missing:
-                    return None
-                raise
 
     def _wait(self, operation: Any, what: str, timeout: float) -> None:
         """Until the zonal operation is DONE (zoneOperations.wait, bounded); its error, if
@@ -325,8 +252,8 @@ class Gcp:
             codes = ", ".join(e.code for e in errors if e.code) or str(
                 operation.http_error_status_code
             )
-            text = "; ".join(_one_line(e.message) for e in errors if e.message)
-            text = text or _one_line(operation.http_error_message)
+            text = "; ".join(one_line(e.message) for e in errors if e.message)
+            text = text or one_line(operation.http_error_message)
             raise JobError(f"{what}: {codes}: {text}{_hint(codes)}")
 
     # ------------------------------------------------------------------ the VM
@@ -451,8 +378,7 @@ class Gcp:
                 f"--results {self.options.results}: GCP jobs write to Cloud Storage: give "
                 "gs://BUCKET/PREFIX"
             )
-        if self._given_credentials is None and not self._anonymous:
-            self._creds()
+        self.check_credentials()
         image = self._resolve_image()
         self._check_gpu()
         if self.options.dataset_disk:

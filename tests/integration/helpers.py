@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import ipaddress
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -19,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import docker
+
+from gpubake import stacks
+from gpubake.build import locks
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -178,7 +183,8 @@ def bridge_address(engine: Any, network: str = "bridge") -> str:
 
 def base_image(engine: Any) -> str:
     """The Debian 12 base every build starts from (pulled or debootstrapped as a build would)."""
-    from gpubake import docker_engine, stacks
+    from gpubake import stacks
+    from gpubake.build import docker_engine
 
     ref, _image_id, _note = docker_engine.ensure_base_image(
         engine, stacks.get_os("debian-12"), None, lambda _msg: None
@@ -189,7 +195,7 @@ def base_image(engine: Any) -> str:
 def build_containers(engine: Any) -> set[str]:
     """The ids of the containers gpubake's builds run (gpubake-build-*, labelled with their
     lock's key; any container of a gpubake image inherits the label, and is not a build's)."""
-    from gpubake import guard
+    from gpubake.build import guard
 
     boxes = engine.containers.list(all=True, filters={"label": guard.LOCK_LABEL})
     return {c.id for c in boxes if c.name.startswith("gpubake-build-")}
@@ -198,7 +204,7 @@ def build_containers(engine: Any) -> set[str]:
 def built_images(engine: Any) -> set[str]:
     """The ids of the images gpubake built (tagged or not), and those made from them: they
     carry its input-hash label."""
-    from gpubake import plan
+    from gpubake.build import plan
 
     return {i.id for i in engine.images.list(all=True, filters={"label": plan.HASH_LABEL})}
 
@@ -295,3 +301,58 @@ def remove_other_tags(engine: Any, repository: str, ref: str) -> None:
         if ref not in old.tags:
             with suppress(docker.errors.APIError):  # one still in use stays, until next time
                 engine.images.remove(old.id, force=False)
+
+
+def remove_stack_images(engine: Any, names: tuple[str, ...], tag: str) -> None:
+    """Drop the images of stacks only one module uses (gpubake/<name>:<tag> and their stage
+    images), once it is done: about 7 GB each, which the disk needs back for the rest of the
+    run (the VM host's snapshot takes twice its 13 GB while it is committed)."""
+    # by tag, not by id: an image with children is only untagged, and once its last tag
+    # goes, the last image of the chain is deleted with its untagged parents
+    refs = [f"gpubake/{name}:{tag}" for name in names]
+    for name in names:
+        # its own tags only: a stage it took from another stack (the os stage) keeps that
+        # stack's tag, which a later build of another stack reuses
+        own = f"gpubake-stage/{name}:"
+        # the plain listing: images.list() inspects each image, and one another worker's
+        # test removes in between fails it
+        images = engine.api.images(name=own[:-1])
+        refs += [t for i in images for t in i.get("RepoTags") or [] if t.startswith(own)]
+    for ref in refs:
+        with suppress(docker.errors.APIError):  # gone already, or in use by a container
+            engine.images.remove(ref)
+
+
+def smoke_report(engine: Any, image: str) -> dict[str, Any]:
+    """`docker run IMAGE gpu-smoke --json` (no GPU passed): its exit 0 and its report."""
+    box = engine.containers.run(image, ["gpu-smoke", "--json"], detach=True)
+    try:
+        assert box.wait(timeout=300)["StatusCode"] == 0, box.logs()[-3000:]
+        return json.loads(box.logs(stdout=True, stderr=False))
+    finally:
+        box.remove(force=True)
+
+
+def assert_environment_is_the_lock(engine: Any, image: str, stack: str) -> None:
+    """`uv pip freeze` in the image is exactly the stack's committed lock."""
+    lock = locks.check(stacks.resolve(stack), stacks.machine_arch())
+    out = run_output(engine, image, ["uv", "pip", "freeze"]).decode()
+    frozen = dict(line.split("==", 1) for line in out.splitlines() if "==" in line)
+    frozen = {name.lower().replace("_", "-"): version for name, version in frozen.items()}
+    assert frozen == {name: version for name, (version, _) in lock.pins.items()}
+
+
+def tiny_image(engine: Any, below: str, tag: str, labels: dict[str, str], marker: str) -> Any:
+    """`below` plus one layer (a file saying `marker`): no shell needed, so `below` may be
+    an image made from scratch."""
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, text in (("Dockerfile", f"FROM {below}\nCOPY marker /\n"), ("marker", marker)):
+            member = tarfile.TarInfo(name)
+            member.size = len(text.encode())
+            tar.addfile(member, io.BytesIO(text.encode()))
+    context.seek(0)
+    image, _log = engine.images.build(
+        fileobj=context, custom_context=True, tag=tag, labels=labels, rm=True
+    )
+    return image

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from gpubake import docker_engine, locks, stacks, stages
-from gpubake import plan as plan_mod
+from gpubake import stacks
+from gpubake.build import docker_engine, locks, stages
+from gpubake.build import plan as plan_mod
 from tests.integration.helpers import (
     ROOT,
     apply,
@@ -33,6 +34,7 @@ from tests.integration.helpers import (
     make_marker_bundle,
     run_in,
     run_output,
+    smoke_report,
 )
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -193,13 +195,17 @@ def test_container_runs_as_non_root_and_imports_torch(engine, built):
     assert out == ["1000", dict(stacks.resolve().packages)["torch"]]
 
 
+def test_the_compute_capability_label_is_what_the_wheels_carry(engine, built):
+    """The label `gpubake pull` chooses by (stacks.yml `kernels`) against torch's own list of
+    the kernels it was compiled with (get_arch_list() needs a GPU; this does not)."""
+    code = "import torch; print(torch._C._cuda_getArchFlags())"
+    flags = run_output(engine, IMAGE, ["python", "-c", code]).decode().split()
+    carried = [f"{flag[3:-1]}.{flag[-1]}" for flag in flags if flag.startswith("sm_")]
+    assert built["image"].labels[plan_mod.CC_LABEL].split(",") == carried, flags
+
+
 def test_gpu_smoke_cpu_mode_skips_gpu_checks(engine, built):
-    box = engine.containers.run(IMAGE, ["gpu-smoke", "--json"], detach=True)
-    try:
-        assert box.wait(timeout=300)["StatusCode"] == 0
-        report = json.loads(box.logs(stdout=True, stderr=False))
-    finally:
-        box.remove(force=True)
+    report = smoke_report(engine, IMAGE)
     by = {c["name"]: c["status"] for c in report["checks"]}
     assert report["gpu_visible"] is False
     assert by["torch.import"] == "passed"

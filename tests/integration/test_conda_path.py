@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpubake import stacks
-from gpubake.plan import make_plan
+from gpubake.build.plan import make_plan
 from tests.integration.helpers import (
     ROOT,
     ansible_env,

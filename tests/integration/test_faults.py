@@ -24,7 +24,8 @@ from pathlib import Path
 import docker.errors
 import pytest
 
-from gpubake import guard, resources
+from gpubake import resources
+from gpubake.build import guard
 from tests.integration.helpers import HOST_BUNDLE, build_containers, checkout_copy
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -176,7 +177,8 @@ def _tmp_names(tree: Path) -> set[str]:
 
 
 def _gone(path: Path) -> bool:
-    """Whether the process a work dir is named after (`<key>.<pid>`, gpubake.guard) is gone."""
+    """Whether the process a work dir is named after (`<key>.<pid>`, gpubake.build.guard) is
+    gone."""
     return not Path("/proc", path.suffix.lstrip(".")).exists()
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 import docker.errors
 import pytest
 
-from gpubake import docker_engine, stacks
-from gpubake import plan as plan_mod
-from gpubake.registry import RegistryClient
+from gpubake import stacks
+from gpubake.build import docker_engine
+from gpubake.build import plan as plan_mod
+from gpubake.publish.registry import RegistryClient
 from tests.integration.helpers import ROOT, build_in
 from tests.registry import RunningRegistry, start_registry
 from tests.unit.test_cli import assert_one_line_error

@@ -74,7 +74,7 @@ def test_a_lock_edited_by_hand_stops_the_build(engine, tree):
 def test_a_hash_the_index_does_not_serve_stops_the_build(engine, tree):
     """A lock whose digests were made to fit (as a tampered copy would): the index check
     finds the hash that is no file of that version."""
-    from gpubake import locks
+    from gpubake.build import locks
 
     original = (tree / LOCK).read_text()
     try:

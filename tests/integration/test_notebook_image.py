@@ -10,8 +10,7 @@ import subprocess
 
 import pytest
 
-from gpubake import locks, stacks
-from tests.integration.helpers import ROOT, build_in, run_output
+from tests.integration.helpers import ROOT, assert_environment_is_the_lock, build_in, run_output
 from tests.integration.notebook_helpers import FASTAI_TWO_EPOCHS
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -65,14 +64,7 @@ def test_the_build_reused_pytorch_and_reported_each_own_layer(chain):
 
 
 def test_the_environment_is_exactly_the_lock(engine, chain):
-    lock = locks.check(stacks.resolve("fastai"), stacks.machine_arch())
-    out = run_output(engine, f"gpubake/fastai:{TAG}", ["uv", "pip", "freeze"]).decode()
-    frozen = {
-        line.split("==")[0].lower().replace("_", "-"): line.split("==")[1]
-        for line in out.splitlines()
-        if "==" in line
-    }
-    assert frozen == {name: version for name, (version, _) in lock.pins.items()}
+    assert_environment_is_the_lock(engine, f"gpubake/fastai:{TAG}", "fastai")
 
 
 def test_no_download_cache_is_left_in_the_image(engine, chain):

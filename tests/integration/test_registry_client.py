@@ -1,6 +1,6 @@
-"""gpubake.registry against a real CNCF distribution registry (tests/registry.py): tiny images
-pushed by the Docker Engine, read back without pulling layers, tags moved without uploads;
-and a TLS + htpasswd registry for trust and credentials. No image is built."""
+"""gpubake.publish.registry against a real CNCF distribution registry (tests/registry.py):
+tiny images pushed by the Docker Engine, read back without pulling layers, tags moved without
+uploads; and a TLS + htpasswd registry for trust and credentials. No image is built."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from gpubake import plan, selection
-from gpubake.machine import GpuInfo, Machine
-from gpubake.registry import (
+from gpubake.build import plan
+from gpubake.publish import selection
+from gpubake.publish.machine import GpuInfo, Machine
+from gpubake.publish.registry import (
     MANIFEST_TYPES,
     OCI_INDEX,
     RegistryClient,
@@ -490,6 +491,30 @@ def test_bearer_token_with_the_login_credentials(tokens, tmp_path):
     ]
 
 
+@pytest.mark.parametrize("whose", ["the user's", "unknown"])
+def test_bearer_token_for_an_identity_token(tokens, tmp_path, whose):
+    """`docker login` to an OAuth2 registry stores an identity token, not a password: it is
+    exchanged at the token service (a POST, grant_type=refresh_token), as docker does."""
+    config = tmp_path / "docker"
+    config.mkdir()
+    identity = f"idt-{USER}" if whose == "the user's" else "idt-nobody"
+    (config / "config.json").write_text(
+        json.dumps({"auths": {tokens.host: {"auth": "", "identitytoken": identity}}})
+    )
+    client = RegistryClient(tokens.host, docker_config_dir=config, certs_dir=tokens.certs_dir)
+    before = len(tokens.tokens.issued)
+    if whose == "unknown":
+        with pytest.raises(RegistryError, match="refused the credentials"):
+            client.check()
+        return
+    client.check()
+    assert client.tags("gpubake/pytorch") == []
+    assert tokens.tokens.issued[before:] == [
+        (f"{USER} (identity token)", []),
+        (f"{USER} (identity token)", ["repository:gpubake/pytorch:pull"]),
+    ]
+
+
 def test_bearer_without_credentials_or_with_a_wrong_password(tokens, tmp_path):
     h = tokens.host
     anonymous = RegistryClient(h, docker_config_dir=tmp_path / "none", certs_dir=tokens.certs_dir)
@@ -505,3 +530,22 @@ def test_bearer_without_credentials_or_with_a_wrong_password(tokens, tmp_path):
         f"registry {h} refused the credentials of `docker login {h}` (wrong user or "
         "password?): log in again"
     )
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"auths": {"reg.example:5000": {"auth": "bm9jb2xvbg=="}}}, "is malformed for"),
+        ({"auths": {}, "credsStore": "gpubake-absent"}, "docker-credential-gpubake-absent not"),
+        ({"auths": {}, "credHelpers": {"reg.example:5000": "gpubake-absent"}}, "install its"),
+    ],
+    ids=["auth without a colon", "absent credsStore", "absent credHelper"],
+)
+def test_a_broken_docker_config_is_one_line(tmp_path, config, needle, capfd):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RegistryError) as exc:
+        RegistryClient("reg.example:5000", docker_config_dir=tmp_path)._credentials()
+    message = str(exc.value)
+    assert needle in message and "\n" not in message, message
+    assert message.startswith(f"the Docker config {tmp_path}/config.json")
+    assert capfd.readouterr().err == ""  # docker-py's own warning is not shown

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from gpubake import cli, locks, stacks
-from gpubake import plan as plan_mod
+from gpubake import cli, stacks
+from gpubake.build import locks
+from gpubake.build import plan as plan_mod
 from tests.integration.helpers import apply, run_in
 
 pytestmark = pytest.mark.docker

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gpubake import scan
+from gpubake.publish import scan
 from tests.integration.helpers import ROOT, base_image
 
 pytestmark = [pytest.mark.docker]

@@ -92,3 +92,31 @@ def test_a_sweep_dry_run_from_the_wheel_uses_the_runners_own_spec_rules(wheel_in
     )  # fmt: skip
     assert loaded.returncode == 0, loaded.stderr
     assert str(ROOT) not in loaded.stdout and "_data/roles/job_runner" in loaded.stdout
+
+
+def test_the_wheel_carries_every_sub_package(wheel_install):
+    """pyproject finds the packages (no list to forget one in): each of the checkout's is
+    imported from the installed wheel, not from the checkout."""
+    names = sorted(
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "gpubake").rglob("__init__.py")
+        if "_data" not in init.parts
+    )
+    assert {
+        "gpubake",
+        "gpubake.build",
+        "gpubake.clouds",
+        "gpubake.jobs",
+        "gpubake.jobs.emit",
+        "gpubake.publish",
+    } <= set(names)
+    code = (
+        "import importlib, sys; [print(importlib.import_module(n).__file__) for n in sys.argv[1:]]"
+    )
+    proc = subprocess.run(
+        [wheel_install.python, "-c", code, *names],
+        capture_output=True, text=True, cwd=wheel_install.workdir, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert all(str(ROOT) not in line for line in proc.stdout.splitlines()), proc.stdout
+    assert len(proc.stdout.splitlines()) == len(names)

@@ -262,3 +262,54 @@ def test_dry_run_json_starts_nothing(engine, have_packer, tmp_path):
     assert len(plan["input_hash"]) == 64
     assert "packer build -color=false -on-error=cleanup -var-file=" in plan["packer_command"]
     assert proxy.starting() == []
+
+
+def _gpubake(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpubake", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_the_engine_stopping_mid_command_is_one_line(tmp_path):
+    """The engine answers the connection's first requests (version, ping), then stops: the
+    command's next request is dropped, as when dockerd is stopped or crashes."""
+    for debug in ((), ("--debug",)):
+        (tmp_path / "engine.sock").unlink(missing_ok=True)
+        with engine_proxy(tmp_path, stop_after=2) as engine:
+            proc = _gpubake(*debug, "scan", "gpubake/base:debian-12", env=engine.env)
+        assert engine.stopped.is_set() and len(engine.requests) == 3, engine.requests
+        if debug:  # the traceback, for a bug report
+            assert proc.returncode != 0 and "Traceback" in proc.stderr
+            assert "requests.exceptions.ConnectionError" in proc.stderr
+        else:
+            assert_one_line_error(
+                proc, "the Docker Engine stopped answering in the middle of the command"
+            )
+            assert "--debug shows the traceback" in proc.stderr
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="a read-only bind mount in a private mount namespace needs root"
+)
+def test_a_read_only_cache_is_one_line(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    mount = f"mount --bind {cache} {cache} && mount -o remount,bind,ro {cache}"
+    proc = subprocess.run(
+        # unshare -m: the mount is this process's own and goes with it
+        ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh", sys.executable, "-m",
+         "gpubake", "build", "--target", "docker", "--dry-run"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+        env={**os.environ, "XDG_CACHE_HOME": str(cache)},
+    )  # fmt: skip
+    assert_one_line_error(
+        proc,
+        f"{cache}/gpubake: Read-only file system: gpubake keeps its caches in {cache}/gpubake: "
+        "make it writable, or set XDG_CACHE_HOME",
+    )

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -83,35 +85,26 @@ def test_disk_smaller_than_the_stack_needs(tmp_path):
     one_error(proc, "--disk-size 20 GB is too small for stack 'pytorch': it needs at least")
 
 
-def test_missing_cloud_cli(tmp_path):
-    # the checks before the cloud CLI need no tool on PATH: an empty PATH hides gcloud/aws
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    env = clean_env(tmp_path, PATH=str(empty))
-    one_error(
-        run(env, "--target", "gcp-image", "--project", PROJECT, "--zone", "us-central1-a"),
-        "gcloud not found on PATH: install the Google Cloud CLI",
-    )
-    one_error(
-        run(env, "--target", "aws-ami", "--region", "us-east-1"),
-        "aws not found on PATH: install the AWS CLI v2",
-    )
-
-
 def test_missing_gcp_credentials(tmp_path):
+    # no cloud CLI is needed (or run): Application Default Credentials through google.auth
     env = clean_env(tmp_path, PATH=fake_cli(tmp_path, "gcloud"))
     one_error(
         run(env, "--target", "gcp-image", "--project", PROJECT, "--zone", "us-central1-a"),
-        "no GCP credentials for Packer: run `gcloud auth application-default login`",
+        "no GCP credentials: run `gcloud auth application-default login`",
     )
 
 
-def test_missing_aws_credentials(tmp_path):
-    env = clean_env(tmp_path, PATH=fake_cli(tmp_path, "aws"))
-    one_error(
-        run(env, "--target", "aws-ami", "--region", "us-east-1", "--profile", "team"),
-        "no AWS credentials for profile 'team'",
-    )
+@pytest.mark.parametrize(
+    ("profile", "needle"),
+    [
+        ("team", "--profile team: no such profile in ~/.aws/config or ~/.aws/credentials"),
+        (None, "no AWS credentials (profile default): set AWS_ACCESS_KEY_ID"),
+    ],
+)
+def test_missing_aws_credentials(tmp_path, profile, needle):
+    env = clean_env(tmp_path, PATH=fake_cli(tmp_path, "aws"), AWS_EC2_METADATA_DISABLED="true")
+    args = ("--target", "aws-ami", "--region", "us-east-1")
+    one_error(run(env, *args, *(("--profile", profile) if profile else ())), needle)
 
 
 def test_gpu_the_cloud_does_not_offer(tmp_path):
@@ -245,7 +238,7 @@ def test_cloud_dry_run_prints_the_packer_command(tmp_path, have_packer):
 
 
 def test_local_target_uses_gpubakes_python_where_the_system_has_none(monkeypatch, tmp_path):
-    from gpubake import hosts
+    from gpubake.build import hosts
 
     monkeypatch.setattr(hosts, "SYSTEM_PYTHON", tmp_path / "no-python3")
     assert hosts.inventory("local", None) == [
@@ -263,7 +256,8 @@ def test_local_target_uses_gpubakes_python_where_the_system_has_none(monkeypatch
 def test_host_runs_find_the_collection_from_any_directory(tmp_path, monkeypatch):
     """ssh/local run ansible-playbook with gpubake's config and collection path: the
     playbooks' FQCN roles (gpubake.gpu.<role>) resolve wherever gpubake is run from."""
-    from gpubake import ansible, resources
+    from gpubake import resources
+    from gpubake.build import ansible
 
     monkeypatch.chdir(tmp_path)
     env = ansible.run_env()

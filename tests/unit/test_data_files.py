@@ -4,14 +4,18 @@ line naming the file, the key and the problem, for every command that reads it."
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 
-from gpubake import cli, data_schema, locks, stacks
+from gpubake import cli, data_schema, stacks
+from gpubake.build import locks
 from gpubake.stacks import StackError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,9 +127,15 @@ STACK_EDITS = [
         "address of the page the fact was taken from",
     ),
     (
-        '  "620": {kind: ltsb, eol: "2029-09", source: *branches}',
-        '  "620": {kind: ltsb, eol: "2029-09"}',
+        '    eol: "2029-09"\n    source: *branches\n',
+        '    eol: "2029-09"\n',
         "driver_branches.620.source: is missing (a required key)",
+    ),
+    (
+        "    cuda_source: https://developer.download.nvidia.com/",
+        "    cuda_source: developer.download.nvidia.com/",
+        "driver_branches.620.cuda_source: 'developer.download.nvidia.com/compute/nvidia-driver/"
+        "redi... is not the https:// address",
     ),
     (
         '  "595": {kind: production, max_cuda: "13.2", min_driver: "595.45.04", eol: "2027-03",',
@@ -309,3 +319,18 @@ def test_every_command_reading_the_data_says_one_line(root, tmp_path, args):
         "gpubake: error: images/stacks.yml: stacks.mxnet.env_size_gib: 'big' is a string, "
         "not a number\n"
     )
+
+
+def test_jsonschema_loads_without_the_slow_rfc3987_parser_and_leaves_it_importable():
+    """rfc3987_syntax (where installed) builds a Lark parser at import, a second a command;
+    gpubake keeps it out of jsonschema's import (bench/startup.py), not out of the process."""
+    code = (
+        "import sys, gpubake.cli, jsonschema; "
+        "print('rfc3987_syntax' in sys.modules, sys.modules.get('rfc3987_syntax', 1) is None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    if importlib.util.find_spec("rfc3987_syntax") is not None:  # and a later import works
+        code += "; import rfc3987_syntax; print(rfc3987_syntax.__name__)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.stdout.split()[-1] == "rfc3987_syntax", out.stderr

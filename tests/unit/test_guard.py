@@ -1,4 +1,4 @@
-"""gpubake.guard without an engine: locks across processes (freed when the holder is killed),
+"""gpubake.build.guard without an engine: locks across processes (freed when the holder is killed),
 the waiting message, work dirs and their names, SIGTERM as an interruption."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gpubake import guard
+from gpubake.build import guard
 
 HOLD = """
 import sys, time
-from gpubake import guard
+from gpubake.build import guard
 lock = guard.BuildLock(sys.argv[1])
 assert lock.try_acquire()
 print("held", flush=True)
@@ -109,7 +109,7 @@ def test_work_dir_is_private_under_the_cache_and_gone_after(cache):
 def test_sigterm_is_an_interruption_that_cleanup_sees():
     code = """
 import os, signal, sys
-from gpubake import guard
+from gpubake.build import guard
 try:
     with guard.sigterm_interrupts():
         os.kill(os.getpid(), signal.SIGTERM)

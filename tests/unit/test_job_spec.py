@@ -202,3 +202,28 @@ def test_an_ec2_dataset_volume_is_found_as_the_one_nvme_disk_beside_the_root(tmp
     (dev / "nvme2n1").write_text("")
     (by_id / "nvme-Amazon_Elastic_Block_Store_vol0more").symlink_to(dev / "nvme2n1")
     assert job.ec2_nvme_volume("/dev/sdf", by_id, root) is None
+
+
+@pytest.mark.parametrize("name", ["findmnt", "blkid", "mount", "umount", "systemctl"])
+def test_a_hung_system_tool_is_given_up_on(tmp_path, monkeypatch, name):
+    """Every tool on the runner's way to power-off is bounded (test_jobs.py hangs them on the
+    machine); findmnt, for one, through ec2_nvme_volume's own lookup of the root disk."""
+    stub = tmp_path / name
+    stub.write_text("#!/bin/sh\nexec sleep 600\n")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setenv("GPUBAKE_TOOL_TIMEOUT", "0.5")
+    started = time.monotonic()
+    proc = job.tool([name, "--version"])
+    assert time.monotonic() - started < 5
+    assert (proc.returncode, proc.stderr) == (124, f"{name} hung: gave up after 0.5 s")
+    if name == "findmnt":
+        by_id = tmp_path / "by-id"
+        by_id.mkdir()
+        assert job.ec2_nvme_volume("/dev/sdf", by_id) is None  # and it returned
+
+
+def test_a_missing_system_tool_is_said(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    proc = job.tool(["blkid", "-o", "value"])
+    assert proc.returncode == 127 and proc.stderr.startswith("blkid: ")

@@ -1,4 +1,4 @@
-"""gpubake.journal (one line per stage built) and the suite's audit of it (tests/suite.py):
+"""gpubake.build.journal (one line per stage built) and the suite's audit of it (tests/suite.py):
 a stage input hash built twice in one run is named, unless --force asked for it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from gpubake import journal
+from gpubake.build import journal
 from tests.suite import rebuilt
 
 

@@ -6,15 +6,21 @@ These use the real uv and the real package index (PyPI), as `gpubake lock` and b
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import http.server
+import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from gpubake import locks, resources, stacks
+from gpubake import resources, stacks
+from gpubake.build import locks
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCH = "x86_64"
@@ -344,3 +350,107 @@ def test_lock_json_lists_skips(data_root, capsys):
     assert code == 0
     (record,) = json.loads(out)
     assert record["status"] == "skipped" and "needs Python" in record["note"]
+
+
+class _Index(http.server.BaseHTTPRequestHandler):
+    """A private package index on loopback, as devpi, Nexus or Artifactory serve one: six's
+    page as PEP 691 JSON or PEP 503 HTML only, behind Basic auth (user `ci`, `s3cret`), or a
+    page that is no index at all."""
+
+    kind = "json"  # json | html | text
+    seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        want = "Basic " + base64.b64encode(b"ci:s3cret").decode()
+        self.seen.append(self.headers.get("Authorization", ""))
+        if self.headers.get("Authorization") != want:
+            self._send(401, "text/plain", b"unauthorized", {"WWW-Authenticate": 'Basic realm="x"'})
+        elif self.path != "/simple/six/":
+            self._send(404, "text/plain", b"not found")
+        elif self.kind == "json":
+            files = [
+                {"filename": f"six-1.17.0{ext}", "url": f"../../f/six-1.17.0{ext}",
+                 "hashes": {"sha256": sha}}
+                for ext, sha in ((SIX_WHEEL_NAME, SIX_WHEEL), (".tar.gz", SIX_SDIST))
+            ]  # fmt: skip
+            body = json.dumps({"meta": {"api-version": "1.1"}, "name": "six", "files": files})
+            self._send(200, "application/vnd.pypi.simple.v1+json", body.encode())
+        elif self.kind == "html":
+            links = "".join(
+                f'<a href="../../f/six-1.17.0{ext}#sha256={sha}">six-1.17.0{ext}</a><br/>'
+                for ext, sha in ((SIX_WHEEL_NAME, SIX_WHEEL), (".tar.gz", SIX_SDIST))
+            )
+            page = f"<!DOCTYPE html><html><body><h1>Links for six</h1>{links}</body></html>"
+            self._send(200, "text/html; charset=utf-8", page.encode())
+        else:
+            self._send(200, "text/plain", b"Welcome to our mirror!")
+
+    def _send(self, code: int, kind: str, body: bytes, extra: dict[str, str] | None = None):
+        self.send_response(code)
+        for key, value in {"Content-Type": kind, **(extra or {})}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+SIX_WHEEL_NAME = "-py2.py3-none-any.whl"
+
+
+@pytest.fixture
+def private_index():
+    _Index.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Index)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["json", "html"])
+def test_verify_reads_a_private_index_with_credentials_in_its_url(
+    lock_cache, private_index, kind, monkeypatch
+):
+    monkeypatch.setattr(_Index, "kind", kind)
+    lock = _six([SIX_WHEEL, SIX_SDIST])
+    locks.verify(lock, index=f"http://ci:s3cret@{private_index}/simple")
+    assert _Index.seen and all(auth.startswith("Basic ") for auth in _Index.seen)
+    # the memo names the index without its password
+    memo = (lock_cache / "verified" / lock.sha256).read_text()
+    assert memo.strip() == f"http://***@{private_index}/simple"
+    with pytest.raises(locks.LockError, match="hash mismatch"):  # the page really was read
+        locks.verify(
+            _six([SIX_WHEEL[:-4] + "0000"]), index=f"http://ci:s3cret@{private_index}/simple"
+        )
+
+
+def test_a_refused_login_is_not_an_unreachable_index(lock_cache, private_index):
+    with pytest.raises(locks.LockError) as exc:
+        locks.verify(_six([SIX_WHEEL]), index=f"http://ci:wrong@{private_index}/simple")
+    message = one_line(exc)
+    assert message.startswith(
+        f"lock six.txt: the package index http://***@{private_index}/simple refused the "
+        "request (401 Unauthorized): give the credentials in the URL"
+    ), message
+    assert "wrong" not in message and "could not be reached" not in message
+
+
+def test_a_page_that_is_no_index_is_said_so(lock_cache, private_index, monkeypatch):
+    monkeypatch.setattr(_Index, "kind", "text")
+    with pytest.raises(locks.LockError) as exc:
+        locks.verify(_six([SIX_WHEEL]), index=f"http://ci:s3cret@{private_index}/simple")
+    message = one_line(exc)
+    assert "answered six's page with text/plain, which is no package index page" in message
+    assert "s3cret" not in message
+
+
+def test_an_unreachable_index_with_credentials_hides_them(lock_cache):
+    with pytest.raises(locks.LockError) as exc:
+        locks.verify(_six([SIX_WHEEL]), index="http://ci:s3cret@127.0.0.1:9/simple")
+    message = one_line(exc)
+    assert "the package index http://***@127.0.0.1:9/simple could not be reached" in message
+    assert "s3cret" not in message

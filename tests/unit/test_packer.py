@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from gpubake.ansible import Progress
-from gpubake.packer import Packer, PackerError, needs_plugins, parse_version
+from gpubake.build.ansible import Progress
+from gpubake.build.packer import Packer, PackerError, needs_plugins, parse_version
 
 
 @pytest.mark.parametrize(
@@ -181,3 +186,62 @@ def test_progress_with_nothing_changed():
     progress.feed("ok: [h]")
     progress.feed("h : ok=7    changed=0    unreachable=0    failed=0    skipped=1")
     assert progress.changed_summary() == "7 tasks ok, 0 changed"
+
+
+_RUN_BUILD = """
+import sys
+from pathlib import Path
+from gpubake.build import packer
+packer.CLEANUP_TIMEOUT_S = 2
+work = Path(sys.argv[2])
+try:
+    seen = work / "seen"
+    def on_line(line, message):  # the test interrupts once build() reads Packer's output
+        with seen.open("a") as out:
+            out.write(line + "\\n")
+    packer.Packer(sys.argv[1], (1, 6, 6)).build(work, work / "v.pkrvars.hcl", on_line)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt reached the caller", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("hangs", [False, True])
+def test_ctrl_c_waits_for_packers_clean_up_and_stops_one_that_hangs(tmp_path, hangs):
+    """Ctrl-C during `packer build`: Packer gets Ctrl-C and is waited for; one that does not
+    finish its clean-up in time (a stand-in that ignores Ctrl-C and sleeps) is killed with
+    its process group, and the caller still gets the interruption, not a TimeoutExpired."""
+    pid_file = tmp_path / "packer.pid"
+    stub = tmp_path / "packer"
+    stub.write_text(
+        "#!/bin/bash\n"
+        + ("trap '' INT\n" if hangs else "trap 'exit 1' INT\n")
+        + f"echo $$ > {pid_file}\necho '==> docker.gpubake: Creating a container'\n"
+        + ("exec sleep 300\n" if hangs else "while :; do sleep 0.1; done\n"),
+        encoding="utf-8",
+    )
+    stub.chmod(0o755)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _RUN_BUILD, str(stub), str(tmp_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    seen = tmp_path / "seen"  # build() is in its read loop: Ctrl-C there is what is tested
+    while not seen.exists() or "Creating a container" not in seen.read_text():
+        assert time.monotonic() < deadline and child.poll() is None, "the stand-in never started"
+        time.sleep(0.05)
+    packer_pid = int(pid_file.read_text())
+    child.send_signal(signal.SIGINT)
+    _out, err = child.communicate(timeout=30)
+    assert child.returncode == 130, err
+    assert "KeyboardInterrupt reached the caller" in err
+    assert "Traceback" not in err
+    assert ("did not finish its clean-up in 2 s and was stopped" in err) is hangs, err
+    assert not Path(f"/proc/{packer_pid}").exists() or "Z" in _state(packer_pid)
+
+
+def _state(pid: int) -> str:
+    with contextlib.suppress(FileNotFoundError):
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    return "gone"

@@ -8,15 +8,16 @@ import subprocess
 
 import pytest
 
-from gpubake import ansible, hashing, resources
-from gpubake.plan import (
+from gpubake import resources
+from gpubake.build import ansible, hashing
+from gpubake.build.plan import (
     HASH_LABEL,
     PlanError,
     check_ca_bundle,
     check_tag,
     make_plan,
 )
-from gpubake.render import COLLECTION_DIR, hcl_value, render
+from gpubake.build.render import COLLECTION_DIR, hcl_value, render
 from gpubake.stacks import resolve
 
 

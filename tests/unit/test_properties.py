@@ -17,9 +17,10 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gpubake import GpubakeError, cli, stacks, targets
-from gpubake.hosts import split_host
-from gpubake.plan import check_tag
+from gpubake import GpubakeError, cli, stacks
+from gpubake.build import targets
+from gpubake.build.hosts import split_host
+from gpubake.build.plan import check_tag
 from gpubake.stacks import StackError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """What a container image carries for the pulling side: immutable and rolling tags, the
-labels gpubake.selection reads, and one-line refusals of push / pull / images."""
+labels gpubake.publish.selection reads, and one-line refusals of push / pull / images."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from gpubake import plan as plan_mod
-from gpubake import stacks, stages
-from gpubake.plan import immutable_tag, make_plan, rolling_tags
+from gpubake import stacks
+from gpubake.build import plan as plan_mod
+from gpubake.build import stages
+from gpubake.build.plan import immutable_tag, make_plan, rolling_tags
 from tests.unit.test_cli import assert_one_line_error, no_engine_env
 
 WHEN = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
@@ -52,7 +53,7 @@ def test_container_labels_say_what_pulling_needs():
     assert labels["io.gpubake.framework-version"] == dict(stack.packages)["torch"]
     assert labels["org.opencontainers.image.source"].startswith("https://")
     assert labels["org.opencontainers.image.base.digest"] == "sha256:" + "b" * 64
-    # the immutable tag names the last stage's hash: gpubake.stages sets it
+    # the immutable tag names the last stage's hash: gpubake.build.stages sets it
     assert plan_mod.VERSION_LABEL not in labels
     # and a legacy stack on CUDA 11 runs on older GPUs and drivers (minor-version
     # compatibility from 450.80.02), though its VM images install 580

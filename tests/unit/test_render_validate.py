@@ -8,9 +8,10 @@ import subprocess
 
 import pytest
 
-from gpubake import ansible, resources, stacks, targets
-from gpubake.plan import CloudOptions, make_plan
-from gpubake.render import COLLECTION_DIR, render
+from gpubake import resources, stacks
+from gpubake.build import ansible, targets
+from gpubake.build.plan import CloudOptions, make_plan
+from gpubake.build.render import COLLECTION_DIR, render
 
 COMBOS = list(
     itertools.product(targets.names(packer=True), stacks.stack_names(), stacks.os_names())

@@ -17,9 +17,10 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from packageurl import PackageURL
 
-from gpubake import cli, plan, stages
-from gpubake import sbom as sbom_mod
-from gpubake.locks import Lock
+from gpubake import cli
+from gpubake.build import plan, stages
+from gpubake.build.locks import Lock
+from gpubake.publish import sbom as sbom_mod
 from gpubake.stacks import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -312,14 +313,14 @@ class _Engine:
 
 
 def _cli(monkeypatch, found, *args):
-    from gpubake import docker_engine
+    from gpubake.build import docker_engine
 
     monkeypatch.setattr(docker_engine, "client", lambda: _Engine(found))
     return CliRunner().invoke(cli.cli, ["sbom", *args], standalone_mode=False)
 
 
 def test_sbom_command_prints_the_file_its_label_names(monkeypatch, tmp_path):
-    from gpubake import docker_engine
+    from gpubake.build import docker_engine
 
     body = b'{"bomFormat": "CycloneDX"}\n'
     read = []
@@ -349,7 +350,7 @@ def test_sbom_command_without_label_or_image_says_so_in_one_line(monkeypatch, ca
     assert isinstance(result.exception, sbom_mod.SbomError)
     assert "no local image missing:t" in str(result.exception)
     # through gpubake's main: one line, exit 1
-    from gpubake import docker_engine
+    from gpubake.build import docker_engine
 
     monkeypatch.setattr(docker_engine, "client", lambda: _Engine({"old:t": _Image(None)}))
     with pytest.raises(SystemExit) as exit_info:

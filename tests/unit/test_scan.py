@@ -1,4 +1,4 @@
-"""gpubake.scan's rules on small layer tars built here, its docker-save parsing, the cache
+"""gpubake.publish.scan's rules on small layer tars built here, its docker-save parsing, the cache
 and the allowlist (the Docker Engine side is in tests/integration/test_scan.py)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gpubake import scan
+from gpubake.publish import scan
 
 RULES = scan.load_rules()
 CA_DIR = RULES.build_ca_dir

@@ -1,5 +1,5 @@
-"""Which image fits a machine: nvidia-smi parsing (gpubake.machine) and the choice among a
-registry's images by their labels (gpubake.selection), against the real images/*.yml.
+"""Which image fits a machine: nvidia-smi parsing (gpubake.publish.machine) and the choice among a
+registry's images by their labels (gpubake.publish.selection), against the real images/*.yml.
 
 nvidia-smi cannot run here (no GPU): its output is replayed from tests/unit/data/nvidia_smi,
 whose files say where each shape comes from.
@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from gpubake import GpubakeError, machine, plan, selection, stacks
-from gpubake.machine import GpuInfo, Machine, MachineError, detect, parse_nvidia_smi
-from gpubake.registry import ImageInfo
-from gpubake.selection import choose
+from gpubake import GpubakeError, stacks
+from gpubake.build import plan
+from gpubake.publish import machine, selection
+from gpubake.publish.machine import GpuInfo, Machine, MachineError, detect, parse_nvidia_smi
+from gpubake.publish.registry import ImageInfo
+from gpubake.publish.selection import choose
 
 DATA = Path(__file__).parent / "data" / "nvidia_smi"
 REGISTRY = "127.0.0.1:5000/gpubake"

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpubake import hashing, resources, stages
-from gpubake.locks import Lock
-from gpubake.plan import HASH_LABEL, make_plan
-from gpubake.render import LOCK_FILE, render
+from gpubake import resources
+from gpubake.build import hashing, stages
+from gpubake.build.locks import Lock
+from gpubake.build.plan import HASH_LABEL, make_plan
+from gpubake.build.render import LOCK_FILE, render
 from gpubake.stacks import resolve
 
 PINS = {

@@ -20,10 +20,13 @@ from pathlib import Path
 
 import docker
 import docker.errors
+import requests
 from docker.models.images import Image
 
-from gpubake import GpubakeError, guard
-from gpubake.plan import HASH_LABEL
+from gpubake import GpubakeError
+from gpubake.build import guard
+from gpubake.build.plan import HASH_LABEL
+from gpubake.publish import machine
 from gpubake.stacks import OsInfo
 
 Echo = Callable[[str], None]
@@ -46,7 +49,7 @@ def client() -> docker.DockerClient:
     try:
         engine = docker.from_env(timeout=600)
         engine.ping()
-    except docker.errors.DockerException as exc:
+    except (docker.errors.DockerException, requests.RequestException) as exc:
         raise EngineError(
             "Docker Engine not reachable: start dockerd (e.g. `dockerd &` or "
             f"`systemctl start docker`) and check DOCKER_HOST ({str(exc).splitlines()[0][:120]})"
@@ -63,18 +66,24 @@ def local_image(engine: docker.DockerClient, ref: str) -> Image | None:
         raise EngineError(f"cannot inspect image {ref}: {exc.explanation}") from None
 
 
-def image_with_hash(
+def images_with_hash(
     engine: docker.DockerClient, repository: str, digest: str, ref: str | None = None
-) -> Image | None:
-    """An image of `repository` built from identical inputs, if one exists; the one tagged
-    `ref` first, so that a skipped build never moves a tag off an image that is already
-    up to date."""
+) -> list[Image]:
+    """The images of `repository` (or, for "NAMESPACE/", of any repository in it) built from
+    identical inputs; the one tagged `ref` first, so that a skipped build never moves a tag
+    off an image that is already up to date. Several may match (one built on a base image
+    that was made again since): the caller picks the one on the image it builds on."""
+
+    def of(tag: str) -> bool:
+        name = tag.rsplit(":", 1)[0]
+        return name.startswith(repository) if repository.endswith("/") else name == repository
+
     found = [
         image
         for image in engine.images.list(filters={"label": f"{HASH_LABEL}={digest}"})
-        if any(tag.rsplit(":", 1)[0] == repository for tag in image.tags)
+        if any(of(tag) for tag in image.tags)
     ]
-    return next((i for i in found if ref in i.tags), found[0] if found else None)
+    return sorted(found, key=lambda i: ref not in i.tags)
 
 
 def drop_replaced(engine: docker.DockerClient, previous: Image | None, now: Image | None) -> str:
@@ -311,8 +320,6 @@ def gpus_for_containers(engine: docker.DockerClient) -> tuple[bool, str | None]:
     """(whether a build container can be given this machine's GPUs, a note for the user).
     Needs an NVIDIA GPU (nvidia-smi) and the NVIDIA container toolkit (the engine's nvidia
     runtime or the hook `docker run --gpus` calls)."""
-    from gpubake import machine
-
     try:
         gpus = machine.detect().gpus
     except GpubakeError as exc:  # an nvidia-smi gpubake cannot read: build, say so

@@ -31,6 +31,7 @@ from typing import IO, Any
 import click
 
 from gpubake import GpubakeError, resources
+from gpubake.build import docker_engine
 
 #: Bumped when a rule changes meaning; the cache key also covers this file's own text.
 SCANNER_VERSION = "1"
@@ -394,8 +395,13 @@ def _file_text(root: Path, path: str, size: int) -> bytes | None:
 # --- the cache ---------------------------------------------------------------------------
 
 
+def cache_folder() -> Path:
+    """Where a layer's scan result is kept: <diff id>-<rules digest>.json."""
+    return resources.cache_dir() / "scan"
+
+
 def _cache_file(diff_id: str, rules_digest: str) -> Path:
-    return resources.cache_dir() / "scan" / f"{diff_id.removeprefix('sha256:')}-{rules_digest}.json"
+    return cache_folder() / f"{diff_id.removeprefix('sha256:')}-{rules_digest}.json"
 
 
 def _load_cached(diff_id: str, rules_digest: str) -> LayerResult | None:
@@ -675,8 +681,6 @@ def scan_command(image: str, as_json: bool) -> None:
     gpubake scan gpubake/pytorch
     gpubake scan --json myregistry/ml/fastai:2.15-cu132 | jq .findings
     """
-    from gpubake import docker_engine
-
     engine = docker_engine.client()
     report = scan_image(engine, image, progress=lambda m: click.echo(f"gpubake: {m}", err=True))
     if as_json:

@@ -22,8 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from gpubake import __version__, resources, targets
-from gpubake.plan import BuildPlan, PlanError
+from gpubake import __version__, resources
+from gpubake.build import targets
+from gpubake.build.plan import BuildPlan, PlanError
 
 #: The collection inside a render, relative to DIR (images/variables.pkr.hcl's local.collection).
 COLLECTIONS_DIR = "collections"

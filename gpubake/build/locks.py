@@ -21,24 +21,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import gzip
 import hashlib
-import http.client
+import html.parser
 import json
 import os
 import re
-import ssl
 import subprocess
 import tempfile
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
 from packaging.utils import (
     InvalidSdistFilename,
     InvalidWheelFilename,
@@ -131,7 +128,7 @@ def _show(path: Path) -> str:
 # --- uv ---------------------------------------------------------------------------------------
 
 
-def _uv() -> str:
+def uv_binary() -> str:
     try:
         from uv import find_uv_bin
     except ImportError:
@@ -144,7 +141,7 @@ def _manylinux_minors(arch: str) -> tuple[int, ...]:
     """The glibc 2.x minors uv accepts in --python-platform <arch>-manylinux_2_<minor>."""
     try:
         out = subprocess.run(
-            [_uv(), "pip", "compile", "--help"],
+            [uv_binary(), "pip", "compile", "--help"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -246,7 +243,7 @@ def compile_lock(
         if prefer is not None and prefer.is_file() and not upgrade:
             out.write_text(prefer.read_text(encoding="utf-8"), encoding="utf-8")
         command = [
-            _uv(),
+            uv_binary(),
             "pip",
             "compile",
             "-",
@@ -426,66 +423,94 @@ def _file_version(filename: str) -> Version | None:
         return None
 
 
-@functools.cache
-def _tls() -> ssl.SSLContext:
-    """One TLS context for all requests (loading the CA store costs ~0.1 s each time)."""
-    return ssl.create_default_context()
-
-
 _local = threading.local()
+#: PEP 691's JSON first; a PEP 503 HTML page (devpi, Nexus, Artifactory mirrors) is read too
+_ACCEPT = f"{_JSON_API}, text/html;q=0.1"
 
 
-def _get(url: str) -> bytes | None:
-    """GET a simple-API page (gzip, kept-alive connection per thread); None for a 404."""
-    headers = {"Accept": _JSON_API, "Accept-Encoding": "gzip", "User-Agent": "gpubake"}
+class IndexAnswerError(GpubakeError):
+    """The index answered, but not with what a package index answers (why, in one line)."""
+
+
+def redact(url: str) -> str:
+    """An index URL as messages show it: credentials in it hidden."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or urllib.request.getproxies().get(parts.scheme):
-        request = urllib.request.Request(url, headers=headers)  # noqa: S310 (the user's index)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _session() -> requests.Session:
+    """One session per thread (kept-alive connections; requests takes credentials from the
+    URL, proxies and CA bundles from the environment)."""
+    session = getattr(_local, "session", None)
+    if session is None:
+        session = _local.session = requests.Session()
+        session.headers.update({"Accept": _ACCEPT, "User-Agent": "gpubake"})
+    return session
+
+
+def _get(url: str) -> tuple[bytes, str] | None:
+    """A simple-API page and its content type; None for a 404."""
+    response = _session().get(url, timeout=60)
+    if response.status_code == 404:
+        return None
+    if response.status_code in (401, 403):
+        raise IndexAnswerError(
+            f"refused the request ({response.status_code} {response.reason}): give the "
+            "credentials in the URL (https://USER:TOKEN@host/simple) or check them"
+        )
+    if response.status_code != 200:
+        status = f"{response.status_code} {response.reason}"
+        raise IndexAnswerError(f"answered {status} for {redact(url)}")
+    return response.content, response.headers.get("Content-Type", "").split(";")[0].strip()
+
+
+class _Anchors(html.parser.HTMLParser):
+    """The files of a PEP 503 page: each anchor's file name and its URL's #sha256=."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: list[dict[str, Any]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag != "a":
+            return
+        href = urllib.parse.urlsplit(dict(attrs).get("href") or "")
+        algorithm, _, digest = href.fragment.partition("=")
+        name = urllib.parse.unquote(href.path.rsplit("/", 1)[-1])
+        self.files.append({"filename": name, "hashes": {algorithm: digest} if digest else {}})
+
+
+def _page(index: str, name: str) -> dict[str, Any] | None:
+    """A project's simple-API page as PEP 691 JSON (an HTML page converted)."""
+    got = _get(f"{index}/{name}/")
+    if got is None:
+        return None
+    raw, kind = got
+    if kind in (_JSON_API, "application/json"):
         try:
-            with urllib.request.urlopen(request, timeout=60, context=_tls()) as response:  # noqa: S310
-                raw, encoding = response.read(), response.headers.get("Content-Encoding")
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
-        return gzip.decompress(raw) if encoding == "gzip" else raw
-    connections = _local.__dict__.setdefault("connections", {})
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    for attempt in (1, 2):  # a kept-alive connection the server closed: once more, afresh
-        conn = connections.get((parts.scheme, parts.netloc))
-        if conn is None:
-            if parts.scheme == "https":
-                conn = http.client.HTTPSConnection(parts.netloc, timeout=60, context=_tls())
-            else:
-                conn = http.client.HTTPConnection(parts.netloc, timeout=60)
-            connections[(parts.scheme, parts.netloc)] = conn
-        try:
-            conn.request("GET", path, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
-        except (http.client.HTTPException, OSError):
-            conn.close()
-            del connections[(parts.scheme, parts.netloc)]
-            if attempt == 2:
-                raise
-            continue
-        if response.status == 404:
-            return None
-        if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
-            return _get(urllib.parse.urljoin(url, response.getheader("Location", "")))
-        if response.status != 200:
-            raise urllib.error.HTTPError(url, response.status, response.reason, response.msg, None)
-        encoding = response.getheader("Content-Encoding")
-        return gzip.decompress(raw) if encoding == "gzip" else raw
-    raise AssertionError("unreachable")
+            return json.loads(raw)
+        except ValueError:
+            raise IndexAnswerError(f"sent {name}'s page as broken JSON") from None
+    if kind in ("text/html", "application/vnd.pypi.simple.v1+html"):
+        parser = _Anchors()
+        parser.feed(raw.decode("utf-8", "replace"))
+        if parser.files or b"<a" in raw.lower() or b"<html" in raw.lower():
+            return {"files": parser.files}
+    raise IndexAnswerError(
+        f"answered {name}'s page with {kind or 'no content type'}, which is no package index "
+        "page (PEP 691 JSON or PEP 503 HTML): check that the URL ends at the index's /simple"
+    )
 
 
 def _version_files(index: str, name: str, version: str) -> set[str] | None:
-    """The sha256 digests of one version's files on a PEP 691 index; None: no such version."""
-    raw = _get(f"{index}/{name}/")
-    if raw is None:
+    """The sha256 digests of one version's files on the index; None: no such version."""
+    data = _page(index, name)
+    if data is None:
         return None
-    data = json.loads(raw)
     try:
         wanted = Version(version)
     except InvalidVersion:
@@ -520,9 +545,9 @@ def verify(lock: Lock, index: str | None = None) -> None:
     version's files. Checked once per lock text and index (a memo in the cache)."""
     index = (index or index_url()).rstrip("/")
     memo = _verified_memo(lock)
-    if memo.is_file() and memo.read_text(encoding="utf-8").strip() == index:
+    if memo.is_file() and memo.read_text(encoding="utf-8").strip() == redact(index):
         return
-    shown = _show(lock.path)
+    shown, where = _show(lock.path), redact(index)
     if lock.stack and lock.os_key and lock.arch:
         fix = f"run `{fix_command(lock.stack, lock.os_key, lock.arch)}`"
     else:
@@ -534,29 +559,41 @@ def verify(lock: Lock, index: str | None = None) -> None:
         }
         try:
             found = {name: future.result() for name, future in futures.items()}
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except IndexAnswerError as exc:
             for future in futures.values():
                 future.cancel()
-            reason = getattr(exc, "reason", None) or exc
+            raise LockError(f"lock {shown}: the package index {where} {exc}") from None
+        except (requests.RequestException, OSError, ValueError) as exc:
+            for future in futures.values():
+                future.cancel()
             raise LockError(
-                f"lock {shown}: the package index {index} could not be reached ({reason}); "
-                "the lock cannot be verified without it: check the network, or point "
-                "UV_INDEX_URL at a reachable mirror"
+                f"lock {shown}: the package index {where} could not be reached "
+                f"({_reason(exc)}); the lock cannot be verified without it: check the network, "
+                "or point UV_INDEX_URL at a reachable mirror"
             ) from None
     for name in names:
         version, hashes = lock.pins[name]
         files = found[name]
         if files is None:
-            raise LockError(f"lock {shown}: {name} {version} does not exist on {index} ({fix})")
+            raise LockError(f"lock {shown}: {name} {version} does not exist on {where} ({fix})")
         for item in hashes:
             algorithm, _, digest = item.partition(":")
             if algorithm != "sha256" or digest.lower() not in files:
                 raise LockError(
                     f"lock {shown}: hash mismatch for {name} {version} ({item[:19]}… is no file "
-                    f"of it on {index}): {fix}"
+                    f"of it on {where}): {fix}"
                 )
     memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(index + "\n", encoding="utf-8")
+    memo.write_text(where + "\n", encoding="utf-8")
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a connection failure, without the URL (which may hold
+    credentials) that requests' messages repeat."""
+    while exc.__context__ is not None and isinstance(exc, requests.RequestException):
+        exc = exc.__context__
+    text = str(getattr(exc, "reason", None) or exc)
+    return re.sub(r"\S+://\S+", "the index", text)
 
 
 # --- builds -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ unchanged stage is reused and only a changed stage and those after it are rebuil
 
 The stages and their roles are data (images/stacks.yml `container_stages`). A stage's hash
 covers what it uses and nothing else: the files of its roles and of the roles and modules
-they name (gpubake.hashing.stage_files), the variables of those roles, the part of the lock
+they name (gpubake.build.hashing.stage_files), the variables of those roles, the part of the lock
 it installs, its container settings when it is a stack's last stage, and the hash of the
 stage below it (or the base image's id). A stack that derives from another adds its
 `derived` stages on its parent's last image, whose layers it shares unchanged.
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpubake import hashing
-from gpubake.locks import Lock, subset
-from gpubake.plan import (
+from gpubake.build import hashing
+from gpubake.build.locks import Lock, subset
+from gpubake.build.plan import (
     CREATED_LABEL,
     HASH_LABEL,
     LABEL_PREFIX,
@@ -49,7 +49,9 @@ class Stage:
     roles: tuple[str, ...]
     lock: str  # "", "cuda" or "all": the part of the stack's lock the stage installs
     input_hash: str
-    plan: BuildPlan  # what gpubake.render and Packer take; plan.image_ref is the stage's image
+    plan: (
+        BuildPlan  # what gpubake.build.render and Packer take; plan.image_ref is the stage's image
+    )
     final: bool  # the stack's last stage, tagged gpubake/<stack>:<tag>
     smoke: bool
 
@@ -157,7 +159,7 @@ def plan_chain(
     gpu_build: bool = False,
 ) -> list[Stage]:
     """The stages that build `stack`'s image, its parents' first. `plan_for(s)` is the whole
-    plan of stack s (gpubake.plan.make_plan); `locks[s.name]` is s's checked lock. With
+    plan of stack s (gpubake.build.plan.make_plan); `locks[s.name]` is s's checked lock. With
     `gpu_build` (this machine's GPUs can be given to a container) the stages that run
     gpu-smoke get them, and gpu-smoke must then run its GPU checks (--require-gpu)."""
     spec = stacks_data()["container_stages"]["stages"]

@@ -18,8 +18,10 @@ from typing import Any
 
 import click
 
-from gpubake import GpubakeError, guard, journal, resources, stacks, targets
-from gpubake.plan import (
+from gpubake import GpubakeError, resources, stacks
+from gpubake.build import ansible, docker_engine, guard, hosts, journal, locks, stages, targets
+from gpubake.build.packer import Packer
+from gpubake.build.plan import (
     SMOKE_CPU_CHECKED,
     SMOKE_LABEL,
     BuildPlan,
@@ -28,7 +30,13 @@ from gpubake.plan import (
     check_tag,
     make_plan,
 )
-from gpubake.render import render, var_file_name
+from gpubake.build.render import render, var_file_name
+from gpubake.build.stages import STAGE_REPOSITORY
+from gpubake.clouds import aws as cloud_rules_aws
+from gpubake.clouds import build as clouds
+from gpubake.clouds import gcp as cloud_rules_gcp
+from gpubake.clouds.location import settle_options
+from gpubake.publish import images, scan
 
 LOG_DIR = resources.cache_dir() / "logs"
 
@@ -88,10 +96,8 @@ class _Run:
 
 
 def machine_inputs(packer: Any | None) -> dict[str, Any]:
-    """What a plan takes from this machine (gpubake.plan is pure): the Packer version, the
+    """What a plan takes from this machine (gpubake.build.plan is pure): the Packer version, the
     ansible-playbook to run, the time, the git revision of gpubake's data, a build id."""
-    from gpubake import ansible
-
     inputs: dict[str, Any] = {
         "ansible_playbook": ansible.playbook_command(),
         "created": dt.datetime.now(dt.UTC),
@@ -160,8 +166,6 @@ def build(request: BuildRequest) -> None:
 def _container_locks(stack: stacks.Stack, *, verify: bool) -> tuple[dict[str, Any], list[str]]:
     """The lock of each stack of the lineage, checked (and verified against the index
     unless `verify` is false), with the notes of locks re-resolved for --var packages.X."""
-    from gpubake import locks
-
     arch = stacks.machine_arch()
     found: dict[str, Any] = {}
     notes: list[str] = []
@@ -178,8 +182,6 @@ def _container_locks(stack: stacks.Stack, *, verify: bool) -> tuple[dict[str, An
 def container_chain(
     run: _Run, plan_inputs: dict[str, Any], lock_texts: dict[str, Any], *, gpu_build: bool = False
 ) -> list:
-    from gpubake import locks, stages
-
     def plan_for(level: stacks.Stack) -> BuildPlan:
         return make_plan(level, target=run.target.name, **plan_inputs)
 
@@ -191,8 +193,6 @@ def container_chain(
 def _reusable(engine: Any, chain: list, force: bool, stack: str) -> dict[str, Any]:
     """Stage hash -> the local image built from identical inputs, for the stages not forced
     (--force rebuilds the requested stack's own stages, not its parents')."""
-    from gpubake import docker_engine
-
     found = {}
     below = docker_engine.local_image(engine, chain[0].plan.base_image)
     for stage in chain:
@@ -208,19 +208,18 @@ def _reusable(engine: Any, chain: list, force: bool, stack: str) -> dict[str, An
 def _identical(engine: Any, stage: Any, below: Any) -> Any:
     """The local image of `stage` built from identical inputs and on the very image `below`
     (not on one that a --force build replaced since), so that it shares its layers; or None."""
-    from gpubake import docker_engine
-
     plan = stage.plan
-    image = docker_engine.image_with_hash(
+    found = docker_engine.images_with_hash(
         engine, plan.image_repository, stage.input_hash, plan.image_ref
     )
-    return image if image is not None and docker_engine.built_on(image, below) else None
+    if not stage.final:
+        # the same stage of another stack (every stack of an OS has the same os stage)
+        found += docker_engine.images_with_hash(engine, f"{STAGE_REPOSITORY}/", stage.input_hash)
+    # the first on `below`: an older one may sit on a base image that was made again since
+    return next((i for i in found if docker_engine.built_on(i, below)), None)
 
 
 def _build_container(run: _Run) -> None:
-    from gpubake import docker_engine
-    from gpubake.packer import Packer
-
     req = run.request
     doing = run.doing
     started = time.monotonic()
@@ -272,8 +271,6 @@ def _build_chain(
     reuse: dict[str, Any],
     started: float,
 ) -> None:
-    from gpubake import docker_engine, guard, publish
-
     final = chain[-1]
     plan = final.plan
     if final.input_hash in reuse:
@@ -284,7 +281,7 @@ def _build_chain(
             if stage.final and stage.plan.image_ref not in image.tags:
                 image.tag(stage.plan.image_repository, stage.plan.image_tag)
             if stage.final and SMOKE_LABEL not in (image.labels or {}):
-                publish.label_smoke(engine, stage.plan.image_ref)  # built before it was labelled
+                images.label_smoke(engine, stage.plan.image_ref)  # built before it was labelled
         echo(
             f"skipped: {plan.image_ref} is already built from identical inputs "
             f"(input hash {plan.input_hash[:12]}, image {existing.short_id}); "
@@ -333,8 +330,6 @@ def _build_chain(
 
 
 def _reusable_stage(engine: Any, stage: Any, number: int, chain: list) -> Any:
-    from gpubake import docker_engine
-
     below_ref = chain[number - 2].plan.image_ref if number > 1 else stage.plan.base_image
     image = _identical(engine, stage, docker_engine.local_image(engine, below_ref))
     if image is None:
@@ -350,8 +345,6 @@ def _build_stage(
     """One stage's Packer build. A stack's last stage is tagged `gpubake-stage/...:output-*`
     first; only once gpu-smoke's labels are on it and its layers scanned clean does the
     asked tag move onto it, so that an interrupted or failed build moves no tag."""
-    from gpubake import docker_engine, guard, publish, scan, stages
-
     echo(f"{where}: building ({', '.join(stage.roles)})")
     stage_started = time.monotonic()
     plan = stage.plan
@@ -372,7 +365,7 @@ def _build_stage(
             built = docker_engine.local_image(engine, plan.image_ref)
         else:  # gpu-smoke's result, known only now: labels; then every layer scanned
             run.doing.what = f"{where}: labelling and scanning"
-            built = publish.label_smoke(engine, staged)
+            built = images.label_smoke(engine, staged)
             report = scan.scan_image(engine, staged, progress=lambda m: echo(f"{where}: {m}"))
             if report.findings:
                 for finding in report.findings:
@@ -390,7 +383,7 @@ def _build_stage(
             guard.remove_stage_images(engine, {stage.input_hash})
         raise
     own = docker_engine.own_size(engine, built, plan.base_image) if built else 0
-    echo(f"{where}: built in {elapsed(stage_started)}, its layer {_size(own)}")
+    echo(f"{where}: built in {elapsed(stage_started)}, its layer {size_text(own)}")
     journal.record(
         stack=stage.stack,
         stage=stage.name,
@@ -404,9 +397,6 @@ def _build_stage(
 
 
 def _build_cloud_image(run: _Run) -> None:
-    from gpubake import clouds
-    from gpubake.packer import Packer
-
     req = run.request
     started = time.monotonic()
     cloud = CloudOptions(
@@ -417,8 +407,8 @@ def _build_cloud_image(run: _Run) -> None:
         disk_size_gb=req.disk_size,
         gpu_build=not req.no_gpu_build,
     )
-    cloud = clouds.settle_options(run.target.name, cloud, os.environ)
-    clouds.check_disk(run.stack, cloud.disk_size_gb)
+    cloud = settle_options(run.target.name, cloud, os.environ)
+    clouds.check_disk(run.target.name, run.stack, cloud.disk_size_gb)
     notes = []
     if not cloud.gpu_build:
         notes.append("--no-gpu-build: built on a CPU machine; gpu-smoke's GPU checks will not run")
@@ -426,11 +416,10 @@ def _build_cloud_image(run: _Run) -> None:
     source = getattr(run.stack.os, run.target.cloud)
     assert source is not None
     base = "/".join(str(v) for v in source.values())
-    cli = ""
+    session = None
     if not req.dry_run:
-        cli = clouds.check_cli(run.target.name)
-        creds = clouds.check_credentials(run.target.name, cloud, os.environ)
-        notes.append(f"credentials: {creds}")
+        session = clouds.session(run.target.name, cloud)
+        notes.append(f"credentials: {clouds.check_credentials(session)}")
     packer = Packer.detect()
     plan = make_plan(
         run.stack,
@@ -449,16 +438,14 @@ def _build_cloud_image(run: _Run) -> None:
         return
     run.doing.what = "the wait for another build of the same image"
     with guard.held(guard.output_key(f"{plan.target}:{plan.image_ref}"), echo, plan.image_ref):
-        _build_cloud_image_locked(run, plan, packer, cloud, cli, started)
+        _build_cloud_image_locked(run, plan, packer, session, started)
 
 
 def _build_cloud_image_locked(
-    run: _Run, plan: BuildPlan, packer: Any, cloud: CloudOptions, cli: str, started: float
+    run: _Run, plan: BuildPlan, packer: Any, session: Any, started: float
 ) -> None:
-    from gpubake import clouds
-
     req = run.request
-    existing = clouds.find_existing(plan, cloud, cli)
+    existing = clouds.find_existing(session, plan)
     if existing and not req.force:
         echo(
             f"skipped: {existing} is already built from identical inputs (input hash "
@@ -480,8 +467,6 @@ def _build_cloud_image_locked(
 
 def ssh_login(host: str | None, ssh_key: Path | None, known_hosts: Path | None) -> Any:
     """The SshLogin for --host (checked for form here: nothing is contacted), or None."""
-    from gpubake import hosts
-
     if host is None:
         return None
     hosts.split_host(host)
@@ -489,8 +474,6 @@ def ssh_login(host: str | None, ssh_key: Path | None, known_hosts: Path | None) 
 
 
 def _apply_host(run: _Run) -> None:
-    from gpubake import hosts
-
     req = run.request
     login = ssh_login(req.host, req.ssh_key, req.known_hosts)
     host = login.host if login else None
@@ -537,8 +520,6 @@ def _apply_host(run: _Run) -> None:
 def _dry_run_base(
     engine: Any, osinfo: stacks.OsInfo, explicit: str | None, notes: list[str]
 ) -> tuple[str, str]:
-    from gpubake import docker_engine
-
     candidates = [explicit] if explicit else [osinfo.base_image, docker_engine.base_ref(osinfo)]
     for ref in candidates:
         image = docker_engine.local_image(engine, ref)
@@ -656,7 +637,7 @@ def print_plan(
         click.echo(f"note: {note}")
 
 
-def _size(nbytes: int) -> str:
+def size_text(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
@@ -669,8 +650,6 @@ def run_packer(plan: BuildPlan, packer: Any, verbose: int, key: str) -> None:
     """Packer on `plan`, in a work dir under gpubake's cache named after the lock on `key`
     (which the caller holds): Packer's and Ansible's temporary files go there too, so that
     nothing of a build (its variables, its CA bundle's path) is left elsewhere."""
-    from gpubake import guard
-
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     log_path = LOG_DIR / f"{plan.stack.name}-{plan.target}-{stamp}.log"
@@ -720,8 +699,6 @@ PLACEHOLDER = "REPLACE-ME"
 def render_only(request: RenderRequest, say: Callable[[str], None] = click.echo) -> Path:
     """Write the target's Packer and Ansible inputs into request.out_dir, for `packer build .`
     by hand; cloud values not given are written as REPLACE-ME placeholders."""
-    from gpubake.packer import Packer
-
     target = targets.get(request.target)
     if not target.uses_packer:
         raise targets.TargetError(
@@ -729,9 +706,9 @@ def render_only(request: RenderRequest, say: Callable[[str], None] = click.echo)
             f"nothing to render; use one of {', '.join(targets.names(packer=True))}"
         )
     for value, check in (
-        (request.project, targets.check_gcp_project),
-        (request.zone, targets.check_gcp_zone),
-        (request.region, targets.check_aws_region),
+        (request.project, cloud_rules_gcp.check_project),
+        (request.zone, cloud_rules_gcp.check_zone),
+        (request.region, cloud_rules_aws.check_region),
     ):
         if value is not None:
             check(value)

@@ -13,17 +13,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from gpubake import stacks
-from gpubake.machine import CC_RE, GpuInfo, Machine
 
-# The labels the build side sets (gpubake.plan holds their names: the one copy).
-from gpubake.plan import CC_LABEL as COMPUTE_CAPABILITIES
-from gpubake.plan import CREATED_LABEL as CREATED
-from gpubake.plan import MIN_DRIVER_LABEL as MIN_DRIVER
-from gpubake.plan import SMOKE_CPU_CHECKED, SMOKE_PASSED
-from gpubake.plan import SMOKE_LABEL as SMOKE
-from gpubake.plan import STACK_LABEL as STACK
-from gpubake.plan import VERSION_LABEL as VERSION
-from gpubake.registry import ImageInfo
+# The labels the build side sets (gpubake.build.plan holds their names: the one copy).
+from gpubake.build.plan import CC_LABEL as COMPUTE_CAPABILITIES
+from gpubake.build.plan import CREATED_LABEL as CREATED
+from gpubake.build.plan import MIN_DRIVER_LABEL as MIN_DRIVER
+from gpubake.build.plan import SMOKE_CPU_CHECKED, SMOKE_PASSED
+from gpubake.build.plan import SMOKE_LABEL as SMOKE
+from gpubake.build.plan import STACK_LABEL as STACK
+from gpubake.build.plan import VERSION_LABEL as VERSION
+from gpubake.publish.machine import CC_RE, GpuInfo, Machine
+from gpubake.publish.registry import ImageInfo
 
 _RFC3339_RE = re.compile(
     r"^(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d:\d\d)(?:\.(\d+))?([Zz]|[+-]\d\d:\d\d)$"

@@ -3,7 +3,7 @@ its output (also read through Packer's Ansible provisioner), which turns the str
 progress lines, a changed-tasks summary and a one-line failure naming the role and task.
 
 The ssh and local targets run playbooks here; image builds run them through Packer
-(gpubake.packer), whose output goes through the same `Progress`.
+(gpubake.build.packer), whose output goes through the same `Progress`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ checks) asks this registry instead of naming targets itself.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,8 +35,6 @@ class Target:
     options: frozenset[str] = frozenset()
     #: The options this target cannot go without.
     required: tuple[str, ...] = ()
-    #: The cloud's CLI, which looks up an image already built from the same inputs.
-    lookup_cli: str | None = None
 
     @property
     def uses_packer(self) -> bool:
@@ -91,7 +88,6 @@ REGISTRY: dict[str, Target] = {
             packer_source="googlecompute.gpubake",
             packer_files=(VM_BUILD_FILE, "gcp-image.pkr.hcl"),
             options=_CLOUD_OPTIONS | {"project", "zone"},
-            lookup_cli="gcloud",
         ),
         Target(
             "aws-ami",
@@ -101,7 +97,6 @@ REGISTRY: dict[str, Target] = {
             packer_source="amazon-ebs.gpubake",
             packer_files=(VM_BUILD_FILE, "aws-ami.pkr.hcl"),
             options=_CLOUD_OPTIONS | {"region", "profile"},
-            lookup_cli="aws",
         ),
         Target(
             "ssh",
@@ -167,34 +162,3 @@ def check_options(name: str, given: Mapping[str, Any]) -> Target:
         if not given.get(option):
             raise TargetError(f"--target {name} needs {_FLAGS.get(option, flag(option))}")
     return target
-
-
-# --------------------------------------------------------------------------- value formats
-
-_GCP_PROJECT_RE = re.compile(r"^(?:[a-z][a-z0-9.-]*[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
-_GCP_ZONE_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
-_AWS_REGION_RE = re.compile(r"^[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-[0-9]+$")
-
-
-def check_gcp_project(value: str, source: str = "--project") -> str:
-    if not _GCP_PROJECT_RE.match(value):
-        raise TargetError(
-            f"{source} '{value}' is not a GCP project id: 6 to 30 lowercase letters, digits "
-            "and hyphens, starting with a letter and not ending with a hyphen, e.g. my-project-123"
-        )
-    return value
-
-
-def check_gcp_zone(value: str, source: str = "--zone") -> str:
-    if not _GCP_ZONE_RE.match(value):
-        raise TargetError(
-            f"{source} '{value}' is not a GCP zone: write region and zone letter, "
-            "e.g. us-central1-a"
-        )
-    return value
-
-
-def check_aws_region(value: str, source: str = "--region") -> str:
-    if not _AWS_REGION_RE.match(value):
-        raise TargetError(f"{source} '{value}' is not an AWS region: write e.g. us-east-1")
-    return value

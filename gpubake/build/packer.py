@@ -2,11 +2,12 @@
 
 Version detection (Packer >= 1.7 needs `required_plugins` and `packer init`;
 1.6 rejects them), init, and build with live progress; the output is read by
-gpubake.ansible.Progress, whose summary names the Ansible role and task that failed.
+gpubake.build.ansible.Progress, whose summary names the Ansible role and task that failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpubake import GpubakeError
-from gpubake.ansible import Progress
+from gpubake.build import guard
+from gpubake.build.ansible import Progress
 
 PLUGINS_SINCE = (1, 7, 0)
+#: how long Packer gets, after Ctrl-C, to remove its build container or VM
+CLEANUP_TIMEOUT_S = 600
 _VERSION_RE = re.compile(r"Packer v?(\d+)\.(\d+)\.(\d+)")
 
 
@@ -134,12 +138,10 @@ class Packer:
         """Run `packer build`, streaming lines to `on_line(line, progress_message)`; `env`
         adds to its environment (TMPDIR: where Packer and Ansible keep temporary files).
 
-        Ctrl-C or SIGTERM (gpubake.guard.Terminated) is passed to Packer as Ctrl-C, and
+        Ctrl-C or SIGTERM (gpubake.build.guard.Terminated) is passed to Packer as Ctrl-C, and
         Packer removes its build container or VM before gpubake goes on; when gpubake is
-        killed outright, Packer gets Ctrl-C from the kernel (gpubake.guard.die_with_parent).
+        killed outright, Packer gets Ctrl-C from the kernel (gpubake.build.guard.die_with_parent).
         """
-        from gpubake import guard
-
         progress = Progress()
         cmd = self.command("build", template_dir, var_file, only=only)
         proc = subprocess.Popen(
@@ -163,12 +165,28 @@ class Packer:
         except KeyboardInterrupt:
             with guard.uninterruptible():
                 print("\ngpubake: interrupted; waiting for Packer to clean up ...", file=sys.stderr)
-                os.killpg(proc.pid, signal.SIGINT)
-                proc.wait(timeout=600)
+                _stop(proc, signal.SIGINT)
+                try:
+                    proc.wait(timeout=CLEANUP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    _stop(proc, signal.SIGKILL)
+                    proc.wait()
+                    print(
+                        f"gpubake: Packer did not finish its clean-up in {CLEANUP_TIMEOUT_S} s "
+                        "and was stopped: a build container it left is removed by the next "
+                        "build; a cloud VM or disk named packer-* is yours to delete",
+                        file=sys.stderr,
+                    )
             raise
         if proc.returncode != 0:
             raise PackerError(progress.summary())
         return progress
+
+
+def _stop(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
+    """`sig` to Packer's process group (its plugins and provisioners), unless it has ended."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
 
 
 def _last_line(text: str) -> str:

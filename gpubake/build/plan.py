@@ -3,9 +3,9 @@ input hash.
 
 Pure: no subprocess, clock, PATH or git lookups here. What comes from the machine (the git
 revision, the time, the Packer version, the base image id, the ansible-playbook to run, a
-build id) is passed in by the caller (gpubake.flow); the input files are read from gpubake's
-data (gpubake.hashing), which does not change while gpubake runs.
-`gpubake.render` writes a plan out for Packer.
+build id) is passed in by the caller (gpubake.build.flow); the input files are read from gpubake's
+data (gpubake.build.hashing), which does not change while gpubake runs.
+`gpubake.build.render` writes a plan out for Packer.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gpubake import GpubakeError, __version__, resources, stacks, targets
-from gpubake.hashing import input_hash
+from gpubake import GpubakeError, __version__, resources, stacks
+from gpubake.build import targets
+from gpubake.build.hashing import input_hash
+from gpubake.build.locks import Lock
 from gpubake.stacks import Stack, stacks_data
-
-if TYPE_CHECKING:
-    from gpubake.locks import Lock
 
 ENV_PREFIX = "/opt/gpubake/env"
 DEFAULT_USER = "gpubake"
@@ -39,7 +38,7 @@ class PlanError(GpubakeError):
     """A build option that cannot work."""
 
 
-# Labels a container image carries for the pulling side (gpubake.selection reads them from
+# Labels a container image carries for the pulling side (gpubake.publish.selection reads them from
 # the registry without pulling layers).
 STACK_LABEL = f"{LABEL_PREFIX}.stack"
 FRAMEWORK_LABEL = f"{LABEL_PREFIX}.framework"
@@ -332,7 +331,7 @@ def make_plan(
     `created` (image creation label, AMI name stamp; None: left out), `git_revision` (image
     label; None: left out) and `build_id` (makes the build container's name unique).
     `lock`: the lock the build installs, whose hashes the SBOM lists (manifest_lock_pins;
-    a container's stages get their stack's lock from gpubake.stages.plan_chain)."""
+    a container's stages get their stack's lock from gpubake.build.stages.plan_chain)."""
     try:
         kind = targets.get(target)
     except targets.TargetError as exc:
@@ -454,7 +453,7 @@ def _target_specifics(
             labels["org.opencontainers.image.base.digest"] = base_image_id
         if created is not None:
             stamp = created.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            labels[CREATED_LABEL] = stamp  # the immutable tag: gpubake.stages, last stage
+            labels[CREATED_LABEL] = stamp  # the immutable tag: gpubake.build.stages, last stage
         if git_revision:
             labels["org.opencontainers.image.revision"] = git_revision
         packer_vars = {

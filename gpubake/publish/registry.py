@@ -14,17 +14,18 @@ import ipaddress
 import json
 import os
 import re
-import shutil
-import subprocess
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlparse
 
+import docker.auth
+import docker.errors
 import requests
 
-from gpubake import GpubakeError, __version__
+from gpubake import GpubakeError, __version__, one_line
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -132,6 +133,9 @@ def is_loopback(host: str) -> bool:
 class Credentials:
     username: str
     password: str
+    #: an identity token (`docker login` to a registry with OAuth2, e.g. Azure): exchanged
+    #: at the token service for access tokens, never sent to the registry itself
+    identity_token: str = ""
 
 
 def docker_config_path(config_dir: Path | None = None) -> Path:
@@ -143,18 +147,14 @@ def docker_config_path(config_dir: Path | None = None) -> Path:
     return Path.home() / ".docker" / "config.json"
 
 
-def _normalize_key(key: str) -> str:
-    """A Docker config `auths` key ("https://host/v1/", "host") as the bare host."""
-    return key.split("://", 1)[-1].split("/", 1)[0].lower()
-
-
 def docker_credentials(host: str, config_dir: Path | None = None) -> Credentials | None:
-    """The credentials `docker login host` stored: a credential helper when the Docker config
-    names one (credHelpers for the host, else credsStore), else `auths[host].auth`."""
+    """The credentials `docker login host` stored, read by docker-py's own auth code as the
+    Docker CLI reads them: the host's credential helper (credHelpers), else the credsStore,
+    else `auths` (user and password, or an identity token)."""
     path = docker_config_path(config_dir)
     if not path.is_file():
         return None
-    try:
+    try:  # docker-py skips a config it cannot parse: say so instead
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RegistryError(
@@ -163,55 +163,27 @@ def docker_credentials(host: str, config_dir: Path | None = None) -> Credentials
     if not isinstance(config, dict):
         raise RegistryError(f"the Docker config {path} is not a JSON object: fix or remove it")
     server = _HUB_AUTH_KEY if host in _HUB_NAMES else host
-    helper = (config.get("credHelpers") or {}).get(host) or config.get("credsStore")
-    if helper:
-        found = _from_helper(str(helper), server, path)
-        if found is not None:
-            return found
-    for key, entry in (config.get("auths") or {}).items():
-        if _normalize_key(key) != _normalize_key(server) or not isinstance(entry, dict):
-            continue
-        if entry.get("auth"):
-            try:
-                user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except ValueError:
-                sep = ""
-            if not sep:
-                raise RegistryError(
-                    f"the Docker config {path} has a malformed auth for {key}: "
-                    f"run `docker login {host}` again"
-                )
-            return Credentials(user, password)
-        if entry.get("username") and entry.get("password"):
-            return Credentials(str(entry["username"]), str(entry["password"]))
-    return None
-
-
-def _from_helper(helper: str, server: str, config: Path) -> Credentials | None:
-    program = f"docker-credential-{helper}"
-    binary = shutil.which(program)
-    if binary is None:
+    try:
+        with warnings.catch_warnings():  # docker-py warns of an absent helper: we say it
+            warnings.simplefilter("ignore")
+            found = docker.auth.load_config(config_dict=config).resolve_authconfig(server)
+    except (docker.errors.InvalidConfigFile, ValueError) as exc:  # e.g. an auth without ":"
         raise RegistryError(
-            f"the Docker config {config} uses the credential helper {program}, which is not "
-            "on PATH: install it, or log in again without it"
-        )
-    try:
-        proc = subprocess.run(
-            [binary, "get"], input=server, capture_output=True, text=True, timeout=60, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RegistryError(f"{program} get failed for {server}: {exc}") from None
-    if proc.returncode != 0:
-        message = (proc.stdout + proc.stderr).strip()
-        if "credentials not found" in message.lower():
-            return None
-        first = message.splitlines()[0] if message else f"exit status {proc.returncode}"
-        raise RegistryError(f"{program} get failed for {server}: {first}")
-    try:
-        data = json.loads(proc.stdout)
-        return Credentials(str(data["Username"]), str(data["Secret"]))
-    except (ValueError, KeyError, TypeError):
-        raise RegistryError(f"{program} get gave no credentials for {server}") from None
+            f"the Docker config {path} is malformed for {host} ({exc}): run `docker login "
+            f"{host}` again"
+        ) from None
+    except docker.errors.DockerException as exc:  # a credential helper failed or is absent
+        raise RegistryError(
+            f"the Docker config {path}: {one_line(str(exc))}: install its credential helper "
+            f"(docker-credential-*), or run `docker login {host}` again"
+        ) from None
+    if not found:
+        return None
+    if found.get("IdentityToken"):
+        return Credentials("", "", identity_token=str(found["IdentityToken"]))
+    user = found.get("username") or found.get("Username")
+    password = found.get("password") or found.get("Password")
+    return Credentials(str(user), str(password)) if user and password else None
 
 
 @dataclass(frozen=True)
@@ -400,15 +372,17 @@ class RegistryClient:
         if not realm:
             raise RegistryError(f"registry {self.host} asks for a token but names no realm")
         query = {k: params[k] for k in ("service", "scope") if params.get(k)}
-        headers = {"Authorization": self._basic(creds)} if creds else {}
+        verify = (self._ca or True) if self._is_registry(realm) else True
         try:
-            resp = self._session.get(
-                realm,
-                params=query,
-                headers=headers,
-                timeout=self.timeout,
-                verify=(self._ca or True) if self._is_registry(realm) else True,
-            )
+            if creds and creds.identity_token:  # OAuth2: the identity token is a refresh token
+                form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token}
+                form |= {"client_id": "gpubake", **query}
+                resp = self._session.post(realm, data=form, timeout=self.timeout, verify=verify)
+            else:
+                headers = {"Authorization": self._basic(creds)} if creds else {}
+                resp = self._session.get(
+                    realm, params=query, headers=headers, timeout=self.timeout, verify=verify
+                )
         except requests.exceptions.RequestException as exc:
             raise RegistryError(
                 f"cannot reach the token service {urlparse(realm).netloc} of registry "
@@ -451,6 +425,11 @@ class RegistryClient:
         if scheme == "basic":
             if creds is None:
                 raise self._needs_login()
+            if creds.identity_token:
+                raise RegistryError(
+                    f"registry {self.host} asks for a user and password, but `docker login "
+                    f"{self.host}` stored an identity token: log in with a password"
+                )
             auth = self._basic(creds)
         elif scheme == "bearer":
             auth = self._bearer(params, creds)

@@ -1,12 +1,12 @@
 """Prebuilt containers: the smoke result as labels, `gpubake push`, `gpubake pull` and
 `gpubake images`.
 
-A built image carries what the pulling side needs as labels (gpubake.plan: stack, CUDA,
+A built image carries what the pulling side needs as labels (gpubake.build.plan: stack, CUDA,
 minimum driver branch, compute capabilities, the immutable tag; here: the gpu-smoke result
 and its digest), so a registry's tag list and image configs say which image fits a machine
 without pulling a layer. Layers go through the Docker Engine (it pushes each layer once and
 pulls by digest); tags and labels are read and moved through the registry's own API
-(gpubake.registry), so a rolling tag moves only after the immutable one is pushed and read
+(gpubake.publish.registry), so a rolling tag moves only after the immutable one is pushed and read
 back, and moving it sends no layer.
 """
 
@@ -26,8 +26,9 @@ import docker.types
 import requests
 from docker.models.images import Image
 
-from gpubake import GpubakeError, docker_engine, machine, registry, selection, stacks
-from gpubake.plan import (
+from gpubake import GpubakeError, stacks
+from gpubake.build import docker_engine
+from gpubake.build.plan import (
     CC_LABEL,
     CREATED_LABEL,
     CUDA_LABEL,
@@ -46,6 +47,7 @@ from gpubake.plan import (
     VERSION_LABEL,
     rolling_tags,
 )
+from gpubake.publish import machine, registry, selection
 
 Echo = Callable[[str], None]
 
@@ -331,8 +333,9 @@ def pull(
     stack = stacks.resolve(stack_name)
     here = machine.detect(driver, gpu)
     client = registry.RegistryClient(reg.host, insecure=insecure)
-    repository = reg.repository(stack.name)
-    found = list(candidates(client, [repository], here.arch, echo))
+    # the family's repositories too: where fastai cannot run, fastai-legacy may
+    repositories = [reg.repository(name) for name in stacks.family(stack.name)]
+    found = list(candidates(client, repositories, here.arch, echo))
     chosen = selection.choose(found, stack.name, here, registry=str(reg))
     lines = tuple(explain_lines(chosen))
     for line in lines if explain else ():
@@ -340,11 +343,11 @@ def pull(
     if chosen.chosen is None:
         raise PublishError(chosen.refusal or f"no image of {stack.name} fits this machine")
     image = chosen.chosen
-    pinned = f"{reg.host}/{repository}@{image.digest}"
+    pinned = f"{reg.host}/{image.repository}@{image.digest}"
     engine = docker_engine.client()
     echo(f"pulling {pinned} ({image.tag})")
     try:
-        engine.images.pull(f"{reg.host}/{repository}", tag=image.digest)
+        engine.images.pull(f"{reg.host}/{image.repository}", tag=image.digest)
     except docker.errors.APIError as exc:
         raise PublishError(f"pull of {pinned} failed: {exc.explanation}") from None
     smoke, with_gpu = "", False

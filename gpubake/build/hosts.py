@@ -12,9 +12,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from gpubake import GpubakeError, ansible, stacks
-from gpubake.ansible import Progress
-from gpubake.plan import BuildPlan
+from gpubake import GpubakeError, stacks
+from gpubake.build import ansible
+from gpubake.build.ansible import Progress
+from gpubake.build.plan import BuildPlan
 from gpubake.resources import data_root
 
 SSH_OPTIONS = [

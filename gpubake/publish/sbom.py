@@ -1,8 +1,8 @@
 """`gpubake sbom IMAGE`: the CycloneDX SBOM a built image carries.
 
-Role manifest writes it (roles/manifest/files/write_sbom.py) at gpubake.plan.SBOM_PATH, and
-the image's label gpubake.plan.SBOM_LABEL names that path. The file is read from a container
-that is created and never started (gpubake.docker_engine.read_image_file).
+Role manifest writes it (roles/manifest/files/write_sbom.py) at gpubake.build.plan.SBOM_PATH, and
+the image's label gpubake.build.plan.SBOM_LABEL names that path. The file is read from a container
+that is created and never started (gpubake.build.docker_engine.read_image_file).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import click
 
 from gpubake import GpubakeError
-from gpubake.plan import SBOM_LABEL
+from gpubake.build import docker_engine
+from gpubake.build.plan import SBOM_LABEL
 
 
 class SbomError(GpubakeError):
@@ -23,8 +24,6 @@ class SbomError(GpubakeError):
 
 def image_sbom(engine: Any, ref: str) -> bytes:
     """The SBOM file of the local image `ref`, as stored in it."""
-    from gpubake import docker_engine
-
     image = docker_engine.local_image(engine, ref)
     if image is None:
         raise SbomError(f"no local image {ref}: build it (gpubake build) or pull it first")
@@ -52,8 +51,6 @@ def sbom_command(image: str, out: Path | None) -> None:
     packages with their versions and the lock's SHA-256 hashes, and the OS's deb packages.
     It is read from the image without running it, at the path its label io.gpubake.sbom
     names."""
-    from gpubake import docker_engine
-
     data = image_sbom(docker_engine.client(), image)
     try:
         json.loads(data)
