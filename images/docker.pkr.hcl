@@ -44,9 +44,15 @@ variable "container_labels" {
   default     = []
 }
 
+variable "container_network" {
+  type        = list(string)
+  description = "docker run options for the build container's network (--offline: [\"--network\", \"none\"]); empty: Docker's default bridge."
+  default     = []
+}
+
 variable "cache_volumes" {
   type        = map(string)
-  description = "Host folders bind-mounted into the build container (the download cache); a mount is not committed into the image."
+  description = "Host folders bind-mounted into the build container (the download cache, or the wheelhouse read-only); a mount is not committed into the image."
   default     = {}
 }
 
@@ -56,7 +62,7 @@ source "docker" "gpubake" {
   commit        = true
   container_dir = "/tmp/packer-files"
   # as root: a stage may start from an image whose USER is gpubake (a derived stack's parent)
-  run_command = concat(["-d", "-i", "-t", "-u", "root", "--name", var.container_name], var.container_labels, var.container_gpus, ["{{.Image}}", "/bin/sh"])
+  run_command = concat(["-d", "-i", "-t", "-u", "root", "--name", var.container_name], var.container_labels, var.container_gpus, var.container_network, ["{{.Image}}", "/bin/sh"])
   volumes     = var.cache_volumes
   changes     = var.docker_changes
 }

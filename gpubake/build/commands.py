@@ -1,5 +1,5 @@
-"""`gpubake build`, `stacks`, `lock`, `render`, `smoke` and `prune`: the click commands (registered
-by gpubake.cli); the work is gpubake.build.flow's."""
+"""`gpubake build`, `stacks`, `lock`, `render`, `smoke`, `prune` and `fetch`: the click
+commands (registered by gpubake.cli); the work is gpubake.build.flow's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ from pathlib import Path
 import click
 
 from gpubake import stacks
-from gpubake.build import docker_engine, flow, hosts, locks, prune, stages, targets
+from gpubake.build import (
+    docker_engine,
+    flow,
+    hosts,
+    locks,
+    prune,
+    stages,
+    targets,
+    wheelhouse,
+)
 from gpubake.options import echo, not_empty, only, ssh_options, stack_options
 
 TARGETS = targets.NAMES
@@ -87,6 +96,21 @@ TARGETS = targets.NAMES
     "change nothing, then run gpu-smoke.",
 )
 @click.option(
+    "--wheelhouse",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help=only("wheelhouse") + "install every Python package from this folder of hash-checked "
+    "files (gpubake fetch; what it lacks is fetched first), with no package index. Default "
+    "with --offline: ~/.cache/gpubake/wheels.",
+)
+@click.option(
+    "--offline",
+    is_flag=True,
+    help=only("offline") + "build with no network: Python packages from the wheelhouse only "
+    "(it must hold them all), the base image and the stages that install OS packages from "
+    "the local engine (built before, online).",
+)
+@click.option(
     "--force", is_flag=True, help="Build even if an image with the same input hash exists."
 )
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan; start nothing.")
@@ -116,6 +140,8 @@ def build(
     ssh_key: Path | None,
     known_hosts: Path | None,
     check_mode: bool,
+    wheelhouse: Path | None,
+    offline: bool,
     force: bool,
     dry_run: bool,
     as_json: bool,
@@ -330,8 +356,8 @@ def smoke_cmd(
 def prune_cmd(keep: int, stack_names: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
     """Remove what old builds left: stage images of inputs that changed (never one that a
     tagged image or a container is built on), the lock files of finished builds, scan
-    results of layers no image has, and what uv's cache no longer uses. Says what it
-    removed and the bytes freed.
+    results of layers no image has, what uv's cache no longer uses, and the wheelhouse's
+    files no lock names. Says what it removed and the bytes freed.
     """
     done = prune.prune(
         docker_engine.client(), keep=keep, dry_run=dry_run, stacks=stack_names, say=echo
@@ -347,10 +373,60 @@ def prune_cmd(keep: int, stack_names: tuple[str, ...], dry_run: bool, as_json: b
     )
     click.echo(
         f"{len(done.images)} stage image(s), {done.lock_files} lock file(s), "
-        f"{done.scan_entries} scan result(s): {verb} {freed}"
+        f"{done.scan_entries} scan result(s), {len(done.wheels)} wheelhouse file(s): "
+        f"{verb} {freed}"
     )
 
 
+@click.command(name="fetch")
+@click.option(
+    "--stack",
+    "stack_names",
+    multiple=True,
+    metavar="NAME",
+    help="Stack whose locks to fetch (its parents' too); repeatable. Default: pytorch.",
+)
+@click.option(
+    "--os", "os_key", callback=not_empty, metavar="OS", help="For this OS (default debian-12)."
+)
+@click.option(
+    "--wheelhouse",
+    "folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Folder to fetch into. Default: ~/.cache/gpubake/wheels.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def fetch_cmd(
+    stack_names: tuple[str, ...], os_key: str | None, folder: Path | None, as_json: bool
+) -> None:
+    """Download every file the stacks' locks install (and uv), hash-checked, into a
+    wheelhouse: `gpubake build --wheelhouse DIR` then installs from it with no index, and
+    `gpubake build --offline` needs nothing else from the network for Python packages. The
+    folder can be copied to a machine with no network. Files already there are not fetched
+    again.
+    """
+    folder = (folder or wheelhouse.default_dir()).expanduser().resolve()
+    arch = stacks.machine_arch()
+    records = []
+    for name in stack_names or (None,):
+        stack = stacks.resolve(name, os_key=os_key)
+        found = [locks.for_build(level, arch)[0] for level in stack.lineage]
+        count, size = wheelhouse.fetch_for(folder, stack, found, arch, echo)
+        records.append({"stack": stack.name, "os": stack.os.key, "fetched": count, "bytes": size})
+    total = wheelhouse.folder_bytes(folder)
+    if as_json:
+        click.echo(json.dumps({"wheelhouse": str(folder), "bytes": total, "stacks": records}))
+        return
+    for item in records:
+        click.echo(
+            f"{item['stack']} on {item['os']}: {item['fetched']} file(s) fetched "
+            f"({flow.size_text(item['bytes'])})"
+        )
+    click.echo(f"wheelhouse {folder}: {flow.size_text(total)}")
+
+
 def register(group: click.Group) -> None:
-    for command in (build, stacks_cmd, lock_cmd, render_cmd, smoke_cmd, prune_cmd):
+    for command in (build, stacks_cmd, lock_cmd, render_cmd, smoke_cmd, prune_cmd, fetch_cmd):
         group.add_command(command)

@@ -123,8 +123,20 @@ def ensure_base_image(
     osinfo: OsInfo,
     explicit: str | None,
     echo: Echo,
+    *,
+    offline: bool = False,
 ) -> tuple[str, str, str | None]:
-    """Find or make the base image; return (ref, image id, note for the user)."""
+    """Find or make the base image; return (ref, image id, note for the user). `offline`:
+    only a local one (no pull, no debootstrap: both need the network)."""
+    if offline:
+        for ref in (explicit,) if explicit else (osinfo.base_image, base_ref(osinfo)):
+            image = local_image(engine, ref)
+            if image is not None:
+                return ref, image.id, None
+        raise EngineError(
+            f"--offline: the base image {explicit or osinfo.base_image} is not in the local "
+            "engine: build once online, or load it (docker load) and pass --base-image"
+        )
     if explicit:
         image = local_image(engine, explicit) or _pull(engine, explicit)
         if image is None:

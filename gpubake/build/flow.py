@@ -19,7 +19,17 @@ from typing import Any
 import click
 
 from gpubake import GpubakeError, resources, stacks
-from gpubake.build import ansible, docker_engine, guard, hosts, journal, locks, stages, targets
+from gpubake.build import (
+    ansible,
+    docker_engine,
+    guard,
+    hosts,
+    journal,
+    locks,
+    stages,
+    targets,
+    wheelhouse,
+)
 from gpubake.build.packer import Packer
 from gpubake.build.plan import (
     SMOKE_CPU_CHECKED,
@@ -71,6 +81,8 @@ class BuildRequest:
     dry_run: bool = False
     as_json: bool = False
     verbose: int = 0
+    wheelhouse: Path | None = None
+    offline: bool = False
 
 
 @dataclasses.dataclass
@@ -180,14 +192,44 @@ def _container_locks(stack: stacks.Stack, *, verify: bool) -> tuple[dict[str, An
 
 
 def container_chain(
-    run: _Run, plan_inputs: dict[str, Any], lock_texts: dict[str, Any], *, gpu_build: bool = False
+    run: _Run,
+    plan_inputs: dict[str, Any],
+    lock_texts: dict[str, Any],
+    *,
+    gpu_build: bool = False,
+    wheels: Path | None = None,
+    offline: bool = False,
 ) -> list:
     def plan_for(level: stacks.Stack) -> BuildPlan:
         return make_plan(level, target=run.target.name, **plan_inputs)
 
     return stages.plan_chain(
-        run.stack, plan_for, lock_texts, uv_cache=locks.uv_cache_dir(), gpu_build=gpu_build
+        run.stack,
+        plan_for,
+        lock_texts,
+        uv_cache=None if wheels else locks.uv_cache_dir(),
+        gpu_build=gpu_build,
+        wheels=wheels,
+        offline=offline,
     )
+
+
+def _wheelhouse(run: _Run, lock_texts: dict[str, Any]) -> Path | None:
+    """The wheelhouse the build installs from (complete), or None (the index, uv's cache).
+    --offline: it must hold every file already; --wheelhouse alone: what it lacks is fetched."""
+    req = run.request
+    if not (req.offline or req.wheelhouse):
+        return None
+    folder = (req.wheelhouse or wheelhouse.default_dir()).expanduser().resolve()
+    arch = stacks.machine_arch()
+    if req.offline:
+        wheelhouse.check(folder, run.stack, lock_texts.values(), arch)
+    elif not req.dry_run:
+        run.doing.what = "the wheelhouse's download"
+        count, size = wheelhouse.fetch_for(folder, run.stack, lock_texts.values(), arch, echo)
+        if count:
+            echo(f"wheelhouse {folder}: fetched {count} file(s), {size_text(size)}")
+    return folder
 
 
 def _reusable(engine: Any, chain: list, force: bool, stack: str) -> dict[str, Any]:
@@ -227,14 +269,15 @@ def _build_container(run: _Run) -> None:
     engine = docker_engine.client()
     notes: list[str] = []
     # the locks first: a stale, edited or unresolvable lock stops the build before anything
-    lock_texts, lock_notes = _container_locks(run.stack, verify=not req.dry_run)
+    lock_texts, lock_notes = _container_locks(run.stack, verify=not (req.dry_run or req.offline))
+    house = _wheelhouse(run, lock_texts)
     if req.dry_run:
         ref, image_id = _dry_run_base(engine, run.stack.os, req.base_image, notes)
     else:
         guard.remove_leftovers(engine, echo)
         doing.what = "the base image's creation"
         ref, image_id, note = docker_engine.ensure_base_image(
-            engine, run.stack.os, req.base_image, echo
+            engine, run.stack.os, req.base_image, echo, offline=req.offline
         )
         if note:
             notes.append(note)
@@ -250,7 +293,9 @@ def _build_container(run: _Run) -> None:
         "notes": tuple(notes + lock_notes),
         **machine_inputs(packer),
     }
-    chain = container_chain(run, inputs, lock_texts, gpu_build=gpu_build)
+    chain = container_chain(
+        run, inputs, lock_texts, gpu_build=gpu_build, wheels=house, offline=req.offline
+    )
     final = chain[-1]
     if req.dry_run:
         reuse = _reusable(engine, chain, req.force, run.stack.name)

@@ -481,7 +481,10 @@ class _Anchors(html.parser.HTMLParser):
         href = urllib.parse.urlsplit(dict(attrs).get("href") or "")
         algorithm, _, digest = href.fragment.partition("=")
         name = urllib.parse.unquote(href.path.rsplit("/", 1)[-1])
-        self.files.append({"filename": name, "hashes": {algorithm: digest} if digest else {}})
+        url = urllib.parse.urlunsplit(href._replace(fragment=""))
+        self.files.append(
+            {"filename": name, "url": url, "hashes": {algorithm: digest} if digest else {}}
+        )
 
 
 def _page(index: str, name: str) -> dict[str, Any] | None:
@@ -504,6 +507,27 @@ def _page(index: str, name: str) -> dict[str, Any] | None:
         f"answered {name}'s page with {kind or 'no content type'}, which is no package index "
         "page (PEP 691 JSON or PEP 503 HTML): check that the URL ends at the index's /simple"
     )
+
+
+def project_files(index: str, name: str) -> list[dict[str, Any]]:
+    """A project's files on the index: {"filename", "url" (absolute), "hashes"}; [] for none."""
+    data = _page(index.rstrip("/"), name) or {}
+    page = f"{index.rstrip('/')}/{name}/"
+    return [
+        {**item, "url": urllib.parse.urljoin(page, item.get("url", ""))}
+        for item in data.get("files", [])
+        if item.get("url")
+    ]
+
+
+def session() -> requests.Session:
+    """The index client's session (this thread's), for downloads from the index."""
+    return _session()
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a request failed, without URLs (they may hold credentials)."""
+    return _reason(exc)
 
 
 def _version_files(index: str, name: str, version: str) -> set[str] | None:

@@ -9,6 +9,7 @@
 - **Scan results** cached for layers no local image has, or made by other rules.
 - **uv's cache** (the wheels builds install from): `uv cache prune`, uv's own clean-up of
   what no cache entry uses.
+- **Wheelhouse files** (~/.cache/gpubake/wheels, `gpubake fetch`'s) that no lock names.
 
 What is freed is measured: the engine's layer bytes and the cache folders' sizes before and
 after. A dry run lists what would go, with the bytes each image holds on its own.
@@ -26,7 +27,7 @@ from typing import Any
 
 import docker.errors
 
-from gpubake.build import guard, locks
+from gpubake.build import guard, locks, wheelhouse
 from gpubake.build.plan import HASH_LABEL
 from gpubake.build.stages import STAGE_REPOSITORY
 from gpubake.publish import scan
@@ -43,6 +44,7 @@ class Pruned:
     kept_in_use: list[str] = field(default_factory=list)
     lock_files: int = 0
     scan_entries: int = 0
+    wheels: list[str] = field(default_factory=list)
     freed: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +53,7 @@ class Pruned:
             "kept_in_use": self.kept_in_use,
             "lock_files": self.lock_files,
             "scan_entries": self.scan_entries,
+            "wheels": self.wheels,
             "freed_bytes": self.freed,
         }
 
@@ -164,7 +167,12 @@ def prune(
 ) -> Pruned:
     """Remove (or list, with `dry_run`) what old builds left; see the module's docstring."""
     done = Pruned()
-    before = {"images": _layer_bytes(engine), "uv_cache": _folder_bytes(locks.uv_cache_dir())}
+    house = wheelhouse.default_dir()
+    before = {
+        "images": _layer_bytes(engine),
+        "uv_cache": _folder_bytes(locks.uv_cache_dir()),
+        "wheelhouse": _folder_bytes(house),
+    }
     everything = engine.images.list(filters={"label": HASH_LABEL})
     removable, done.kept_in_use = stage_images(engine, everything, keep, stacks)
     for image, tags in removable:
@@ -180,8 +188,12 @@ def prune(
     done.lock_files = _free_lock_files(dry_run)
     stale = _stale_scan_entries(engine)
     done.scan_entries = len(stale)
+    wheels = wheelhouse.unused(house)
+    done.wheels = [path.name for path in wheels]
+    for path in wheels:
+        say(f"{'would remove' if dry_run else 'removing'} {path.name} (no lock names it)")
     if not dry_run:
-        for path in stale:
+        for path in [*stale, *wheels]:
             path.unlink(missing_ok=True)
         subprocess.run(
             [locks.uv_binary(), "cache", "prune", "--cache-dir", str(locks.uv_cache_dir())],
@@ -190,8 +202,15 @@ def prune(
             timeout=600,
             check=True,
         )
-        after = {"images": _layer_bytes(engine), "uv_cache": _folder_bytes(locks.uv_cache_dir())}
+        after = {
+            "images": _layer_bytes(engine),
+            "uv_cache": _folder_bytes(locks.uv_cache_dir()),
+            "wheelhouse": _folder_bytes(house),
+        }
         done.freed = {k: max(before[k] - after[k], 0) for k in before}
     else:
-        done.freed = {"images": sum(i["bytes"] for i in done.images)}
+        done.freed = {
+            "images": sum(i["bytes"] for i in done.images),
+            "wheelhouse": sum(path.stat().st_size for path in wheels),
+        }
     return done

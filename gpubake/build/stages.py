@@ -32,6 +32,7 @@ from gpubake.build.plan import (
     immutable_tag,
     lock_pins,
 )
+from gpubake.build.wheelhouse import MOUNT as WHEELHOUSE_MOUNT
 from gpubake.stacks import Stack, stacks_data
 
 STAGE_REPOSITORY = "gpubake-stage"
@@ -114,11 +115,13 @@ def _hashed_vars(variables: Mapping[str, Any], roles: tuple[str, ...]) -> dict[s
         # the build-time CA bundle is gone from the image; where it was read from is not hashed
         and not key.startswith("build_ca_")
     }
-    # a path on this machine (the lock's text is hashed), where the download cache is
-    # mounted (a mount is not committed: the image is the same with or without it), and
+    # a path on this machine (the lock's text is hashed), where the download cache or the
+    # wheelhouse is mounted (a mount is not committed: the image is the same with or
+    # without it, the files installed are the lock's either way), and
     # whether gpu-smoke had a GPU to check (the same image, checked more or less fully)
     kept.pop("python_env_lock_file", None)
     kept.pop("python_env_cache_dir", None)
+    kept.pop("python_env_wheelhouse", None)
     kept.pop("gpu_smoke_test_args", None)
     if "manifest_build" in kept:  # holds the final hash itself
         kept["manifest_build"] = {
@@ -157,11 +160,16 @@ def plan_chain(
     *,
     uv_cache: Path | None,
     gpu_build: bool = False,
+    wheels: Path | None = None,
+    offline: bool = False,
 ) -> list[Stage]:
     """The stages that build `stack`'s image, its parents' first. `plan_for(s)` is the whole
     plan of stack s (gpubake.build.plan.make_plan); `locks[s.name]` is s's checked lock. With
     `gpu_build` (this machine's GPUs can be given to a container) the stages that run
-    gpu-smoke get them, and gpu-smoke must then run its GPU checks (--require-gpu)."""
+    gpu-smoke get them, and gpu-smoke must then run its GPU checks (--require-gpu). `wheels`:
+    every stage installs from this wheelhouse (mounted read-only) with no index; `offline`:
+    the build containers have no network at all. Neither changes a stage's hash: the files
+    installed are the lock's either way."""
     spec = stacks_data()["container_stages"]["stages"]
     cuda_pattern = stacks_data()["cuda_wheels"]
     chain: list[Stage] = []
@@ -188,6 +196,11 @@ def plan_chain(
             if "manifest" in roles:  # the SBOM lists the hashes of the lock the env stage installed
                 variables["manifest_lock_pins"] = lock_pins(locks.get(level.name))
             packer_vars = dict(whole.packer_vars)
+            if wheels is not None:
+                variables["python_env_wheelhouse"] = WHEELHOUSE_MOUNT
+                packer_vars["cache_volumes"] = {str(wheels): f"{WHEELHOUSE_MOUNT}:ro"}
+            if offline:
+                packer_vars["container_network"] = ["--network", "none"]
             if gpu_build and variables["gpubake_smoke"]:
                 variables["gpu_smoke_test_args"] = ["--require-gpu"]
                 packer_vars["container_gpus"] = ["--gpus", "all"]

@@ -78,7 +78,7 @@ REGISTRY: dict[str, Target] = {
             "a container image in the local Docker Engine",
             packer_source="docker.gpubake",
             packer_files=("docker.pkr.hcl",),
-            options=frozenset({"base_image"}),
+            options=frozenset({"base_image", "wheelhouse", "offline"}),
         ),
         Target(
             "gcp-image",

@@ -1,6 +1,7 @@
 """Builds that survive faults: `gpubake build` interrupted by SIGINT, SIGTERM and SIGKILL at
 four moments (the base image's debootstrap, a stage's Ansible run, gpu-smoke, the commit),
-two builds of one image at once, two stacks at once, and leftovers of a killed build.
+two builds of one image at once, two stacks at once, and leftovers of a killed build; and
+builds with no package index (a wheelhouse, --offline), on the same small stacks.
 
 The default stack takes minutes a build; these tests build a small stack instead (`tiny`:
 no framework, one small package), on an OS entry of its own (`faults-12`, Debian 12
@@ -12,6 +13,7 @@ runs. Each moment is reached by waiting for its progress line (-v: Packer's own 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -25,8 +27,9 @@ import docker.errors
 import pytest
 
 from gpubake import resources
-from gpubake.build import guard
-from tests.integration.helpers import HOST_BUNDLE, build_containers, checkout_copy
+from gpubake.build import docker_engine, guard, wheelhouse
+from gpubake.build.plan import SBOM_PATH
+from tests.integration.helpers import HOST_BUNDLE, build_containers, checkout_copy, run_output
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 OS = "faults-12"
@@ -432,3 +435,69 @@ def test_force_rebuilds_the_stacks_own_stages_only(engine, tree, built_tiny):
     assert "stage 5/6 tiny-b:env: building" in proc.stderr
     assert "stage 6/6 tiny-b:finish: building" in proc.stderr
     assert _image_id(engine, ref) not in (None, was)
+
+
+def _frozen(engine, image: str) -> list[str]:
+    return sorted(run_output(engine, image, ["uv", "pip", "freeze"]).decode().split())
+
+
+def _sbom_packages(engine, image: str) -> list[tuple]:
+    sbom = json.loads(docker_engine.read_image_file(engine, image, SBOM_PATH))
+    return sorted(
+        (c["name"], c.get("version"), json.dumps(c.get("hashes", []), sort_keys=True))
+        for c in sbom["components"]
+    )
+
+
+def test_wheelhouse_then_offline_builds(engine, tree, built_tiny, tmp_path):
+    """The air-gapped journey: `gpubake fetch` where the index is reachable; a build given the
+    wheelhouse fetches what it lacks first and installs from it with no index; `--offline`
+    is refused in one line while a file is missing, and once the files are there it builds
+    with build containers that have no network and an index address that answers nothing.
+    What it installs is what the index build (tiny-b:ctest) installed, and its SBOM lists the
+    same packages and hashes."""
+    house = tmp_path / "wheelhouse"
+    fetched = gpubake(tree, "fetch", "--stack", "tiny", "--os", OS, "--wheelhouse", str(house))
+    assert fetched.returncode == 0, fetched.stderr
+    names = sorted(p.name for p in house.iterdir() if not p.name.startswith("."))
+    assert [n.split("-")[0] for n in names] == ["six", "uv"], names
+    assert f"tiny on {OS}: 2 file(s) fetched" in fetched.stdout
+    again = gpubake(tree, "fetch", "--stack", "tiny", "--os", OS, "--wheelhouse", str(house))
+    assert f"tiny on {OS}: 0 file(s) fetched" in again.stdout, again.stdout + again.stderr
+
+    offline = [*build_args("tiny-b", "offline"), "--offline", "--wheelhouse", str(house)]
+    refused = gpubake(tree, *offline)
+    assert refused.returncode == 1
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpubake: error: --offline: the wheelhouse") and "idna 3.10" in last
+    assert f"gpubake fetch --stack tiny-b --os {OS} --wheelhouse {house}" in last
+    assert _image_id(engine, "gpubake/tiny-b:offline") is None
+
+    online = gpubake(tree, *build_args("tiny-b", "wheels"), "--wheelhouse", str(house), "-vv")
+    assert online.returncode == 0, online.stderr[-3000:]
+    assert re.search(r"fetched idna-3\.10-\S+\.whl", online.stderr)
+    assert "--find-links" in online.stderr and wheelhouse.MOUNT in online.stderr
+
+    no_index = "http://127.0.0.1:9/simple"  # nothing listens: asking an index fails at once
+    cut_off = {**build_env(tree), **dict.fromkeys(("UV_INDEX_URL", "PIP_INDEX_URL"), no_index)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpubake", *offline, "--force", "-v"],
+        capture_output=True, text=True, timeout=900, cwd=tree, env=cut_off, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = re.findall(r"Run command: docker run .*", proc.stderr)
+    assert len(runs) == 2 and all("--network none" in line for line in runs), runs
+    assert "stage 5/6 tiny-b:env: building" in proc.stderr
+
+    index = "gpubake/tiny-b:ctest"  # built from the index by test_two_stacks_at_once
+    if _image_id(engine, index) is None:  # this test alone
+        original = _edit(tree, EDITS["finish"], TWO_STACKS_EDIT)
+        try:
+            proc = gpubake(tree, *build_args("tiny-b", "ctest"))
+        finally:
+            (tree / EDITS["finish"]).write_text(original)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for image in ("gpubake/tiny-b:wheels", "gpubake/tiny-b:offline"):
+        assert "idna==3.10" in _frozen(engine, image)
+        assert _frozen(engine, image) == _frozen(engine, index)
+        assert _sbom_packages(engine, image) == _sbom_packages(engine, index)

@@ -1,12 +1,14 @@
 """`gpubake prune` on a real engine: a stack's old stage images go, the newest stays, and so
 does every one that a tagged image or a container is built on; lock files of free locks go,
-a held one stays; scan results of layers no image has, or of other rules, go. Tiny images
+a held one stays; scan results of layers no image has, or of other rules, go; so do the
+wheelhouse's files that no lock names. Tiny images
 of a stack no one builds (zz-prune), and the command's caches in a folder of the test's own
 (XDG_CACHE_HOME), so nothing of the rest of the suite is touched."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -109,11 +111,24 @@ def test_lock_files_of_free_locks_and_stale_scan_results_go(engine, world, tmp_p
     gone = [results / f"{'e' * 64}-{rules}.json", results / f"{layer}-{'0' * 16}.json"]
     for path in (keep, *gone):
         path.write_text("{}")
+    # the wheelhouse: a file a lock names (one re-resolved into the cache) stays, one no
+    # lock names goes
+    wheels = tmp_path / "gpubake" / "wheels"
+    wheels.mkdir(parents=True)
+    named, stray = wheels / "demo-1.0-py3-none-any.whl", wheels / "old-0.1-py3-none-any.whl"
+    named.write_bytes(b"named by a lock")
+    stray.write_bytes(b"named by none")
+    digest = hashlib.sha256(named.read_bytes()).hexdigest()
+    resolved = locks / "zz-prune" / "debian-12-x86_64-000000000000.txt"
+    resolved.parent.mkdir()
+    resolved.write_text(f"demo==1.0 \\\n    --hash=sha256:{digest}\n")
     with held.open("a") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
         done = prune(tmp_path, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert (report["lock_files"], report["scan_entries"]) == (1, 2)
-    assert sorted(p.name for p in locks.iterdir()) == ["output-held.lock"]
+    assert sorted(p.name for p in locks.glob("*.lock")) == ["output-held.lock"]
     assert keep.exists() and not any(p.exists() for p in gone)
+    assert report["wheels"] == [stray.name] and named.exists() and not stray.exists()
+    assert report["freed_bytes"]["wheelhouse"] == len(b"named by none")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from gpubake import resources
-from gpubake.build import hashing, stages
+from gpubake.build import hashing, stages, wheelhouse
 from gpubake.build.locks import Lock
 from gpubake.build.plan import HASH_LABEL, make_plan
 from gpubake.build.render import LOCK_FILE, render
@@ -237,3 +237,26 @@ def test_a_gpu_build_gives_the_smoke_stage_the_gpus_and_requires_them():
         else:  # only the stages that run gpu-smoke see the GPUs
             assert "container_gpus" not in with_gpu.plan.packer_vars
     assert [s.smoke for s in gpu].count(True) == 3  # pytorch's, the notebook's, fastai's finish
+
+
+def test_a_wheelhouse_build_mounts_it_read_only_everywhere_and_keeps_every_hash():
+    """--wheelhouse: every stage sees the wheelhouse (read-only) and installs from it, none
+    mounts uv's cache; --offline: every build container has no network. The images are the
+    ones built from the index, so no stage's hash changes."""
+
+    def chain(**options):
+        def plan_for(stack):
+            args = {"base_image": "gpubake/base:debian-12", "base_image_id": "sha256:abc"}
+            return make_plan(stack, **args)
+
+        return stages.plan_chain(resolve("fastai"), plan_for, LOCKS, **options)
+
+    index = chain(uv_cache=Path("/cache/uv"))
+    house = chain(uv_cache=None, wheels=Path("/w"), offline=True)
+    assert [s.input_hash for s in index] == [s.input_hash for s in house]
+    for stage in house:
+        assert stage.plan.ansible_vars["python_env_wheelhouse"] == wheelhouse.MOUNT
+        assert "python_env_cache_dir" not in stage.plan.ansible_vars
+        assert stage.plan.packer_vars["cache_volumes"] == {"/w": f"{wheelhouse.MOUNT}:ro"}
+        assert stage.plan.packer_vars["container_network"] == ["--network", "none"]
+    assert not any("container_network" in s.plan.packer_vars for s in index)

@@ -1,0 +1,170 @@
+"""The wheelhouse (gpubake.build.wheelhouse) against a package index on loopback that serves
+the simple API (PEP 691 JSON) and its files: which file of a pin it takes for a stack's
+Python and platform, the hash check of what arrives, what it does not fetch again, and what
+a build refuses when files are missing."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from typing import ClassVar
+
+import pytest
+
+from gpubake import stacks
+from gpubake.build import locks, wheelhouse
+
+PY = "3.11"
+PLATFORM = "x86_64-manylinux_2_36"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+#: name -> {filename: bytes}; "served" overrides what a file's URL returns (a wrong file)
+FILES = {
+    "demo": {
+        "demo-1.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl": b"linux-311",
+        "demo-1.0-cp312-cp312-manylinux_2_17_x86_64.whl": b"linux-312",
+        "demo-1.0-cp311-cp311-musllinux_1_2_x86_64.whl": b"musl",
+        "demo-1.0-cp311-cp311-manylinux_2_39_x86_64.whl": b"too-new-glibc",
+        "demo-1.0-cp311-cp311-win_amd64.whl": b"windows",
+        "demo-1.0.tar.gz": b"sdist",
+    },
+    "pure": {"pure-2.0-py3-none-any.whl": b"pure", "pure-2.0.tar.gz": b"pure-sdist"},
+    "onlysdist": {"onlysdist-0.1.tar.gz": b"only-sdist"},
+    "liar": {"liar-1.0-py3-none-any.whl": b"the-listed-bytes"},
+}
+SERVED = {"liar-1.0-py3-none-any.whl": b"other-bytes"}
+
+
+class _Index(http.server.BaseHTTPRequestHandler):
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        _Index.requests.append(self.path)
+        parts = self.path.strip("/").split("/")
+        if parts[0] == "simple" and len(parts) == 2 and parts[1] in FILES:
+            body = json.dumps(
+                {
+                    "meta": {"api-version": "1.1"},
+                    "name": parts[1],
+                    "files": [
+                        {"filename": f, "url": f"../../files/{f}", "hashes": {"sha256": _sha(d)}}
+                        for f, d in FILES[parts[1]].items()
+                    ],
+                }
+            ).encode()
+            self._send(body, "application/vnd.pypi.simple.v1+json")
+        elif parts[0] == "files" and len(parts) == 2:
+            every = {f: d for files in FILES.values() for f, d in files.items()}
+            if parts[1] in every:
+                self._send(SERVED.get(parts[1], every[parts[1]]), "application/octet-stream")
+                return
+            self.send_error(404)
+        else:
+            self.send_error(404)
+
+    def _send(self, body: bytes, kind: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def index():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/simple"
+    server.shutdown()
+
+
+def pin(name: str, version: str, *filenames: str) -> wheelhouse.Wanted:
+    return wheelhouse.Wanted(name, version, frozenset(_sha(FILES[name][f]) for f in filenames))
+
+
+def order() -> dict:
+    return {t: i for i, t in enumerate(wheelhouse.platform_tags(PY, PLATFORM))}
+
+
+def test_platform_tags_take_older_glibc_and_legacy_names_not_newer():
+    tags = {str(t) for t in wheelhouse.platform_tags(PY, PLATFORM)}
+    assert "cp311-cp311-manylinux_2_36_x86_64" in tags
+    assert "cp311-cp311-manylinux2014_x86_64" in tags
+    assert "py3-none-any" in tags
+    assert "cp311-cp311-manylinux_2_39_x86_64" not in tags
+    assert "cp312-cp312-manylinux_2_17_x86_64" not in tags
+    assert not any("musllinux" in t or "win" in t for t in tags)
+
+
+def test_fetch_takes_the_fitting_wheel_and_not_again(index, tmp_path):
+    every = FILES["demo"]
+    wanted = [
+        pin("demo", "1.0", *every),  # the lock lists every file's hash
+        pin("pure", "2.0", *FILES["pure"]),
+        pin("onlysdist", "0.1", "onlysdist-0.1.tar.gz"),
+    ]
+    lines: list[str] = []
+    count, size = wheelhouse.fetch(tmp_path, wanted, order(), lines.append, index=index)
+    held = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert held == [
+        "demo-1.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "onlysdist-0.1.tar.gz",  # no wheel: the sdist
+        "pure-2.0-py3-none-any.whl",  # the wheel before the sdist
+    ]
+    assert count == 3 and size == sum(len(FILES[p.split("-")[0]][p]) for p in held)
+    assert any(line.startswith("fetched demo-1.0-cp311") for line in lines)
+    _Index.requests.clear()
+    assert wheelhouse.fetch(tmp_path, wanted, order(), lines.append, index=index) == (0, 0)
+    assert _Index.requests == []  # complete: the index is not asked
+    assert wheelhouse.missing(tmp_path, wanted, order()) == []
+
+
+def test_a_file_whose_bytes_are_not_the_locks_is_refused_and_not_kept(index, tmp_path):
+    wanted = [pin("liar", "1.0", "liar-1.0-py3-none-any.whl")]
+    with pytest.raises(wheelhouse.WheelhouseError, match="which the lock does not allow"):
+        wheelhouse.fetch(tmp_path, wanted, order(), lambda _: None, index=index)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a part of it
+
+
+def test_a_pin_with_no_file_for_this_platform_is_named(index, tmp_path):
+    wanted = [pin("demo", "1.0", "demo-1.0-cp311-cp311-win_amd64.whl")]
+    with pytest.raises(wheelhouse.WheelhouseError, match=r"has no file of demo 1\.0"):
+        wheelhouse.fetch(tmp_path, wanted, order(), lambda _: None, index=index)
+
+
+def test_a_changed_file_counts_as_missing(index, tmp_path):
+    wanted = [pin("pure", "2.0", "pure-2.0-py3-none-any.whl")]
+    wheelhouse.fetch(tmp_path, wanted, order(), lambda _: None, index=index)
+    (tmp_path / "pure-2.0-py3-none-any.whl").write_bytes(b"tampered")
+    assert wheelhouse.missing(tmp_path, wanted, order()) == wanted
+
+
+def test_wanted_holds_every_pin_once_and_uv(tmp_path):
+    lock = locks.parse(
+        "six==1.17.0 \\\n    --hash=sha256:" + "a" * 64 + "\nidna==3.10 --hash=sha256:" + "b" * 64,
+        tmp_path / "lock.txt",
+    )
+    found = wheelhouse.wanted([lock, lock], "x86_64")
+    assert [(w.name, w.version) for w in found][:2] == [("idna", "3.10"), ("six", "1.17.0")]
+    (uv,) = [w for w in found if w.name == "uv"]
+    assert len(uv.hashes) == 1 and len(found) == 3
+
+
+def test_an_offline_build_names_what_the_wheelhouse_lacks(tmp_path):
+    stack = stacks.resolve("pytorch")
+    lock = locks.check(stack, "x86_64")
+    with pytest.raises(wheelhouse.WheelhouseError) as caught:
+        wheelhouse.check(tmp_path, stack, [lock], "x86_64")
+    message = str(caught.value)
+    assert message.startswith(f"--offline: the wheelhouse {tmp_path} lacks ")
+    assert "more for stack 'pytorch' on debian-12" in message
+    assert f"gpubake fetch --stack pytorch --os debian-12 --wheelhouse {tmp_path}" in message
