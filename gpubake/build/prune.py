@@ -171,7 +171,7 @@ def prune(
     before = {
         "images": _layer_bytes(engine),
         "uv_cache": _folder_bytes(locks.uv_cache_dir()),
-        "wheelhouse": _folder_bytes(house),
+        "wheelhouse": wheelhouse.folder_bytes(house),
     }
     everything = engine.images.list(filters={"label": HASH_LABEL})
     removable, done.kept_in_use = stage_images(engine, everything, keep, stacks)
@@ -205,7 +205,7 @@ def prune(
         after = {
             "images": _layer_bytes(engine),
             "uv_cache": _folder_bytes(locks.uv_cache_dir()),
-            "wheelhouse": _folder_bytes(house),
+            "wheelhouse": wheelhouse.folder_bytes(house),
         }
         done.freed = {k: max(before[k] - after[k], 0) for k in before}
     else:

@@ -351,6 +351,9 @@ def unused(folder: Path) -> list[Path]:
 
 
 def folder_bytes(folder: Path) -> int:
+    """The bytes of the wheelhouse's files (not its memo); 0 when there is none."""
+    if not folder.is_dir():
+        return 0
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != MEMO)
 
 
