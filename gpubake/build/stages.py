@@ -89,7 +89,8 @@ def stage_roles(stack: Stack, name: str) -> tuple[str, ...]:
     roles: list[str] = []
     for role in stacks_data()["container_stages"]["stages"][name]["roles"]:
         if role == "framework":
-            roles += [stack.framework] if stack.framework != "none" else []
+            # no framework: python_env itself installs the stack's lock (its `packages`)
+            roles += [stack.framework] if stack.framework != "none" else ["python_env"]
             roles += _own_roles(stack)
         else:
             roles.append(role)

@@ -3,6 +3,7 @@ share, the lock part each installs and the download cache each mounts. Pure, no 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -260,3 +261,11 @@ def test_a_wheelhouse_build_mounts_it_read_only_everywhere_and_keeps_every_hash(
         assert stage.plan.packer_vars["cache_volumes"] == {"/w": f"{wheelhouse.MOUNT}:ro"}
         assert stage.plan.packer_vars["container_network"] == ["--network", "none"]
     assert not any("container_network" in s.plan.packer_vars for s in index)
+
+
+def test_a_stack_without_a_framework_installs_its_lock_in_its_env_stage():
+    """framework: none (the suite's small stacks): python_env installs the lock where the
+    framework role would, so the stack's packages are in its image."""
+    bare = dataclasses.replace(resolve("pytorch"), framework="none")
+    assert stages.stage_roles(bare, "env") == ("build_ca", "python_env", "image_cleanup")
+    assert "pytorch" in stages.stage_roles(resolve("pytorch"), "env")
