@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from gpubake import stacks
+from gpubake import size_text, stacks
 from gpubake.build import (
     docker_engine,
     flow,
@@ -369,7 +369,7 @@ def prune_cmd(keep: int, stack_names: tuple[str, ...], dry_run: bool, as_json: b
         echo(f"kept {line}")
     verb = "would free" if dry_run else "freed"
     freed = ", ".join(
-        f"{flow.size_text(n)} of {what.replace('_', ' ')}" for what, n in done.freed.items()
+        f"{size_text(n)} of {what.replace('_', ' ')}" for what, n in done.freed.items()
     )
     click.echo(
         f"{len(done.images)} stage image(s), {done.lock_files} lock file(s), "
@@ -412,8 +412,8 @@ def fetch_cmd(
     records = []
     for name in stack_names or (None,):
         stack = stacks.resolve(name, os_key=os_key)
-        found = [locks.for_build(level, arch)[0] for level in stack.lineage]
-        count, size = wheelhouse.fetch_for(folder, stack, found, arch, echo)
+        found, _notes = flow.container_locks(stack, verify=False)
+        count, size = wheelhouse.fetch_for(folder, stack, found.values(), arch, echo)
         records.append({"stack": stack.name, "os": stack.os.key, "fetched": count, "bytes": size})
     total = wheelhouse.folder_bytes(folder)
     if as_json:
@@ -422,9 +422,9 @@ def fetch_cmd(
     for item in records:
         click.echo(
             f"{item['stack']} on {item['os']}: {item['fetched']} file(s) fetched "
-            f"({flow.size_text(item['bytes'])})"
+            f"({size_text(item['bytes'])})"
         )
-    click.echo(f"wheelhouse {folder}: {flow.size_text(total)}")
+    click.echo(f"wheelhouse {folder}: {size_text(total)}")
 
 
 def register(group: click.Group) -> None:

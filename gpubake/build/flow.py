@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from gpubake import GpubakeError, resources, stacks
+from gpubake import GpubakeError, resources, size_text, stacks
 from gpubake.build import (
     ansible,
     docker_engine,
@@ -175,7 +175,7 @@ def build(request: BuildRequest) -> None:
             ) from None
 
 
-def _container_locks(stack: stacks.Stack, *, verify: bool) -> tuple[dict[str, Any], list[str]]:
+def container_locks(stack: stacks.Stack, *, verify: bool) -> tuple[dict[str, Any], list[str]]:
     """The lock of each stack of the lineage, checked (and verified against the index
     unless `verify` is false), with the notes of locks re-resolved for --var packages.X."""
     arch = stacks.machine_arch()
@@ -269,7 +269,7 @@ def _build_container(run: _Run) -> None:
     engine = docker_engine.client()
     notes: list[str] = []
     # the locks first: a stale, edited or unresolvable lock stops the build before anything
-    lock_texts, lock_notes = _container_locks(run.stack, verify=not (req.dry_run or req.offline))
+    lock_texts, lock_notes = container_locks(run.stack, verify=not (req.dry_run or req.offline))
     house = _wheelhouse(run, lock_texts)
     if req.dry_run:
         ref, image_id = _dry_run_base(engine, run.stack.os, req.base_image, notes)
@@ -682,10 +682,6 @@ def print_plan(
         click.echo(f"note: {note}")
 
 
-def size_text(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
-
-
 def elapsed(started: float) -> str:
     secs = int(time.monotonic() - started)
     return f"{secs // 60}m{secs % 60:02d}s"
@@ -805,7 +801,7 @@ def _render_chain(
 ) -> Path:
     """A container image's stages, one folder each (NN-stack-stage), and build.sh, which
     builds them in order: each stage starts from the image the one before tagged."""
-    lock_objects, notes = _container_locks(stack, verify=False)
+    lock_objects, notes = container_locks(stack, verify=False)
     run = _Run(stack, target, BuildRequest(target=target.name), None)
     chain = container_chain(run, {**inputs, "notes": tuple(notes)}, lock_objects)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
-from gpubake import GpubakeError, resources, stacks
+from gpubake import GpubakeError, resources, size_text, stacks
 from gpubake.build import locks
 
 #: where build containers see the wheelhouse (read-only)
@@ -184,21 +184,16 @@ def _sha256_file(path: Path) -> str:
 
 def missing(folder: Path, pins: Iterable[Wanted], order: dict[wheel_tags.Tag, int]) -> list[Wanted]:
     """The pins the wheelhouse has no fitting, hash-checked file of."""
-    by_name: dict[str, list[Path]] = {}
+    held: dict[tuple[str, Version], list[Path]] = {}  # the files that fit, by name and version
     if folder.is_dir():
         for path in folder.iterdir():
             identity = _file_identity(path.name)
-            if identity is not None and path.is_file():
-                by_name.setdefault(identity[0], []).append(path)
+            if identity is not None and path.is_file() and _rank(path.name, order) is not None:
+                held.setdefault(identity[:2], []).append(path)
     memo = _Memo(folder)
     lacking = []
     for pin in pins:
-        version = Version(pin.version)
-        fits = [
-            p
-            for p in by_name.get(pin.name, [])
-            if _file_identity(p.name)[1] == version and _rank(p.name, order) is not None
-        ]
+        fits = held.get((pin.name, Version(pin.version)), [])
         if not any(memo.sha256(p) in pin.hashes for p in fits):
             lacking.append(pin)
     memo.save()
@@ -263,7 +258,7 @@ def fetch(
                 "for this Python and platform: make the lock again (gpubake lock --upgrade)"
             )
         path = _download(pin, item, folder)
-        say(f"fetched {path.name} ({_size(path.stat().st_size)})")
+        say(f"fetched {path.name} ({size_text(path.stat().st_size)})")
         return path
 
     done: list[Path] = []
@@ -277,14 +272,6 @@ def fetch(
                 future.cancel()
             raise
     return len(done), sum(p.stat().st_size for p in done)
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    return f"{nbytes:.1f} GB"
 
 
 @dataclass(frozen=True)
