@@ -145,6 +145,14 @@ def shot(page, name: str) -> None:
 
 def open_lab(browser, port: int, token: str):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
+    # jupyter_server lists a folder by stat-ing each entry, and a file renamed in between
+    # (the first save's rename, while the file browser polls, on a loaded machine) makes the
+    # whole listing of the root a 404: JupyterLab then shows 'Directory not found: ""' over
+    # the page. That race is upstream's; the root itself is checked by the steps after it.
+    page.add_locator_handler(
+        page.locator(".jp-Dialog", has_text='Directory not found: ""'),
+        lambda dialog: dialog.locator(".jp-Dialog-button").last.click(),
+    )
     page.goto(f"http://127.0.0.1:{port}/lab?token={token}")
     page.wait_for_selector(".jp-Launcher", timeout=90_000)
     return page
