@@ -85,7 +85,7 @@ def test_offline_install_then_ansible_doc_shows_the_modules(tarball, tmp_path):
     manifest = json.loads((installed / "MANIFEST.json").read_text())
     assert manifest["collection_info"]["version"] == gpubake.__version__
     modules = sorted(p.stem for p in (installed / "plugins" / "modules").glob("*.py"))
-    assert "dpkg_facts" in modules
+    assert {"dpkg_facts", "write_files"} <= set(modules)
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(tmp_path / "collections"))
     env.pop("ANSIBLE_CONFIG", None)
     for module in modules:
