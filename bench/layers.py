@@ -94,6 +94,16 @@ def copy_checkout(dest: Path) -> Path:
     return dest
 
 
+def extract_revision(rev: str, dest: Path) -> Path:
+    """The files of gpubake at git revision `rev`, written to `dest`."""
+    dest.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", rev], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def append_line(path: Path, line: str) -> None:
     path.write_text(path.read_text(encoding="utf-8") + line + "\n", encoding="utf-8")
 
@@ -183,12 +193,7 @@ def main() -> None:
                 f"bench: (g) warm rebuild against the build of {opts.baseline} ...", file=sys.stderr
             )
             results["warm_s"] = gpubake(tree, env, "--force")
-            old = work / "baseline"
-            old.mkdir()
-            archive = subprocess.run(
-                ["git", "archive", opts.baseline], cwd=ROOT, capture_output=True, check=True
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+            old = extract_revision(opts.baseline, work / "baseline")
             results["baseline_s"] = gpubake(
                 old, {**env, "PYTHONPATH": str(old)}, "--force", "--tag", f"{TAG}-baseline"
             )

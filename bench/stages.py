@@ -29,22 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from layers import HOST_BUNDLE, ROOT, copy_checkout
+from layers import HOST_BUNDLE, ROOT, copy_checkout, extract_revision
 
 OS = "debian-12"
-STACK = "bench-small"
-STACK_YAML = f"""
-  {STACK}:
-    description: A small stack for bench/stages.py (almost all of a stage is fixed cost)
-    framework: none
-    python_env: uv
-    cuda: "13.2"
-    driver_branch: "580"
-    packages:
-      six: "1.17.0"
-    imports: [six]
-    env_size_gib: 0.1
-"""
+STACK = "tiny"  # tests/small_stacks.yml: a uv environment with one package
+STACK_YAML = (ROOT / "tests" / "small_stacks.yml").read_text(encoding="utf-8")
+STACK_YAML = STACK_YAML.split("\nstacks:\n", 1)[1]  # the entries, to append to stacks.yml
 PHASES = (
     ("gpubake", "gpubake before Packer (plan, render)"),
     ("packer", "Packer and the build container start"),
@@ -185,13 +175,7 @@ def main() -> None:
         work = Path(tmp)
         trees = {"this tree": copy_checkout(work / "tree")}
         if opts.baseline:
-            old = work / "baseline"
-            old.mkdir()
-            archive = subprocess.run(
-                ["git", "archive", opts.baseline], cwd=ROOT, capture_output=True, check=True
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-            trees[opts.baseline] = old
+            trees[opts.baseline] = extract_revision(opts.baseline, work / "baseline")
         envs = {name: prepare(tree) for name, tree in trees.items()}
         runs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in trees}
         for n in range(opts.runs + 1):  # the first round builds what --force does not rebuild

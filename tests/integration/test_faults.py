@@ -39,25 +39,8 @@ IMAGE = f"gpubake/tiny:{TAG}"
 TWICE = "gpubake/tiny:twice"  # test_two_builds_of_one_image...: a tag of its own, see below
 #: the edit of tiny's last stage under which test_two_stacks_at_once builds tiny-b
 TWO_STACKS_EDIT = 101
-STACKS = """
-  tiny:
-    description: A small stack for the fault tests
-    framework: none
-    python_env: uv
-    cuda: "13.2"
-    driver_branch: "580"
-    packages:
-      six: "1.17.0"
-    imports: [six]
-    env_size_gib: 0.1
-  tiny-b:
-    from: tiny
-    description: tiny and one more package, for two stacks built at once
-    packages:
-      idna: "3.10"
-    imports: [idna]
-    env_size_gib: 0.1
-"""
+STACKS = (Path(__file__).parents[1] / "small_stacks.yml").read_text(encoding="utf-8")
+STACKS = STACKS.split("\nstacks:\n", 1)[1]  # the entries, to append to images/stacks.yml
 #: A file only one stage's hash covers, per moment: editing it rebuilds from that stage on.
 EDITS = {"stage": "roles/base/defaults/main.yml", "finish": "roles/manifest/defaults/main.yml"}
 
