@@ -41,7 +41,6 @@ def test_first_run_set_the_host_up_over_ssh(vm_host):
 #: what a second apply after a reboot changes: /run is a tmpfs, so the build-time CA bundle
 #: the first apply left there (for a second run to need no change) is gone and placed again
 REBOOT_CHANGES = [
-    "gpubake.gpu.build_ca : Create the build-time trust directory",
     "gpubake.gpu.build_ca : Copy the CA bundle (used by pip, uv, conda and curl during the "
     "build only)",
 ]
@@ -68,7 +67,8 @@ def test_a_running_host_keeps_its_tmp_caches_and_apt_lists(vm_host):
     rc, lists = run_in(vm_host.box, "sh", "-c", "ls /var/lib/apt/lists | grep -c Packages")
     assert rc == 0 and int(lists) > 0
     assert vm_host.first.statuses(
-        "gpubake.gpu.image_cleanup : Empty package lists, package caches and logs"
+        "gpubake.gpu.image_cleanup : Remove build-only files, empty package lists, caches, logs "
+        "and /tmp"
     ) in (
         [],
         ["skipping"],
