@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -183,7 +184,38 @@ def remove_tree(path: Path) -> None:
     inside = sorted((m for m in mounted if m.is_relative_to(path)), key=lambda m: -len(m.parts))
     for mount in inside:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
-    shutil.rmtree(path, ignore_errors=True)
+    for _ in range(10):  # a file written meanwhile makes rmtree miss its folder: again
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.2)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies, which only wait to be reaped
+    by init, do not count)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):  # gone meanwhile
+            state, _ppid, group = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            if int(group) == pgid and state != "Z":
+                return True
+    return False
+
+
+def end_group(pgid: int, grace: float = 5.0) -> None:
+    """Return once nothing of process group `pgid` runs. Called when its leader (Packer) has
+    ended: what it left (Ansible's workers, an SSH control master) gets SIGTERM, then SIGKILL
+    after `grace` seconds; so nothing still writes into a build's work dir when it is removed."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        if not _group_running(pgid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while _group_running(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- signals

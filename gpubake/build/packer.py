@@ -162,6 +162,7 @@ class Packer:
                 if on_line is not None:
                     on_line(line.rstrip("\n"), message)
             proc.wait()
+            guard.end_group(proc.pid)
         except KeyboardInterrupt:
             with guard.uninterruptible():
                 print("\ngpubake: interrupted; waiting for Packer to clean up ...", file=sys.stderr)
@@ -177,6 +178,7 @@ class Packer:
                         "build; a cloud VM or disk named packer-* is yours to delete",
                         file=sys.stderr,
                     )
+                guard.end_group(proc.pid)  # Ansible's workers can outlive Packer
             raise
         if proc.returncode != 0:
             raise PackerError(progress.summary())

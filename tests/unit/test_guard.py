@@ -133,3 +133,21 @@ def test_interrupted_error_is_one_line_with_the_signals_exit_code():
     exc = guard.BuildInterruptedError("SIGTERM during stage 1/4 tiny:os: ...", 143)
     assert str(exc) == "interrupted: SIGTERM during stage 1/4 tiny:os: ..."
     assert exc.exit_code == 143
+
+
+def test_end_group_stops_what_a_leader_left_running():
+    """Packer's Ansible workers can outlive Packer: end_group returns when none runs, TERM
+    first (a process that ignores it gets KILL after the grace)."""
+    script = "trap '' TERM; sleep 60 & sleep 60 & exit 0"  # the children ignore TERM too
+    leader = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    leader.wait()
+    assert guard._group_running(leader.pid)
+    started = time.monotonic()
+    guard.end_group(leader.pid, grace=1.0)
+    assert not guard._group_running(leader.pid)
+    assert time.monotonic() - started < 5
+    done = subprocess.Popen(["true"], start_new_session=True)
+    done.wait()
+    started = time.monotonic()
+    guard.end_group(done.pid)  # nothing left: returns at once
+    assert time.monotonic() - started < 1
