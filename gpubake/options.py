@@ -67,7 +67,8 @@ def stack_options(func):  # type: ignore[no-untyped-def]
         metavar="KEY=VALUE",
         help="Override a stack value: python, cuda, driver_branch, open_kernel_module, "
         "driver_source / cuda_source (nvidia: NVIDIA's CUDA repository, the default; distro: "
-        "the OS's own packages), job_runner (true/false: gpubake-job, in VM images by "
+        "the OS's own packages; none: not installed, for a CPU-only image or a machine that "
+        "has them), job_runner (true/false: gpubake-job, in VM images by "
         "default, in containers on request) or packages.<name>. Repeatable.",
     )(func)
     func = click.option(

@@ -344,7 +344,9 @@ VAR_KEYS = (
 )
 #: Where the driver and the CUDA toolkit come from: NVIDIA's CUDA repository or the OS's own
 #: packages (Debian non-free, Ubuntu's -server branches and multiverse).
-SOURCES = ("nvidia", "distro")
+#: where the driver / the CUDA toolkit of a VM image or host come from; none: not installed
+#: (a CPU-only image, or a machine whose driver and toolkit are there already)
+SOURCES = ("nvidia", "distro", "none")
 
 
 @dataclass(frozen=True)
@@ -559,7 +561,9 @@ def _check_sources(
 ) -> str:
     """Check what the OS's packages give against the stack; return the CUDA toolkit version
     the cuda role installs (the stack's own from NVIDIA, the OS's from distro)."""
-    if driver_source == "nvidia" and cuda_source == "nvidia":
+    if cuda_source == "none":
+        return ""
+    if driver_source in ("nvidia", "none") and cuda_source == "nvidia":
         return cuda
     distro = distro_packages(osinfo)
     given = distro.driver_branches

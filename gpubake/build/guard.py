@@ -32,7 +32,7 @@ from types import FrameType
 from typing import Any
 
 from gpubake import GpubakeError, resources
-from gpubake.build.plan import HASH_LABEL, LABEL_PREFIX
+from gpubake.build.labels import HASH_LABEL, LABEL_PREFIX
 
 #: On build containers: the key of the lock their build holds while they exist.
 LOCK_LABEL = f"{LABEL_PREFIX}.build-lock"
