@@ -19,5 +19,9 @@ packer {
       source  = "github.com/hashicorp/amazon"
       version = ">= 1.2.0"
     }
+    qemu = {
+      source  = "github.com/hashicorp/qemu"
+      version = ">= 1.0.9"
+    }
   }
 }

@@ -1,6 +1,6 @@
-# VM targets (gcp-image, aws-ami): the variables and the build they share; the
+# VM targets (gcp-image, aws-ami, qemu): the variables and the build they share; the
 # provisioners (VM playbook, gpu-smoke, seal + validate) exist once, here. Each
-# cloud's source is in its own file (gcp-image.pkr.hcl, aws-ami.pkr.hcl): a render
+# target's source is in its own file (gcp-image.pkr.hcl, aws-ami.pkr.hcl, qemu.pkr.hcl): a render
 # holds one of them, and gpubake writes the `sources` line below with that one only.
 
 variable "disk_size_gb" {
@@ -35,7 +35,17 @@ variable "ssh_username" {
   description = "User Packer logs in as on the build VM (packer on GCP; admin on Debian, ubuntu on Ubuntu AMIs)."
 }
 
+variable "qemu_meta_dir" {
+  type        = string
+  description = "Where the build downloads the image's manifest, SBOM and gpu-smoke report (qemu only, before the seal)."
+  default     = "meta"
+}
+
 locals {
+  # Packer's SSH proxy speaks the classic SCP protocol only (OpenSSH 9's scp uses SFTP); a VM
+  # just rebooted (or emulated: qemu without KVM) can take longer than Ansible's default
+  # 10 s to connect and to answer sudo
+  ansible_vm_env_vars = concat(local.ansible_env_vars, ["ANSIBLE_SCP_EXTRA_ARGS=-O", "ANSIBLE_TIMEOUT=60"])
   ansible_arguments = concat(
     ["--become", "--extra-vars", "@${path.root}/ansible-vars.json"],
     var.ansible_ssh_extra_args,
@@ -44,14 +54,14 @@ locals {
 }
 
 build {
-  sources = ["source.googlecompute.gpubake", "source.amazon-ebs.gpubake"]
+  sources = ["source.googlecompute.gpubake", "source.amazon-ebs.gpubake", "source.qemu.gpubake"]
 
   provisioner "ansible" {
     command          = var.ansible_playbook_command
     playbook_file    = "${local.collection}/playbooks/vm.yml"
     user             = var.ssh_username
     extra_arguments  = local.ansible_arguments
-    ansible_env_vars = local.ansible_env_vars
+    ansible_env_vars = local.ansible_vm_env_vars
   }
 
   # The new driver loads at boot. Packer reboots the VM itself: Ansible's reboot
@@ -63,14 +73,31 @@ build {
     skip_clean        = true
   }
 
+  # Back after the reboot: this command starts once the VM answers SSH again (a slow boot,
+  # e.g. under QEMU's emulation, takes longer than any fixed pause; Ansible through Packer's
+  # proxy would not retry the connection).
+  provisioner "shell" {
+    pause_before        = "30s"
+    inline              = ["uptime"]
+    start_retry_timeout = "15m"
+    skip_clean          = true
+  }
+
   # Last: the image exists only if gpu-smoke passes on the attached GPU.
   provisioner "ansible" {
-    pause_before     = "30s"
     command          = var.ansible_playbook_command
     playbook_file    = "${local.collection}/playbooks/smoke.yml"
     user             = var.ssh_username
     extra_arguments  = local.ansible_arguments
-    ansible_env_vars = local.ansible_env_vars
+    ansible_env_vars = local.ansible_vm_env_vars
+  }
+
+  # qemu: the image's manifest, SBOM and gpu-smoke report go beside the disk image
+  provisioner "file" {
+    only        = ["qemu.gpubake"]
+    direction   = "download"
+    sources     = ["/etc/gpubake/manifest.json", "/etc/gpubake/sbom.cdx.json", "/etc/gpubake/smoke-report.json"]
+    destination = "${var.qemu_meta_dir}/"
   }
 
   # VM images only, after gpu-smoke: remove SSH host keys, machine-id, cloud-init
@@ -80,6 +107,6 @@ build {
     playbook_file    = "${local.collection}/playbooks/seal.yml"
     user             = var.ssh_username
     extra_arguments  = local.ansible_arguments
-    ansible_env_vars = local.ansible_env_vars
+    ansible_env_vars = local.ansible_vm_env_vars
   }
 }

@@ -21,6 +21,7 @@ import click
 from gpubake import GpubakeError, resources, size_text, stacks
 from gpubake.build import (
     ansible,
+    disk_image,
     docker_engine,
     guard,
     hosts,
@@ -28,6 +29,7 @@ from gpubake.build import (
     locks,
     stages,
     targets,
+    vm_disk,
     wheelhouse,
 )
 from gpubake.build.packer import Packer
@@ -163,14 +165,17 @@ def build(request: BuildRequest) -> None:
                 _build_container(run)
             elif target.kind == "vm":
                 _build_cloud_image(run)
+            elif target.kind == "disk":
+                _build_disk_image(run)
             else:
                 _apply_host(run)
         except KeyboardInterrupt as exc:
             sig = guard.signal_of(exc)
+            kept = "no image folder was replaced" if target.kind == "disk" else "no tag was moved"
             raise guard.BuildInterruptedError(
                 f"{sig.name} during {run.doing.what}: Packer's build "
                 f"{'container' if target.kind == 'container' else 'VM'} and gpubake's work dir "
-                "are removed, and no tag was moved; run the same command to build again",
+                f"are removed, and {kept}; run the same command to build again",
                 128 + sig.value,
             ) from None
 
@@ -510,6 +515,71 @@ def _build_cloud_image_locked(
     click.echo(plan.image_ref)
 
 
+def _build_disk_image(run: _Run) -> None:
+    """Target qemu: the VM playbook, gpu-smoke and the seal on a VM booted from gpubake's
+    base disk; the image is a folder of disk files (gpubake.build.disk_image)."""
+    req = run.request
+    started = time.monotonic()
+    packer = Packer.detect()
+    base_id = vm_disk.base_image_id(run.stack.os.key)
+    plan = make_plan(
+        run.stack,
+        target=run.target.name,
+        base_image=f"gpubake base disk {run.stack.os.key}",
+        base_image_id=base_id,
+        ca_bundle=run.bundle,
+        verbose=run.ansible_verbosity,
+        cloud=CloudOptions(disk_size_gb=req.disk_size),
+        **machine_inputs(packer),
+    )
+    if req.dry_run:
+        print_plan(plan, packer, req.as_json)
+        return
+    name = plan.image_ref
+    run.doing.what = "the wait for another build of the same image"
+    key = guard.output_key(f"{plan.target}:{name}")
+    with guard.held(key, echo, name):
+        folder = disk_image.built(name, plan.input_hash)
+        if folder is not None and not req.force:
+            echo(
+                f"skipped: {folder} is already built from identical inputs (input hash "
+                f"{plan.input_hash[:12]}); use --force to rebuild"
+            )
+            click.echo(folder)
+            return
+        run.doing.what = "the base disk's build"
+        machine = disk_image.machine_vars(run.stack.os.key, echo)
+        plan = dataclasses.replace(plan, packer_vars={**plan.packer_vars, **machine})
+        echo(
+            f"building {name}: stack {run.stack.name} on {run.stack.os.key}, Packer "
+            f"{packer.version_text}, QEMU with {machine['qemu_accelerator']}, input hash "
+            f"{plan.input_hash[:12]}"
+        )
+        if machine["qemu_accelerator"] == "tcg":
+            echo("no usable KVM here: the VM runs under software emulation (TCG), slowly")
+        record = {
+            "image": name,
+            "input_hash": plan.input_hash,
+            "stack": run.stack.name,
+            "os": run.stack.os.key,
+            "base_disk": machine["qemu_base_disk"],
+            "base_disk_sha256": machine["qemu_base_disk_sha256"],
+            "labels": dict(plan.labels),
+        }
+        done: list[Path] = []
+        run.doing.what = f"the Packer build of {name}"
+        run_packer(
+            plan,
+            packer,
+            req.verbose,
+            key,
+            before=disk_image.prepare,
+            after=lambda scratch: done.append(disk_image.finish(scratch, name, record, echo)),
+        )
+    echo(f"built {name} in {elapsed(started)}; gpu-smoke passed on it: {done[0]}")
+    click.echo(done[0])
+
+
 def ssh_login(host: str | None, ssh_key: Path | None, known_hosts: Path | None) -> Any:
     """The SshLogin for --host (checked for form here: nothing is contacted), or None."""
     if host is None:
@@ -628,14 +698,18 @@ def print_plan(
         ("cuda", f"{s.cuda} (driver branch {s.driver_branch}+ on the host)"),
     ]
     if target.is_vm:
-        rows.append(
-            (
-                "driver",
-                f"branch {s.driver_branch}, {'open' if s.open_kernel_module else 'proprietary'} "
-                f"module, from {_SOURCE_NAMES[s.driver_source]}; CUDA toolkit "
-                f"{s.cuda_toolkit} from {_SOURCE_NAMES[s.cuda_source]}",
-            )
+        driver = (
+            "none installed"
+            if s.driver_source == "none"
+            else f"branch {s.driver_branch}, {'open' if s.open_kernel_module else 'proprietary'} "
+            f"module, from {_SOURCE_NAMES[s.driver_source]}"
         )
+        toolkit = (
+            "none installed"
+            if s.cuda_source == "none"
+            else f"{s.cuda_toolkit} from {_SOURCE_NAMES[s.cuda_source]}"
+        )
+        rows.append(("driver", f"{driver}; CUDA toolkit {toolkit}"))
     rows += [
         ("gpu", s.gpu.key if s.gpu else "any"),
         ("base image", f"{first.base_image} ({first.base_image_id[:19]})"),
@@ -687,10 +761,19 @@ def elapsed(started: float) -> str:
     return f"{secs // 60}m{secs % 60:02d}s"
 
 
-def run_packer(plan: BuildPlan, packer: Any, verbose: int, key: str) -> None:
+def run_packer(
+    plan: BuildPlan,
+    packer: Any,
+    verbose: int,
+    key: str,
+    *,
+    before: Callable[[Path], None] | None = None,
+    after: Callable[[Path], None] | None = None,
+) -> None:
     """Packer on `plan`, in a work dir under gpubake's cache named after the lock on `key`
     (which the caller holds): Packer's and Ansible's temporary files go there too, so that
-    nothing of a build (its variables, its CA bundle's path) is left elsewhere."""
+    nothing of a build (its variables, its CA bundle's path) is left elsewhere. `before` and
+    `after` get the work dir before Packer starts and after it succeeded."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     log_path = LOG_DIR / f"{plan.stack.name}-{plan.target}-{stamp}.log"
@@ -701,6 +784,8 @@ def run_packer(plan: BuildPlan, packer: Any, verbose: int, key: str) -> None:
         env = {"TMPDIR": str(scratch / "tmp"), "ANSIBLE_LOCAL_TEMP": str(scratch / "ansible")}
         var_file = render(plan, work, with_plugins=packer.needs_plugins)
         packer.init(work)
+        if before is not None:
+            before(scratch)
 
         def on_line(line: str, message: str | None) -> None:
             log.write(line + "\n")
@@ -714,6 +799,8 @@ def run_packer(plan: BuildPlan, packer: Any, verbose: int, key: str) -> None:
             packer.build(work, var_file, on_line, only=plan.packer_only, env=env)
         except GpubakeError as exc:
             raise GpubakeError(f"{exc} (full log: {log_path})") from None
+        if after is not None:
+            after(scratch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -758,6 +845,12 @@ def render_only(request: RenderRequest, say: Callable[[str], None] = click.echo)
     packer = Packer.detect()
     plugins = packer.needs_plugins if request.packer_plugins is None else request.packer_plugins
     ref = request.base_image or resolved.os.base_image
+    base_id = f"ref:{ref}"
+    if target.kind == "disk":
+        ref, base_id = (
+            f"gpubake base disk {resolved.os.key}",
+            vm_disk.base_image_id(resolved.os.key),
+        )
     cloud = CloudOptions(
         project=request.project or PLACEHOLDER,
         zone=request.zone or PLACEHOLDER,
@@ -770,7 +863,7 @@ def render_only(request: RenderRequest, say: Callable[[str], None] = click.echo)
         resolved,
         target=target.name,
         base_image=ref,
-        base_image_id=f"ref:{ref}",
+        base_image_id=base_id,
         tag=request.tag,
         cloud=cloud,
         require_gpu=target.is_cloud_image,
@@ -786,7 +879,12 @@ def render_only(request: RenderRequest, say: Callable[[str], None] = click.echo)
             "tag": request.tag,
         }
         return _render_chain(resolved, target, chain_inputs, plugins, out, say)
+    if target.kind == "disk":
+        disk = disk_image.render_vars(resolved.os.key, PLACEHOLDER)
+        plan = dataclasses.replace(plan, packer_vars={**plan.packer_vars, **disk})
     render(plan, out, with_plugins=plugins)
+    if target.kind == "disk":
+        disk_image.prepare(out)
     say(f"wrote {out}; run: cd {out} && {init}packer build .")
     return out
 

@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from gpubake import GpubakeError, __version__, resources, stacks
-from gpubake.build import targets
+from gpubake.build import targets, vm_disk
 from gpubake.build.hashing import input_hash
+from gpubake.build.labels import HASH_LABEL, LABEL_PREFIX
 from gpubake.build.locks import Lock
 from gpubake.stacks import Stack, stacks_data
 
 ENV_PREFIX = "/opt/gpubake/env"
 DEFAULT_USER = "gpubake"
 BUILD_CA_DIR = "/run/gpubake-build"
-LABEL_PREFIX = "io.gpubake"
-HASH_LABEL = f"{LABEL_PREFIX}.input-hash"
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -118,7 +117,7 @@ class BuildPlan:
         """The source `packer build -only=` selects (None: applied without Packer). A render
         holds this source only; gpubake names it anyway, so its command line says what runs."""
         target = targets.get(self.target)
-        return target.packer_source if target.is_cloud_image else None
+        return target.packer_source if target.is_vm_image else None
 
     @property
     def image_ref(self) -> str:
@@ -290,12 +289,16 @@ def _vm_ansible_vars(stack: Stack, target: str) -> dict[str, Any]:
         "cuda_version": stack.cuda_toolkit or stack.cuda,
         "cuda_source": stack.cuda_source,
         "logging_agent_kind": cloud_image.cloud if cloud_image.is_cloud_image else "none",
-        "image_cleanup_vm": cloud_image.is_cloud_image,
+        "image_cleanup_vm": cloud_image.is_vm_image,
+        # a local disk image's build user is the base disk's own: the seal removes it
+        "image_cleanup_build_user": vm_disk.USER if cloud_image.kind == "disk" else "",
         # Packer reboots image builds itself (vm.pkr.hcl); a host (ssh, local) is rebooted by
         # the role's handler when the driver changed
-        "nvidia_driver_reboot": not cloud_image.is_cloud_image,
+        "nvidia_driver_reboot": not cloud_image.is_vm_image,
         # validate.sh fails the bake unless DKMS built the driver for the image's kernel
-        "image_cleanup_expect_dkms": ["nvidia"] if cloud_image.is_cloud_image else [],
+        "image_cleanup_expect_dkms": (
+            ["nvidia"] if cloud_image.is_vm_image and stack.driver_source != "none" else []
+        ),
     }
 
 
@@ -476,6 +479,8 @@ def _target_specifics(
     disk = cloud.disk_size_gb or max(
         stacks_data()["vm_disk"]["default_gib"], required_disk_gb(stack)
     )
+    if kind.kind == "disk":  # Packer grows the base disk's copy, never shrinks it
+        disk = max(disk, vm_disk.DISK_SIZE_GIB)
     gpu = stack.gpu
     machine = _build_machine(stack, target) if cloud.gpu_build else ""
     common = {
@@ -483,6 +488,18 @@ def _target_specifics(
         "ansible_ssh_extra_args": ssh_args,
         "max_run_minutes": cloud.max_run_minutes,
     }
+    if kind.kind == "disk":
+        labels = _common_labels(stack, digest)
+        name = f"gpubake-{stack.name}-{digest[:12]}"
+        # the base disk, the accelerator and the build's login key are the machine's: gpubake
+        # adds them when it builds (gpubake.build.disk_image)
+        packer_vars = {
+            "image_name": name,
+            "image_labels": labels,
+            "ssh_username": vm_disk.USER,
+            **common,
+        }
+        return labels, packer_vars, name
     if kind.cloud == "gcp":
         labels = {k: _gcp_label(v) for k, v in _common_labels(stack, digest).items()}
         name = f"gpubake-{stack.name}-{digest[:12]}"

@@ -34,7 +34,10 @@ COLLECTION_DIR = Path(
 #: The requirements with hashes a container stage installs (python_env_lock_file).
 LOCK_FILE = "python-env.lock"
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo")
-_SOURCES_RE = re.compile(r"^(?P<indent>\s*)sources\s*=\s*\[(?P<list>[^\]]*)\]\s*$", re.MULTILINE)
+# the build block's list of builder sources (a file provisioner's `sources` lists paths)
+_SOURCES_RE = re.compile(
+    r'^(?P<indent>\s*)sources\s*=\s*\[(?P<list>\s*"source\.[^\]]*)\]\s*$', re.MULTILINE
+)
 
 
 def hcl_value(value: Any, indent: str = "") -> str:

@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 from gpubake import GpubakeError
 
-Kind = Literal["container", "vm", "host"]
+#: container: an image in the Docker Engine; vm: a cloud image; disk: a VM disk image made
+#: here (qemu); host: a running machine the VM playbook is applied to
+Kind = Literal["container", "vm", "disk", "host"]
 
 
 class TargetError(GpubakeError):
@@ -55,12 +57,17 @@ class Target:
         return self.kind == "vm"
 
     @property
+    def is_vm_image(self) -> bool:
+        """A VM image built by Packer with vm.pkr.hcl (a cloud image or a local disk): sealed."""
+        return self.kind in ("vm", "disk")
+
+    @property
     def packer_type(self) -> str | None:
         return self.packer_source.split(".", 1)[0] if self.packer_source else None
 
 
-#: The shared build of the cloud image targets (vm.pkr.hcl): one build block for both clouds,
-#: rendered with the target's own source only.
+#: The shared build of the VM image targets (vm.pkr.hcl): one build block for the clouds and
+#: qemu, rendered with the target's own source only.
 VM_BUILD_FILE = "vm.pkr.hcl"
 #: Packer files every target with a source renders.
 COMMON_PACKER_FILES = ("variables.pkr.hcl",)
@@ -97,6 +104,14 @@ REGISTRY: dict[str, Target] = {
             packer_source="amazon-ebs.gpubake",
             packer_files=(VM_BUILD_FILE, "aws-ami.pkr.hcl"),
             options=_CLOUD_OPTIONS | {"region", "profile"},
+        ),
+        Target(
+            "qemu",
+            "disk",
+            "a VM disk image (qcow2, raw, GCP's disk.raw tar.gz) built here under QEMU",
+            packer_source="qemu.gpubake",
+            packer_files=(VM_BUILD_FILE, "qemu.pkr.hcl"),
+            options=frozenset({"disk_size"}),
         ),
         Target(
             "ssh",

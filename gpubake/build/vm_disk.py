@@ -15,7 +15,7 @@ Choices:
 - Serial console on ttyS0 (GRUB and kernel), so a boot can be read from QEMU's `-serial`.
 - No keys in the cached disk: its SSH host keys are removed and /etc/machine-id is empty.
   The unit `gpubake-firstboot.service` runs at every boot, before ssh: `ssh-keygen -A`, and
-  the user `gpubake` (passwordless sudo) gets the key QEMU passes as
+  the build user `builder` (passwordless sudo) gets the key QEMU passes as
   `-fw_cfg name=opt/gpubake/authorized_key,string=<public key>` (module qemu_fw_cfg).
 """
 
@@ -54,7 +54,9 @@ PACKAGES = (
     "python3",  # Ansible's modules run on it
     "systemd-resolved",  # DNS from networkd's DHCP lease
 )
-USER = "gpubake"
+#: the build's login user (passwordless sudo); a sealed disk image has it no more
+#: (image_cleanup_build_user): not gpubake's own user `gpubake`, whom jobs run as
+USER = "builder"
 KEY_FW_CFG = "opt/gpubake/authorized_key"
 LOCK_KEY = "vm-base"
 
@@ -82,7 +84,8 @@ set -eu
 ssh-keygen -A
 key=/sys/firmware/qemu_fw_cfg/by_name/{KEY_FW_CFG}/raw
 modprobe qemu_fw_cfg 2>/dev/null || true
-if [ -r "$key" ]; then
+# (a sealed image has no build user: its logins are the cloud's or the owner's)
+if [ -r "$key" ] && id -u {USER} >/dev/null 2>&1; then
     install -d -m 700 -o {USER} -g {USER} /home/{USER}/.ssh
     {{ cat "$key"; echo; }} > /home/{USER}/.ssh/authorized_keys.new
     chown {USER}:{USER} /home/{USER}/.ssh/authorized_keys.new
@@ -105,7 +108,8 @@ WantedBy=multi-user.target
 """
 CHROOT_SCRIPT = f"""\
 set -eu
-useradd --create-home --shell /bin/bash --groups sudo {USER}
+# a system UID: 1000 is the image's own user's (role base)
+useradd --system --create-home --shell /bin/bash --groups sudo {USER}
 echo '{USER} ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/{USER}
 chmod 440 /etc/sudoers.d/{USER}
 systemctl enable systemd-networkd systemd-resolved gpubake-firstboot
@@ -154,18 +158,34 @@ def inputs_hash(osinfo: stacks.OsInfo) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def base_image_id(os_key: str) -> str:
+    """What a disk image's input hash takes from its base disk (known before it is built)."""
+    check_supported(os_key)
+    return f"vm-base:{os_key}-{inputs_hash(stacks.get_os(os_key))}"
+
+
+def check_supported(os_key: str) -> None:
+    if os_key not in SUPPORTED:
+        raise VmDiskError(
+            f"gpubake makes local VM disks for {', '.join(SUPPORTED)} only, not {os_key!r}: "
+            "use --os debian-12"
+        )
+
+
 def base_dir() -> Path:
     return resources.cache_dir() / "vm-base"
 
 
+def base_disk_path(os_key: str) -> Path:
+    """Where the base disk of `os_key` is (once built) for the current inputs."""
+    check_supported(os_key)
+    return base_dir() / f"{os_key}-{inputs_hash(stacks.get_os(os_key))}.qcow2"
+
+
 def ensure_base_disk(os_key: str, echo: Echo) -> Path:
     """The qcow2 base disk for `os_key`, built once per set of inputs (about 2 minutes)."""
-    if os_key not in SUPPORTED:
-        raise VmDiskError(
-            f"gpubake makes local VM disks for {', '.join(SUPPORTED)} only, not {os_key!r}"
-        )
+    target = base_disk_path(os_key)
     osinfo = stacks.get_os(os_key)
-    target = base_dir() / f"{os_key}-{inputs_hash(osinfo)}.qcow2"
     if target.is_file():
         return target
     for tool, package in TOOLS.items():

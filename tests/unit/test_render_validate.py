@@ -3,13 +3,14 @@ OS; a render holds only its target's files, and they are `packer fmt` clean."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import subprocess
 
 import pytest
 
 from gpubake import resources, stacks
-from gpubake.build import ansible, targets
+from gpubake.build import ansible, disk_image, targets, vm_disk
 from gpubake.build.plan import CloudOptions, make_plan
 from gpubake.build.render import COLLECTION_DIR, render
 
@@ -41,7 +42,17 @@ def test_every_combination_renders_and_validates(tmp_path, have_packer, target, 
         require_gpu=target != "docker",
         ansible_playbook=ansible.playbook_command(),
     )
+    disk = targets.get(target).kind == "disk"
+    if disk:  # a local disk image: gpubake's own base disk, Debian 12 only
+        if os_key not in vm_disk.SUPPORTED:
+            with pytest.raises(vm_disk.VmDiskError, match="use --os debian-12"):
+                disk_image.render_vars(os_key, "x")
+            return
+        machine = disk_image.render_vars(os_key, "REPLACE-ME")
+        plan = dataclasses.replace(plan, packer_vars={**plan.packer_vars, **machine})
     var_file = render(plan, tmp_path, with_plugins=False)
+    if disk:
+        disk_image.prepare(tmp_path)  # the build's login key, which Packer checks
     assert var_file.name == f"{target}.auto.pkrvars.hcl"
     written = sorted(p.name for p in tmp_path.glob("*.pkr*.hcl"))
     assert written == sorted(
