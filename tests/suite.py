@@ -53,6 +53,7 @@ VM_HOST = "vm-host"
 GROUP_ORDER = (
     "builds",
     VM_HOST,
+    "tests/integration/test_qemu_image.py",
     "tests/integration/test_vm_disk.py",
     "tests/integration/test_builder_image.py",
     "tests/integration/test_notebook_role.py",

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 
 from gpubake import resources
 from gpubake.build import guard, vm_disk
+from tests.integration import qemu_boot
 
 NEEDED = [*vm_disk.TOOLS, "qemu-system-x86_64", "ssh", "ssh-keygen", "debugfs"]
 MISSING = [tool for tool in NEEDED if not shutil.which(tool)]
@@ -75,12 +75,6 @@ def base() -> Built:
     return Built(vm_disk.ensure_base_disk("debian-12", said.append), said)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def guest(base: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     """A qcow2 overlay of the base disk booted under QEMU, with a fresh key for SSH."""
@@ -93,37 +87,24 @@ def guest(base: Built, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gue
     )
     overlay_of = ("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b")
     subprocess.run([*overlay_of, str(base.path), str(overlay)], check=True, timeout=60)
-    port, serial = _free_port(), work / "serial.log"
     public = key.with_suffix(".pub").read_text(encoding="utf-8").strip()
-    qemu = [
-        *("qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-smp", "2"),
-        *("-display", "none", "-monitor", "none", "-serial", f"file:{serial}"),
-        *("-drive", f"file={overlay},if=virtio,format=qcow2"),
-        *("-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22"),
-        *("-device", "virtio-net-pci,netdev=n0"),
-        *("-fw_cfg", f"name={vm_disk.KEY_FW_CFG},string={public}"),
-    ]
-    started = time.monotonic()
-    with (work / "qemu.log").open("wb") as log:
-        proc = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    try:
-        box = Guest(proc, port, key, work / "known_hosts", serial, 0.0)
+    with qemu_boot.boot(overlay, work, memory_mb=1024, ssh=True, authorized_key=public) as vm:
+        assert vm.ssh_port is not None
+        box = Guest(vm.proc, vm.ssh_port, key, work / "known_hosts", vm.serial, 0.0)
         while True:
             probe = subprocess.run(
                 [*box.ssh_args(), "true"], capture_output=True, timeout=60, check=False
             )
             if probe.returncode == 0:
                 break
-            if proc.poll() is not None or time.monotonic() - started > SSH_WAIT_S:
-                tail = serial.read_text(errors="replace")[-3000:] if serial.exists() else ""
-                pytest.fail(f"no SSH login within {SSH_WAIT_S} s (qemu: {proc.poll()}): {tail}")
+            if vm.proc.poll() is not None or time.monotonic() - vm.started > SSH_WAIT_S:
+                pytest.fail(
+                    f"no SSH login within {SSH_WAIT_S} s (qemu: {vm.proc.poll()}): "
+                    f"{vm.serial_text()[-3000:]}"
+                )
             time.sleep(2)
-        box.boot_s = time.monotonic() - started
+        box.boot_s = time.monotonic() - vm.started
         yield box
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=60)
 
 
 def test_only_debian_12_is_supported():
