@@ -180,7 +180,7 @@ def test_packer_1_6_gets_ssh_rsa_for_its_proxy():
 def test_image_builds_reboot_through_packer_not_ansible(repo_root):
     """Ansible's reboot module cannot reconnect through Packer's SSH proxy: image builds turn
     the role's reboot off and Packer reboots between the VM playbook and gpu-smoke."""
-    for target in ("gcp-image", "aws-ami", "ssh"):
+    for target in ("gcp-image", "aws-ami", "qemu", "ssh"):
         plan = make_plan(
             stacks.resolve(target=target),
             target=target,
@@ -196,4 +196,6 @@ def test_image_builds_reboot_through_packer_not_ansible(repo_root):
     reboot = hcl[shell : hcl.index("}", shell)]
     assert '"sudo systemctl reboot"' in reboot
     assert "expect_disconnect = true" in reboot
-    assert 'pause_before     = "30s"' in hcl[shell:smoke]
+    # then a command that starts only once the VM answers again, before gpu-smoke's Ansible
+    wait = hcl[hcl.index('provisioner "shell"', shell + 1) : smoke]
+    assert 'start_retry_timeout = "15m"' in wait and 'pause_before        = "30s"' in wait
