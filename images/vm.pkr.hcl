@@ -35,12 +35,6 @@ variable "ssh_username" {
   description = "User Packer logs in as on the build VM (packer on GCP; admin on Debian, ubuntu on Ubuntu AMIs)."
 }
 
-variable "qemu_meta_dir" {
-  type        = string
-  description = "Where the build downloads the image's manifest, SBOM and gpu-smoke report (qemu only, before the seal)."
-  default     = "meta"
-}
-
 locals {
   # Packer's SSH proxy speaks the classic SCP protocol only (OpenSSH 9's scp uses SFTP); a VM
   # just rebooted (or emulated: qemu without KVM) can take longer than Ansible's default
@@ -90,14 +84,6 @@ build {
     user             = var.ssh_username
     extra_arguments  = local.ansible_arguments
     ansible_env_vars = local.ansible_vm_env_vars
-  }
-
-  # qemu: the image's manifest, SBOM and gpu-smoke report go beside the disk image
-  provisioner "file" {
-    only        = ["qemu.gpubake"]
-    direction   = "download"
-    sources     = ["/etc/gpubake/manifest.json", "/etc/gpubake/sbom.cdx.json", "/etc/gpubake/smoke-report.json"]
-    destination = "${var.qemu_meta_dir}/"
   }
 
   # VM images only, after gpu-smoke: remove SSH host keys, machine-id, cloud-init

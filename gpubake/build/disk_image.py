@@ -3,7 +3,7 @@
 Before Packer: gpubake's base disk (gpubake.build.vm_disk) and its SHA-256, the accelerator
 (KVM where it runs a guest, TCG otherwise) and a throwaway login key for the build. After
 Packer (the sealed VM powered itself off): the qcow2, a raw copy, GCP's `disk.raw` tar.gz,
-and beside them the image's manifest, SBOM and gpu-smoke report (downloaded before the seal)
+and beside them the image's manifest, SBOM and gpu-smoke report (read from the sealed disk)
 and build.json (input hash, stack, sizes, checksums). The folder is written under a temporary
 name and renamed when complete, so that a folder under `images_dir()` is always whole.
 """
@@ -14,29 +14,30 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gpubake import GpubakeError, one_line, resources
 from gpubake.build import guard, vm_disk
+from gpubake.build.plan import SBOM_PATH, SMOKE_REPORT
 
 Echo = Callable[[str], None]
 
 #: relative to Packer's working directory (the rendered template in the build's work dir)
 SSH_KEY_DIR = "../ssh"
 OUTPUT_DIR = "../output"
-META_DIR = "../meta"
-#: what the build downloads from the VM before the seal (vm.pkr.hcl, qemu only)
-META_FILES = ("manifest.json", "sbom.cdx.json", "smoke-report.json")
+MANIFEST_PATH = "/etc/gpubake/manifest.json"  # role manifest's manifest_path
+#: the files of the sealed image put beside it (read from its root file system)
+META_FILES = (MANIFEST_PATH, SBOM_PATH, SMOKE_REPORT)
 BUILD_RECORD = "build.json"
 #: GCP imports a gzip'd tar holding one file named disk.raw (oldgnu format, sparse)
 GCP_TAR = "disk.raw.tar.gz"
 ACCEL_ENV = "GPUBAKE_QEMU_ACCEL"
+ROOT_OFFSET = vm_disk.PART_START * 512
 QEMU = "qemu-system-x86_64"
 KVM_PROBE_S = 30
 
@@ -153,7 +154,6 @@ def machine_vars(os_key: str, echo: Echo) -> dict[str, Any]:
         "qemu_accelerator": accelerator(disk),
         "qemu_ssh_key_dir": SSH_KEY_DIR,
         "qemu_output_dir": OUTPUT_DIR,
-        "qemu_meta_dir": META_DIR,
     }
 
 
@@ -168,13 +168,12 @@ def render_vars(os_key: str, placeholder: str) -> dict[str, Any]:
         "qemu_accelerator": accelerator(None),
         "qemu_ssh_key_dir": "ssh",
         "qemu_output_dir": "output",
-        "qemu_meta_dir": "meta",
     }
 
 
 def prepare(scratch: Path) -> None:
     """The build's login key (it goes to the VM through fw_cfg, and the seal removes the
-    user it logs in as) and the download folder."""
+    user it logs in as)."""
     keys = scratch / "ssh"
     keys.mkdir(mode=0o700, exist_ok=True)
     (keys / "id_ed25519").unlink(missing_ok=True)  # a render written again
@@ -183,7 +182,6 @@ def prepare(scratch: Path) -> None:
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gpubake-build", "-f", "id_ed25519"],
         keys,
     )
-    (scratch / "meta").mkdir(exist_ok=True)
 
 
 def finish(scratch: Path, name: str, record: Mapping[str, Any], echo: Echo) -> Path:
@@ -202,16 +200,19 @@ def finish(scratch: Path, name: str, record: Mapping[str, Any], echo: Echo) -> P
         staging,
         timeout=3600,
     )
-    missing = [f for f in META_FILES if not (scratch / "meta" / f).is_file()]
-    if missing:
-        raise DiskImageError(f"the build downloaded no {', '.join(missing)} from the VM")
-    for meta in META_FILES:
-        shutil.copyfile(scratch / "meta" / meta, staging / meta)
-    files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
-        for p in sorted(staging.iterdir())
-        if p.is_file() and not p.name.endswith(".sha256")
-    }
+    for path in META_FILES:  # from the sealed image itself (its root is partition 1)
+        out = staging / PurePosixPath(path).name
+        _run(
+            ["debugfs", "-R", f"dump {path} {out.name}", f"{raw.name}?offset={ROOT_OFFSET}"],
+            staging,
+        )
+        if not out.is_file() or not out.stat().st_size:
+            raise DiskImageError(f"the sealed image has no {path}")
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(staging.iterdir()):
+        files[path.name] = {"bytes": path.stat().st_size}
+        if path != raw:  # the raw disk's hash would read 40 GiB of mostly holes
+            files[path.name]["sha256"] = sha256_of(path)
     for sidecar in staging.glob("*.sha256"):
         sidecar.unlink()
     (staging / BUILD_RECORD).write_text(

@@ -126,6 +126,7 @@ TOOLS = {
     "losetup": "mount",
     "partx": "util-linux",
     "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",  # gpubake.build.disk_image reads the sealed image's files
     "mount": "mount",
 }
 

@@ -17,6 +17,7 @@ itself. A second boot of the same image gets a preemption notice instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -193,6 +194,7 @@ def test_the_build_says_what_it_does_and_writes_every_file(built):
         assert "QEMU with tcg" in said  # this machine's KVM fails the boot probe
         assert "play: Run the gpu-smoke check" in said
         assert f"built {built.folder.name} in " in said and "gpu-smoke passed on it" in said
+    assert built.folder.parent == disk_image.images_dir()
     names = sorted(p.name for p in built.folder.iterdir())
     name = built.folder.name
     assert names == sorted(
@@ -209,7 +211,8 @@ def test_the_build_says_what_it_does_and_writes_every_file(built):
     record = json.loads((built.folder / "build.json").read_text())
     for file, facts in record["files"].items():
         assert (built.folder / file).stat().st_size == facts["bytes"]
-    assert record["files"]["disk.raw"]["sha256"] == disk_image.sha256_of(built.folder / "disk.raw")
+    tar = built.folder / "disk.raw.tar.gz"
+    assert record["files"][tar.name]["sha256"] == hashlib.sha256(tar.read_bytes()).hexdigest()
     with tarfile.open(built.folder / "disk.raw.tar.gz", "r:gz") as tar:
         assert tar.getnames() == ["disk.raw"]  # what GCP's images create --source-uri takes
     manifest = json.loads((built.folder / "manifest.json").read_text())
@@ -398,12 +401,13 @@ def test_an_interrupted_build_leaves_nothing(built):
     last = out.strip().splitlines()[-1]
     assert last.startswith("gpubake: error: interrupted: SIGINT during the Packer build of "), last
     assert "Traceback" not in out
-    work = str(guard.work_root())
+    # this build's work dir (other workers' builds have their own, mounts included)
+    key = guard.output_key(f"qemu:{built.folder.name}")
+    work = str(guard.work_root() / guard.slug(key)) + "."
     assert _qemu_processes_in(work) == []
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert work not in loops
     assert work not in Path("/proc/self/mounts").read_text(encoding="utf-8")
-    key = guard.output_key(f"qemu:{built.folder.name}")
     assert list(guard.work_root().glob(f"{guard.slug(key)}.*")) == []
     assert (built.folder / "build.json").read_text() == record
 
