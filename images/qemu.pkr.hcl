@@ -71,8 +71,10 @@ source "qemu" "gpubake" {
   ssh_username         = var.ssh_username
   ssh_private_key_file = "${var.qemu_ssh_key_dir}/id_ed25519"
   ssh_timeout          = "20m"
-  # seal.yml removes the build user and powers the VM off itself (a shutdown command
-  # would need the login it has just removed); Packer waits for QEMU to exit
-  shutdown_command = ""
+  # After the seal: the build user (the base disk's; the image's own is gpubake) and its
+  # sudo rule go, then a clean power-off writes everything to the disk; Packer waits for
+  # QEMU to exit (an empty command would make Packer halt the VM at once, losing what the
+  # guest had not yet written)
+  shutdown_command = "sudo -n sh -c 'rm -f /etc/sudoers.d/${var.ssh_username} && userdel --force --remove ${var.ssh_username} && sync && systemctl poweroff'"
   shutdown_timeout = "10m"
 }

@@ -290,8 +290,6 @@ def _vm_ansible_vars(stack: Stack, target: str) -> dict[str, Any]:
         "cuda_source": stack.cuda_source,
         "logging_agent_kind": cloud_image.cloud if cloud_image.is_cloud_image else "none",
         "image_cleanup_vm": cloud_image.is_vm_image,
-        # a local disk image's build user is the base disk's own: the seal removes it
-        "image_cleanup_build_user": vm_disk.USER if cloud_image.kind == "disk" else "",
         # Packer reboots image builds itself (vm.pkr.hcl); a host (ssh, local) is rebooted by
         # the role's handler when the driver changed
         "nvidia_driver_reboot": not cloud_image.is_vm_image,

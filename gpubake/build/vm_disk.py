@@ -55,7 +55,7 @@ PACKAGES = (
     "systemd-resolved",  # DNS from networkd's DHCP lease
 )
 #: the build's login user (passwordless sudo); a sealed disk image has it no more
-#: (image_cleanup_build_user): not gpubake's own user `gpubake`, whom jobs run as
+#: (images/qemu.pkr.hcl's shutdown command removes it): not the image's user `gpubake`
 USER = "builder"
 KEY_FW_CFG = "opt/gpubake/authorized_key"
 LOCK_KEY = "vm-base"

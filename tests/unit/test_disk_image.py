@@ -44,7 +44,7 @@ def test_qemu_is_a_sealed_vm_image_and_takes_disk_size_only():
 def test_the_plan_seals_away_the_build_user_and_checks_dkms_only_with_a_driver():
     plan = _plan(NO_DRIVER)
     av = plan.ansible_vars
-    assert av["image_cleanup_build_user"] == vm_disk.USER != av["base_user_name"]
+    assert plan.packer_vars["ssh_username"] == vm_disk.USER != av["base_user_name"]
     assert av["image_cleanup_vm"] is True
     assert av["nvidia_driver_reboot"] is False  # Packer reboots the VM
     assert av["image_cleanup_expect_dkms"] == []
@@ -132,7 +132,7 @@ def test_dry_run_json_names_the_base_disk_and_no_driver():
     plan = json.loads(proc.stdout)
     assert plan["target"] == "qemu"
     assert plan["base_image_id"] == vm_disk.base_image_id("debian-12")
-    assert plan["ansible_vars"]["image_cleanup_build_user"] == vm_disk.USER
+    assert plan["packer_vars"]["ssh_username"] == vm_disk.USER
 
 
 @pytest.mark.parametrize(
