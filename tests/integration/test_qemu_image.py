@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -234,6 +235,10 @@ def test_the_same_build_again_is_skipped(built):
 
 def test_the_sealed_image_has_no_identity_and_no_build_user(built):
     raw = built.folder / "disk.raw"
+    # powered off cleanly: the root file system was unmounted, nothing left in its journal
+    stats = _debugfs(raw, "stats")
+    assert re.search(r"^Filesystem state:\s+clean$", stats, re.M), stats[:2000]
+    assert "needs_recovery" not in stats
     etc_ssh = _debugfs(raw, "ls -l /etc/ssh")
     assert "sshd_config" in etc_ssh and "ssh_host_" not in etc_ssh
     assert "Size: 0" in _debugfs(raw, "stat /etc/machine-id")
