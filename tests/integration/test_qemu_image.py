@@ -66,6 +66,8 @@ OFFSET = vm_disk.PART_START * 512  # the root partition's, for debugfs
 FACTS = r"""
 set -u
 out=$GPUBAKE_RESULTS_DIR
+# the host keys are made at boot, while the job may already run (ssh-keygen is slow emulated)
+for _ in $(seq 180); do [ -s /etc/ssh/ssh_host_ed25519_key.pub ] && break; sleep 1; done
 cat /etc/ssh/ssh_host_ed25519_key.pub > "$out/host_key.pub"
 cat /etc/machine-id > "$out/machine-id"
 cat /sys/class/net/e*/address > "$out/mac"
@@ -100,6 +102,10 @@ def on_int(signum, frame):
     stop = True
 signal.signal(signal.SIGINT, on_int)
 ckpt, results = os.environ["GPUBAKE_CKPT_DIR"], os.environ["GPUBAKE_RESULTS_DIR"]
+for _ in range(180):  # the host keys are made at boot, maybe after the job started
+    if os.path.exists("/etc/ssh/ssh_host_ed25519_key.pub"):
+        break
+    time.sleep(1)
 for name, path in (("host_key.pub", "/etc/ssh/ssh_host_ed25519_key.pub"),
                    ("machine-id", "/etc/machine-id")):
     with open(path) as src, open(os.path.join(results, name), "w") as dst:
@@ -296,10 +302,18 @@ def _run_job(built, stores, work: Path, spec: dict[str, Any], during=None) -> Bo
         code, seconds = vm.wait_exit(BOOT_TIMEOUT_S)
         serial = vm.serial_text()
     raw.unlink()  # a few GB: this boot's copy is done with
+    return Booted(_results(gcs, spec), code, seconds, vm.mac, serial)
+
+
+def _results(gcs, spec: dict[str, Any]) -> dict[str, bytes]:
+    """The job's objects by their names under its results prefix. Each is read through a
+    fresh blob: the emulator's media links name the address the guest wrote to."""
     bucket, _, prefix = spec["results"].split("://", 1)[1].partition("/")
-    found = gcs.read(bucket, prefix + "/")
-    results = {k[len(prefix) + 1 :]: v for k, v in found.items()}
-    return Booted(results, code, seconds, vm.mac, serial)
+    blobs = gcs.client().bucket(bucket)
+    return {
+        key[len(prefix) + 1 :]: blobs.blob(key).download_as_bytes()
+        for key in gcs.keys(bucket, prefix + "/")
+    }
 
 
 def _spec(gcs, command: Any, **more: Any) -> dict[str, Any]:
@@ -376,6 +390,7 @@ def test_a_second_boot_is_preempted_and_keeps_its_checkpoint(built, stores, firs
     assert f"SIGINT: stopping after step {last}" in out["logs/job.log"].decode()
     # another machine: its own MAC, and a host key and machine-id made at its own first boot
     assert second.mac != first_boot.mac
+    assert out["results/host_key.pub"].startswith(b"ssh-ed25519 ")
     for fact in ("host_key.pub", "machine-id"):
         assert out[f"results/{fact}"] != first_boot.results[f"results/{fact}"], fact
 
