@@ -11,7 +11,6 @@ name and renamed when complete, so that a folder under `images_dir()` is always 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any
 
 from gpubake import GpubakeError, one_line, resources
 from gpubake.build import guard, vm_disk
+from gpubake.build.hashing import file_sha256
 from gpubake.build.plan import SBOM_PATH, SMOKE_REPORT
 
 Echo = Callable[[str], None]
@@ -136,12 +136,9 @@ def sha256_of(path: Path) -> str:
         stored, _, digest = sidecar.read_text(encoding="utf-8").strip().partition(" ")
         if stored == stamp and len(digest) == 64:
             return digest
-    sha = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            sha.update(chunk)
-    sidecar.write_text(f"{stamp} {sha.hexdigest()}\n", encoding="utf-8")
-    return sha.hexdigest()
+    digest = file_sha256(path)
+    sidecar.write_text(f"{stamp} {digest}\n", encoding="utf-8")
+    return digest
 
 
 def machine_vars(os_key: str, echo: Echo) -> dict[str, Any]:
@@ -212,9 +209,7 @@ def finish(scratch: Path, name: str, record: Mapping[str, Any], echo: Echo) -> P
     for path in sorted(staging.iterdir()):
         files[path.name] = {"bytes": path.stat().st_size}
         if path != raw:  # the raw disk's hash would read 40 GiB of mostly holes
-            files[path.name]["sha256"] = sha256_of(path)
-    for sidecar in staging.glob("*.sha256"):
-        sidecar.unlink()
+            files[path.name]["sha256"] = file_sha256(path)  # made just now: no memo
     (staging / BUILD_RECORD).write_text(
         json.dumps({**record, "files": files}, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )

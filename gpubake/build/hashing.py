@@ -148,3 +148,12 @@ def stage_files(roles: Iterable[str], root: Path | None = None) -> list[Path]:
         files.update(_tree_files(root, rel))
     files.update(root / "plugins" / "modules" / f"{m}.py" for m in modules)
     return sorted(files)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's content, read in chunks (wheels, disk images)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -36,6 +36,7 @@ from packaging.version import InvalidVersion, Version
 
 from gpubake import GpubakeError, resources, size_text, stacks
 from gpubake.build import locks
+from gpubake.build.hashing import file_sha256
 
 #: where build containers see the wheelhouse (read-only)
 MOUNT = "/var/cache/gpubake-wheels"
@@ -160,7 +161,7 @@ class _Memo:
         known = self.data.get(path.name)
         if known and known[:2] == [st.st_size, st.st_mtime_ns]:
             return known[2]
-        digest = _sha256_file(path)
+        digest = file_sha256(path, CHUNK)
         self.data[path.name] = [st.st_size, st.st_mtime_ns, digest]
         self.changed = True
         return digest
@@ -172,14 +173,6 @@ class _Memo:
             tmp = self.path.with_name(self.path.name + PART)
             tmp.write_text(json.dumps(self.data, sort_keys=True), encoding="utf-8")
             tmp.replace(self.path)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def missing(folder: Path, pins: Iterable[Wanted], order: dict[wheel_tags.Tag, int]) -> list[Wanted]:
