@@ -497,11 +497,7 @@ def _build_cloud_image_locked(
     req = run.request
     existing = clouds.find_existing(session, plan)
     if existing and not req.force:
-        echo(
-            f"skipped: {existing} is already built from identical inputs (input hash "
-            f"{plan.input_hash[:12]}); use --force to rebuild"
-        )
-        click.echo(existing)
+        _skipped(existing, plan.input_hash)
         return
     echo(
         f"building {plan.image_ref}: stack {run.stack.name} on {run.stack.os.key}, "
@@ -515,6 +511,15 @@ def _build_cloud_image_locked(
     click.echo(plan.image_ref)
 
 
+def _skipped(existing: Any, input_hash: str) -> None:
+    """Say that a VM image (cloud or disk) of identical inputs exists, and print it."""
+    echo(
+        f"skipped: {existing} is already built from identical inputs (input hash "
+        f"{input_hash[:12]}); use --force to rebuild"
+    )
+    click.echo(existing)
+
+
 def _build_disk_image(run: _Run) -> None:
     """Target qemu: the VM playbook, gpu-smoke and the seal on a VM booted from gpubake's
     base disk; the image is a folder of disk files (gpubake.build.disk_image)."""
@@ -525,7 +530,7 @@ def _build_disk_image(run: _Run) -> None:
     plan = make_plan(
         run.stack,
         target=run.target.name,
-        base_image=f"gpubake base disk {run.stack.os.key}",
+        base_image=vm_disk.base_image_name(run.stack.os.key),
         base_image_id=base_id,
         ca_bundle=run.bundle,
         verbose=run.ansible_verbosity,
@@ -541,11 +546,7 @@ def _build_disk_image(run: _Run) -> None:
     with guard.held(key, echo, name):
         folder = disk_image.built(name, plan.input_hash)
         if folder is not None and not req.force:
-            echo(
-                f"skipped: {folder} is already built from identical inputs (input hash "
-                f"{plan.input_hash[:12]}); use --force to rebuild"
-            )
-            click.echo(folder)
+            _skipped(folder, plan.input_hash)
             return
         run.doing.what = "the base disk's build"
         machine = disk_image.machine_vars(run.stack.os.key, echo)
@@ -848,7 +849,7 @@ def render_only(request: RenderRequest, say: Callable[[str], None] = click.echo)
     base_id = f"ref:{ref}"
     if target.kind == "disk":
         ref, base_id = (
-            f"gpubake base disk {resolved.os.key}",
+            vm_disk.base_image_name(resolved.os.key),
             vm_disk.base_image_id(resolved.os.key),
         )
     cloud = CloudOptions(

@@ -165,6 +165,11 @@ def base_image_id(os_key: str) -> str:
     return f"vm-base:{os_key}-{inputs_hash(stacks.get_os(os_key))}"
 
 
+def base_image_name(os_key: str) -> str:
+    """How a disk image's plan names its base (the `base image` of a dry run)."""
+    return f"gpubake base disk {os_key}"
+
+
 def check_supported(os_key: str) -> None:
     if os_key not in SUPPORTED:
         raise VmDiskError(

@@ -26,7 +26,7 @@ def _plan(variables=None, base_id=None):
     return make_plan(
         stack,
         target="qemu",
-        base_image="gpubake base disk debian-12",
+        base_image=vm_disk.base_image_name("debian-12"),
         base_image_id=base_id or vm_disk.base_image_id("debian-12"),
     )
 
