@@ -342,22 +342,26 @@ def smoke_cmd(
     default=1,
     show_default=True,
     metavar="N",
-    help="Stage images to keep of each stack's stage, newest first, besides those in use.",
+    help="Stage images to keep of each stack's stage, and VM disk images of each stack, "
+    "newest first, besides those in use.",
 )
 @click.option(
     "--stack",
     "stack_names",
     multiple=True,
     metavar="NAME",
-    help="Only this stack's stage images (repeatable); caches are pruned all the same.",
+    help="Only this stack's stage images and VM disk images (repeatable); caches and base "
+    "disks are pruned all the same.",
 )
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def prune_cmd(keep: int, stack_names: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
     """Remove what old builds left: stage images of inputs that changed (never one that a
     tagged image or a container is built on), the lock files of finished builds, scan
-    results of layers no image has, what uv's cache no longer uses, and the wheelhouse's
-    files no lock names. Says what it removed and the bytes freed.
+    results of layers no image has, what uv's cache no longer uses, the wheelhouse's
+    files no lock names, VM disk images (--target qemu) beyond the --keep newest of each
+    stack and base disks of old inputs (never one that a build or a process uses). Says
+    what it removed and the bytes freed.
     """
     done = prune.prune(
         docker_engine.client(), keep=keep, dry_run=dry_run, stacks=stack_names, say=echo
@@ -373,7 +377,8 @@ def prune_cmd(keep: int, stack_names: tuple[str, ...], dry_run: bool, as_json: b
     )
     click.echo(
         f"{len(done.images)} stage image(s), {done.lock_files} lock file(s), "
-        f"{done.scan_entries} scan result(s), {len(done.wheels)} wheelhouse file(s): "
+        f"{done.scan_entries} scan result(s), {len(done.wheels)} wheelhouse file(s), "
+        f"{len(done.vm_images)} VM disk image(s), {len(done.base_disks)} base disk file(s): "
         f"{verb} {freed}"
     )
 

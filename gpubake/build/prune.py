@@ -10,6 +10,8 @@
 - **uv's cache** (the wheels builds install from): `uv cache prune`, uv's own clean-up of
   what no cache entry uses.
 - **Wheelhouse files** (~/.cache/gpubake/wheels, `gpubake fetch`'s) that no lock names.
+- **VM disks**: disk image folders beyond the `keep` newest of each stack, and base disks of
+  old inputs (gpubake.build.prune_disks), never one a build or a process uses.
 
 What is freed is measured: the engine's layer bytes and the cache folders' sizes before and
 after. A dry run lists what would go, with the bytes each image holds on its own.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from typing import Any
 
 import docker.errors
 
-from gpubake.build import guard, locks, wheelhouse
+from gpubake.build import guard, locks, prune_disks, wheelhouse
 from gpubake.build.plan import HASH_LABEL
 from gpubake.build.stages import STAGE_REPOSITORY
 from gpubake.publish import scan
@@ -45,6 +48,8 @@ class Pruned:
     lock_files: int = 0
     scan_entries: int = 0
     wheels: list[str] = field(default_factory=list)
+    vm_images: list[str] = field(default_factory=list)
+    base_disks: list[str] = field(default_factory=list)
     freed: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,6 +59,8 @@ class Pruned:
             "lock_files": self.lock_files,
             "scan_entries": self.scan_entries,
             "wheels": self.wheels,
+            "vm_images": self.vm_images,
+            "base_disks": self.base_disks,
             "freed_bytes": self.freed,
         }
 
@@ -192,9 +199,21 @@ def prune(
     done.wheels = [path.name for path in wheels]
     for path in wheels:
         say(f"{'would remove' if dry_run else 'removing'} {path.name} (no lock names it)")
+    disks = prune_disks.plan(keep, stacks)
+    done.kept_in_use += disks.in_use
+    done.vm_images = [path.name for path in disks.images]
+    done.base_disks = [path.name for path in disks.base_disks]
+    disk_bytes = sum(prune_disks.allocated_bytes(path) for path in disks.paths)
+    for path in disks.paths:
+        say(f"{'would remove' if dry_run else 'removing'} {path}")
     if not dry_run:
         for path in [*stale, *wheels]:
             path.unlink(missing_ok=True)
+        for path in disks.paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         subprocess.run(
             [locks.uv_binary(), "cache", "prune", "--cache-dir", str(locks.uv_cache_dir())],
             capture_output=True,
@@ -213,4 +232,5 @@ def prune(
             "images": sum(i["bytes"] for i in done.images),
             "wheelhouse": sum(path.stat().st_size for path in wheels),
         }
+    done.freed["vm_disks"] = disk_bytes
     return done

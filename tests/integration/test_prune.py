@@ -19,7 +19,7 @@ from contextlib import suppress
 import docker
 import pytest
 
-from gpubake.build import guard
+from gpubake.build import disk_image, guard, vm_disk
 from gpubake.build.plan import HASH_LABEL
 from gpubake.publish import scan
 from tests.integration.helpers import base_image, tiny_image
@@ -132,3 +132,60 @@ def test_lock_files_of_free_locks_and_stale_scan_results_go(engine, world, tmp_p
     assert keep.exists() and not any(p.exists() for p in gone)
     assert report["wheels"] == [stray.name] and named.exists() and not stray.exists()
     assert report["freed_bytes"]["wheelhouse"] == len(b"named by none")
+
+
+def _vm_image(root, name: str, stack: str, built_at: float, data: bytes) -> None:
+    """An image folder as `--target qemu` leaves it: a build record, a qcow2, a sparse raw."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / f"{name}.qcow2").write_bytes(data)
+    with (folder / "disk.raw").open("wb") as raw:
+        raw.truncate(2**30)  # 1 GiB of holes: it takes no room, and is not counted as if
+    record = folder / disk_image.BUILD_RECORD
+    record.write_text(json.dumps({"labels": {"gpubake-stack": stack}}))
+    os.utime(record, (built_at, built_at))
+
+
+def test_old_vm_disk_images_and_base_disks_go_unless_in_use(engine, world, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where prune looks, as it does
+    images, bases = disk_image.images_dir(), vm_disk.base_dir()
+    now = time.time()
+    for age, name in enumerate(("gpubake-zz-prune-c", "gpubake-zz-prune-b", "gpubake-zz-prune-a")):
+        _vm_image(images, name, STACK, now - 100 * age, b"q" * 8192)
+    _vm_image(images, "gpubake-other-a", "other", now - 1000, b"o")  # not --stack's
+    (images / "not-an-image").mkdir()  # no build record: not gpubake's, left alone
+    current = vm_disk.base_disk_path("debian-12")
+    old = bases / "debian-12-0000000000000000.qcow2"
+    bases.mkdir(parents=True)
+    for disk in (current, old):
+        disk.write_bytes(b"d" * 4096)
+        disk.with_name(disk.name + ".sha256").write_text("memo")
+    orphan = bases / "debian-12-1111111111111111.qcow2.sha256"
+    orphan.write_text("memo")
+    # a QEMU of the oldest image still running: it keeps its qcow2 open
+    qcow2 = images / "gpubake-zz-prune-a" / "gpubake-zz-prune-a.qcow2"
+    holder = subprocess.Popen(["sh", "-c", 'exec 3<"$1"; echo open; exec sleep 120', "sh", qcow2],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        dry = prune(tmp_path, "--dry-run", "--json")
+        assert dry.returncode == 0, dry.stderr
+        assert json.loads(dry.stdout)["vm_images"] == ["gpubake-zz-prune-b"]
+        assert (images / "gpubake-zz-prune-b").is_dir() and old.exists()
+
+        done = prune(tmp_path, "--json")
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert report["vm_images"] == ["gpubake-zz-prune-b"]
+    assert sorted(p.name for p in images.iterdir()) == [
+        "gpubake-other-a", "gpubake-zz-prune-a", "gpubake-zz-prune-c", "not-an-image",
+    ]  # fmt: skip
+    kept = "\n".join(report["kept_in_use"])
+    assert f"gpubake-zz-prune-a: process {holder.pid} (sleep) uses it" in kept
+    assert report["base_disks"] == [old.name, f"{old.name}.sha256", orphan.name]
+    assert sorted(p.name for p in bases.iterdir()) == [current.name, f"{current.name}.sha256"]
+    # what the files took on disk: the qcow2's data, the base disk and memos, not the holes
+    assert 8192 + 4096 <= report["freed_bytes"]["vm_disks"] < 2**20

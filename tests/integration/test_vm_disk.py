@@ -178,6 +178,15 @@ def test_guest_runs_python_and_its_boot_is_clean(guest):
     assert guest.ssh("sudo -n id -un") == "root"
 
 
+def test_guest_has_the_packages_of_every_vm_images_roles(guest):
+    """The roles' own package lists (python_env's python3-venv among them) are installed
+    already, so that an emulated build's apt runs find nothing to do."""
+    wanted = vm_disk.packages()
+    assert {"python3-apt", "python3-venv", "git", "tmux"} <= set(wanted)
+    query = "dpkg-query -W -f '${Package} ${db:Status-Status}\\n' " + " ".join(wanted)
+    assert sorted(guest.ssh(query).splitlines()) == sorted(f"{p} installed" for p in wanted)
+
+
 def test_guest_made_its_own_identity_and_took_the_key(guest):
     assert re.fullmatch(r"[0-9a-f]{32}", guest.ssh("cat /etc/machine-id"))
     # the host key ssh accepted is the one made at this boot (the base has none)
