@@ -62,6 +62,7 @@ def open_files() -> dict[Path, str]:
 
 def _user_of(path: Path, opened: dict[Path, str]) -> str | None:
     """Who has `path` (or a file under it) open, if anyone."""
+    path = path.resolve()  # /proc's links are resolved paths
     return next((who for file, who in opened.items() if file == path or path in file.parents), None)
 
 

@@ -387,7 +387,8 @@ def test_a_second_boot_is_preempted_and_keeps_its_checkpoint(built, stores, firs
     assert second.exit_code == 0
     out = second.results
     marker = json.loads(out["_PREEMPTED"])
-    assert marker["exit_code"] == 130 and "_SUCCESS" not in out
+    log = out.get("logs/job.log", b"").decode()
+    assert marker["exit_code"] == 130 and "_SUCCESS" not in out, log[-3000:]
     last = int(out["results/last_step"])
     assert out["checkpoints/model.pt"] == f"weights at step {last}\n".encode()
     assert f"SIGINT: stopping after step {last}" in out["logs/job.log"].decode()

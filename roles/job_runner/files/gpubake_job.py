@@ -1046,10 +1046,12 @@ class Runner:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
 
-    def stop_job(self, sig: int, grace: float) -> int:
-        """Signal the job's process group, wait `grace`, then kill what is left."""
+    def stop_job(self, sig: int, grace: float, *, signalled: bool = False) -> int:
+        """Signal the job's process group (unless `signalled` already), wait `grace`, then
+        kill what is left."""
         assert self.proc is not None
-        self.signal_job(sig)
+        if not signalled:
+            self.signal_job(sig)
         try:
             return self.proc.wait(timeout=max(0.0, grace))
         except subprocess.TimeoutExpired:
@@ -1233,7 +1235,9 @@ class Runner:
             f"preemption notice ({notice.reason}): sent {self.spec['preempt_signal']} to "
             f"the job, {grace:.0f} s to stop"
         )
-        code = self.stop_job(sig, grace)  # the checkpoint watcher syncs meanwhile
+        # once: a second SIGINT is "stop now" to many training loops, and a job that is
+        # already exiting (its handler reset by the interpreter's shutdown) dies of it
+        code = self.stop_job(sig, grace, signalled=True)  # the checkpoint watcher syncs meanwhile
         self.stop.set()
         try:  # no file starts in the last second: it could not end in time
             self.sync(timeout=max(1.0, end - time.monotonic()), final=True, deadline=end - 1)
