@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from gpubake import GpubakeError, one_line, resources
+from gpubake import GpubakeError, resources
 from gpubake.build import guard, vm_disk
 from gpubake.build.hashing import file_sha256
 from gpubake.build.plan import SBOM_PATH, SMOKE_REPORT
@@ -176,6 +176,7 @@ def prepare(scratch: Path) -> None:
     (keys / "id_ed25519").unlink(missing_ok=True)  # a render written again
     (keys / "id_ed25519.pub").unlink(missing_ok=True)
     _run(
+        "the build's login key",
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gpubake-build", "-f", "id_ed25519"],
         keys,
     )
@@ -191,18 +192,13 @@ def finish(scratch: Path, name: str, record: Mapping[str, Any], echo: Echo) -> P
     qcow2.replace(staging / qcow2.name)
     echo("writing the raw disk and GCP's disk.raw.tar.gz ...")
     raw = staging / "disk.raw"
-    _run(["qemu-img", "convert", "-O", "raw", qcow2.name, raw.name], staging, timeout=1800)
-    _run(
-        ["tar", "--format=oldgnu", "-Szcf", GCP_TAR, raw.name],
-        staging,
-        timeout=3600,
-    )
+    convert = ["qemu-img", "convert", "-O", "raw", qcow2.name, raw.name]
+    _run("the raw disk", convert, staging, timeout=1800)
+    _run(GCP_TAR, ["tar", "--format=oldgnu", "-Szcf", GCP_TAR, raw.name], staging, timeout=3600)
     for path in META_FILES:  # from the sealed image itself (its root is partition 1)
         out = staging / PurePosixPath(path).name
-        _run(
-            ["debugfs", "-R", f"dump {path} {out.name}", f"{raw.name}?offset={ROOT_OFFSET}"],
-            staging,
-        )
+        dump = ["debugfs", "-R", f"dump {path} {out.name}", f"{raw.name}?offset={ROOT_OFFSET}"]
+        _run(f"reading {path}", dump, staging)
         if not out.is_file() or not out.stat().st_size:
             raise DiskImageError(f"the sealed image has no {path}")
     files: dict[str, dict[str, Any]] = {}
@@ -223,10 +219,5 @@ def finish(scratch: Path, name: str, record: Mapping[str, Any], echo: Echo) -> P
     return target
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = 120) -> None:
-    done = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if done.returncode != 0:
-        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
-        raise DiskImageError(f"{cmd[0]} failed: {one_line(tail[0])}")
+def _run(what: str, cmd: list[str], cwd: Path, timeout: int = 120) -> None:
+    guard.run_step(f"disk image: {what}", cmd, DiskImageError, cwd=cwd, timeout=timeout)

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 import shutil
-import signal
 import subprocess
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -223,38 +220,7 @@ def debootstrap_image(engine: docker.DockerClient, osinfo: OsInfo, ref: str, ech
 def _debootstrap(cmd: list[str], suite: str) -> None:
     """Run debootstrap in a process group of its own: on Ctrl-C or SIGTERM the whole group
     (dpkg, wget, chroot) is stopped before its root is removed."""
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=guard.die_with_parent,  # gpubake starts no threads of its own
-    )
-    try:
-        output, _ = proc.communicate(timeout=1800)
-    except BaseException:
-        with guard.uninterruptible():
-            _stop_group(proc)
-        raise
-    if proc.returncode != 0:
-        tail = output.strip().splitlines()[-1:] or ["no output"]
-        raise EngineError(f"debootstrap {suite} failed: {tail[0]}")
-
-
-def _stop_group(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM to the process group of `proc`, SIGKILL after 30 s; returns when it is gone."""
-    deadline = time.monotonic() + 30
-    sig = signal.SIGTERM
-    while True:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        proc.poll()  # reaps the leader, whose zombie would keep the group alive
-        time.sleep(0.2)
-        if time.monotonic() > deadline:
-            sig = signal.SIGKILL
+    guard.run_step(f"debootstrap {suite}", cmd, EngineError, timeout=1800)
 
 
 def _finish_rootfs(rootfs: Path, suite: str, mirror: str) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gpubake import GpubakeError, resources
+from gpubake import GpubakeError, one_line, resources
 from gpubake.build.labels import HASH_LABEL, LABEL_PREFIX
 
 #: On build containers: the key of the lock their build holds while they exist.
@@ -216,6 +216,54 @@ def end_group(pgid: int, grace: float = 5.0) -> None:
         deadline = time.monotonic() + wait
         while _group_running(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def stop_group(proc: subprocess.Popen[Any], grace: float = 30.0) -> None:
+    """Stop a step started in a process group of its own (run_step): SIGTERM to the group,
+    SIGKILL to what is left after `grace` seconds; returns when nothing of it runs."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.communicate(timeout=grace)  # reaps the leader, once its pipes close
+    end_group(proc.pid)  # what outlived the leader, or ignored SIGTERM
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+
+
+def run_step(
+    what: str,
+    cmd: list[str],
+    error: type[GpubakeError],
+    *,
+    stdin: str | None = None,
+    cwd: Path | None = None,
+    timeout: float = 300,
+) -> str:
+    """Run one step of a build in a process group of its own, stopped whole (stop_group)
+    when the build is interrupted or the step runs past `timeout`; returns its stdout,
+    stripped. A failure raises `error`, one line: "WHAT failed (COMMAND): its last line"."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=die_with_parent,  # gpubake starts no threads of its own
+    )
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except BaseException as exc:
+        with uninterruptible():
+            stop_group(proc)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise error(f"{what} took more than {timeout:g} s") from None
+        raise
+    if proc.returncode != 0:
+        tail = (err.strip() or out.strip()).splitlines()[-1:] or ["no output"]
+        raise error(f"{what} failed ({Path(cmd[0]).name}): {one_line(tail[0])}")
+    return out.strip()
 
 
 # --------------------------------------------------------------------------- signals

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from gpubake import GpubakeError, one_line, resources, stacks
+from gpubake import GpubakeError, resources, stacks
 from gpubake.build import guard
 
 Echo = Callable[[str], None]
@@ -390,38 +390,5 @@ def _stop_strays(prefix: str) -> None:
 
 
 def _run(step: str, cmd: list[str], stdin: str | None = None, timeout: int = 300) -> str:
-    """Run one step of the build in a process group of its own, which is stopped when the
-    build is interrupted or the step runs past `timeout`; returns its stdout, stripped."""
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=guard.die_with_parent,  # gpubake starts no threads of its own
-    )
-    try:
-        out, err = proc.communicate(stdin, timeout=timeout)
-    except BaseException as exc:
-        with guard.uninterruptible():
-            _stop(proc)
-        if isinstance(exc, subprocess.TimeoutExpired):
-            raise VmDiskError(f"VM base disk: {step} took more than {timeout} s") from None
-        raise
-    if proc.returncode != 0:
-        tail = (err.strip() or out.strip()).splitlines()[-1:] or ["no output"]
-        raise VmDiskError(f"VM base disk: {step} failed ({cmd[0]}): {one_line(tail[0])}")
-    return out.strip()
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM to the process group of `proc`, SIGKILL after 30 s; returns when it is gone."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    """One step of the build (guard.run_step): its stdout, stripped."""
+    return guard.run_step(f"VM base disk: {step}", cmd, VmDiskError, stdin=stdin, timeout=timeout)

@@ -151,3 +151,28 @@ def test_end_group_stops_what_a_leader_left_running():
     started = time.monotonic()
     guard.end_group(done.pid)  # nothing left: returns at once
     assert time.monotonic() - started < 1
+
+
+class StepError(guard.GpubakeError):
+    pass
+
+
+def test_run_step_returns_stdout_and_says_a_failure_in_one_line():
+    assert guard.run_step("echo", ["sh", "-c", "echo ' hi '"], StepError) == "hi"
+    assert guard.run_step("cat", ["cat"], StepError, stdin="fed\n") == "fed"
+    script = "echo partial; echo 'no space left\n  on device' >&2; exit 3"
+    with pytest.raises(StepError) as err:
+        guard.run_step("VM base disk: mmdebstrap", ["/bin/sh", "-c", script], StepError)
+    assert str(err.value) == "VM base disk: mmdebstrap failed (sh): on device"
+
+
+def test_run_step_past_its_timeout_stops_its_whole_group(tmp_path):
+    """A step's children (mmdebstrap's apt, tar's gzip) go with it."""
+    script = f"echo $$ > {tmp_path}/group; sleep 60 & echo $! > {tmp_path}/child; sleep 60"
+    started = time.monotonic()
+    with pytest.raises(StepError, match=r"^disk image: tar took more than 1 s$"):
+        guard.run_step("disk image: tar", ["sh", "-c", script], StepError, timeout=1)
+    assert time.monotonic() - started < 10
+    assert not guard._group_running(int((tmp_path / "group").read_text()))
+    child = Path(f"/proc/{(tmp_path / 'child').read_text().strip()}/stat")
+    assert not child.exists() or child.read_text().rsplit(")", 1)[1].split()[0] == "Z"
