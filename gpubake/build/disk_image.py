@@ -54,6 +54,11 @@ def image_dir(name: str) -> Path:
     return images_dir() / name
 
 
+def lock_key(name: str) -> str:
+    """The lock a build of image `name` holds (gpubake prune leaves its folder alone)."""
+    return guard.output_key(f"qemu:{name}")
+
+
 def built(name: str, input_hash: str) -> Path | None:
     """The folder of an image already built from these inputs, if there is one."""
     record = image_dir(name) / BUILD_RECORD

@@ -542,7 +542,7 @@ def _build_disk_image(run: _Run) -> None:
         return
     name = plan.image_ref
     run.doing.what = "the wait for another build of the same image"
-    key = guard.output_key(f"{plan.target}:{name}")
+    key = disk_image.lock_key(name)
     with guard.held(key, echo, name):
         folder = disk_image.built(name, plan.input_hash)
         if folder is not None and not req.force:

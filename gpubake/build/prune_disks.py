@@ -89,7 +89,7 @@ def plan(keep: int, stacks: tuple[str, ...] = ()) -> DiskPrune:
     for _, group in sorted(groups.items()):
         for _, folder in sorted(group, reverse=True)[keep:]:
             user = _user_of(folder, opened)
-            if user is None and _locked(guard.output_key(f"qemu:{folder.name}")):
+            if user is None and _locked(disk_image.lock_key(folder.name)):
                 user = "a build of it"
             if user:
                 done.in_use.append(f"{folder.name}: {user} uses it")

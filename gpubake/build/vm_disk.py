@@ -271,8 +271,8 @@ def _build(osinfo: stacks.OsInfo, target: Path, echo: Echo) -> None:
         )
         target.parent.mkdir(parents=True, exist_ok=True)
         qcow2.replace(target)
-    for old in target.parent.glob(f"{target.name.rsplit('-', 1)[0]}-*.qcow2"):
-        if old != target:  # made from other inputs: replaced by this one
+    for old in target.parent.glob(f"{target.name.rsplit('-', 1)[0]}-*.qcow2*"):
+        if not old.name.startswith(target.name):  # other inputs' disk or its checksum memo
             old.unlink()
     echo(f"base disk ready: {target}")
 

@@ -150,8 +150,12 @@ def test_old_vm_disk_images_and_base_disks_go_unless_in_use(engine, world, tmp_p
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where prune looks, as it does
     images, bases = disk_image.images_dir(), vm_disk.base_dir()
     now = time.time()
-    for age, name in enumerate(("gpubake-zz-prune-c", "gpubake-zz-prune-b", "gpubake-zz-prune-a")):
+    names = ("gpubake-zz-prune-d", "gpubake-zz-prune-c", "gpubake-zz-prune-b", "gpubake-zz-prune-a")
+    for age, name in enumerate(names):
         _vm_image(images, name, STACK, now - 100 * age, b"q" * 8192)
+    # a build of -c runs (--force): it holds the image's lock
+    building = guard.BuildLock(disk_image.lock_key("gpubake-zz-prune-c"))
+    assert building.try_acquire()
     _vm_image(images, "gpubake-other-a", "other", now - 1000, b"o")  # not --stack's
     (images / "not-an-image").mkdir()  # no build record: not gpubake's, left alone
     current = vm_disk.base_disk_path("debian-12")
@@ -179,12 +183,15 @@ def test_old_vm_disk_images_and_base_disks_go_unless_in_use(engine, world, tmp_p
     finally:
         holder.kill()
         holder.wait()
+        building.release()
     assert report["vm_images"] == ["gpubake-zz-prune-b"]
     assert sorted(p.name for p in images.iterdir()) == [
-        "gpubake-other-a", "gpubake-zz-prune-a", "gpubake-zz-prune-c", "not-an-image",
+        "gpubake-other-a", "gpubake-zz-prune-a", "gpubake-zz-prune-c", "gpubake-zz-prune-d",
+        "not-an-image",
     ]  # fmt: skip
     kept = "\n".join(report["kept_in_use"])
     assert f"gpubake-zz-prune-a: process {holder.pid} (sleep) uses it" in kept
+    assert "gpubake-zz-prune-c: a build of it uses it" in kept
     assert report["base_disks"] == [old.name, f"{old.name}.sha256", orphan.name]
     assert sorted(p.name for p in bases.iterdir()) == [current.name, f"{current.name}.sha256"]
     # what the files took on disk: the qcow2's data, the base disk and memos, not the holes

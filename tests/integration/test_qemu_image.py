@@ -426,7 +426,7 @@ def test_an_interrupted_build_leaves_nothing(built):
     assert last.startswith("gpubake: error: interrupted: SIGINT during the Packer build of "), last
     assert "Traceback" not in out
     # this build's work dir (other workers' builds have their own, mounts included)
-    key = guard.output_key(f"qemu:{built.folder.name}")
+    key = disk_image.lock_key(built.folder.name)
     work = str(guard.work_root() / guard.slug(key)) + "."
     assert _qemu_processes_in(work) == []
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
