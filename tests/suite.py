@@ -43,6 +43,7 @@ BUILDS = (
     "test_tensorflow_image.py",
     "test_stage_reuse.py",  # its images carry gpubake-stage/ names: none while a build runs
     "test_prune.py",  # the same, and a container of a stage image
+    "test_base_refusals.py",  # builds that sweep leftovers (test_faults' killed builds')
     "test_faults.py",
 )
 #: the modules with tests on the shared VM host (vm_host.py): its users first, one after
