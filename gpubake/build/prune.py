@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -211,7 +210,7 @@ def prune(
             path.unlink(missing_ok=True)
         for path in disks.paths:
             if path.is_dir():
-                shutil.rmtree(path)
+                guard.remove_tree(path)  # as disk_image.finish removes a replaced folder
             else:
                 path.unlink(missing_ok=True)
         subprocess.run(
