@@ -22,6 +22,7 @@ Choices:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -157,8 +158,10 @@ def _sources(osinfo: stacks.OsInfo) -> list[str]:
     ]
 
 
+@functools.cache
 def packages() -> tuple[str, ...]:
-    """PACKAGES, then ROLE_PACKAGES' (each once, in order)."""
+    """PACKAGES, then ROLE_PACKAGES' (each once, in order); read once per process, as
+    hashing.data_digest reads the data root (it does not change while gpubake runs)."""
     found = list(PACKAGES)
     for role, rel, names in ROLE_PACKAGES:
         path = resources.data_root() / "roles" / role / rel
