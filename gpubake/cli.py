@@ -18,6 +18,7 @@ import requests
 from gpubake import GpubakeError, __version__, failures
 from gpubake.build import commands as build_commands
 from gpubake.jobs import commands as job_commands
+from gpubake.notebooks import commands as notebook_commands
 from gpubake.options import fail, one_line
 from gpubake.publish import commands as publish_commands
 
@@ -48,9 +49,15 @@ def job_group() -> None:
     """Training jobs on gpubake images (the runner gpubake-job, role job_runner)."""
 
 
+@cli.group(name="notebook")
+def notebook_group() -> None:
+    """Interactive GPU notebooks on a cloud VM: up, connect (SSH tunnel), stop when idle."""
+
+
 build_commands.register(cli)
 publish_commands.register(cli)
 job_commands.register(job_group)
+notebook_commands.register(notebook_group)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

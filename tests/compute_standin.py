@@ -5,8 +5,10 @@ gpubake.jobs.gcp, following the documented API (https://cloud.google.com/compute
   global/images/family/{family} (the newest READY, not deprecated image of the family),
   zones/{zone}/acceleratorTypes/{name}, zones/{zone}/machineTypes/{name},
   zones/{zone}/disks/{name}, zones/{zone}/instances (GET list, POST insert),
-  zones/{zone}/instances/{name} (GET, DELETE), zones/{zone}/instances/{name}/stop (POST),
-  aggregated/instances, zones/{zone}/operations/{op} (GET) and .../{op}/wait (POST);
+  zones/{zone}/instances/{name} (GET, DELETE), zones/{zone}/instances/{name}/stop and /start
+  (POST), zones/{zone}/disks/{name} (DELETE: refused while attached), aggregated/instances,
+  the project itself (GET: commonInstanceMetadata, e.g. enable-oslogin),
+  zones/{zone}/operations/{op} (GET) and .../{op}/wait (POST);
 - writes answer with a zonal Operation in status RUNNING; operations.get and .wait answer it
   DONE (with `error` and `httpErrorStatusCode` where a test asked an insert to fail that way);
 - a missing resource is 404 and a refused request 400/409, with Google's JSON error shape
@@ -19,7 +21,10 @@ gpubake.jobs.gcp, following the documented API (https://cloud.google.com/compute
 - insert checks what GCE checks and gpubake could get wrong: the instance name and labels, the
   machine type, the accelerator type and count, onHostMaintenance TERMINATE with GPUs,
   instanceTerminationAction with maxRunDuration, the boot disk's image, the attached disks
-  (a disk in use read-write, or attached read-write while in use, is refused).
+  (a disk in use read-write, or attached read-write while in use, is refused), and makes the
+  non-boot disks given by initializeParams.diskName (an existing name is 409);
+- a VM with an accessConfig gets a natIP (`nat_ip`, default from 203.0.113.0/24) and a
+  lastStartTimestamp at insert and start.
 
 Every request is recorded (method, path, query, JSON body) in `requests`. State is kept in memory,
 so an instance inserted is listed, stopped and deleted after. A stop leaves the instance
@@ -98,6 +103,26 @@ def _timestamp() -> str:
     return now.isoformat(timespec="milliseconds").replace("+00:00", "-00:00")
 
 
+_disk_ids = itertools.count(5000)
+
+
+def _disk(
+    project: str, zone: str, name: str, size_gb: int, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    zone_url = f"{API}projects/{project}/zones/{zone}"
+    return {
+        "kind": "compute#disk",
+        "id": str(next(_disk_ids)),
+        "name": name,
+        "sizeGb": str(size_gb),
+        "zone": zone_url,
+        "status": "READY",
+        "type": f"{zone_url}/diskTypes/pd-balanced",
+        "selfLink": f"{zone_url}/disks/{name}",
+        "labels": dict(labels or {}),
+    }
+
+
 def _tail(url: str, kind: str) -> tuple[str | None, str | None, str]:
     """A full or partial URL of a zonal / global resource -> (project, zone, name)."""
     text = url.removeprefix(API)
@@ -127,6 +152,8 @@ class ComputeState:
         self.insert_errors: list[dict[str, Any]] = []
         self.stop_lag = 0
         self.page_size = 500
+        self.project_metadata: dict[str, list[dict[str, str]]] = {}
+        self.nat_ip: str | None = None
         self.ids = itertools.count(1000)
 
     # -- resources -------------------------------------------------------------------
@@ -300,6 +327,23 @@ class ComputeState:
                     )
                 instance["disks"][index]["source"] = f"{zone_url}/disks/{name}"
                 continue
+            params = disk.get("initializeParams")
+            if params and not disk.get("source"):
+                made = params.get("diskName", "")
+                if (project, zone, made) in self.disks:
+                    raise ApiError(
+                        409,
+                        f"The resource 'projects/{project}/zones/{zone}/disks/{made}' already "
+                        "exists",
+                        "alreadyExists",
+                    )
+                self.disks[(project, zone, made)] = _disk(
+                    project, zone, made, int(params.get("diskSizeGb", 10)), params.get("labels")
+                )
+                disk = instance["disks"][index] = {
+                    k: v for k, v in disk.items() if k != "initializeParams"
+                }
+                disk["source"] = f"{zone_url}/disks/{made}"
             d_project, d_zone, d_name = _tail(disk.get("source", ""), "disks")
             dkey = (d_project or project, d_zone or zone, d_name)
             self.zonal(self.disks, "disks", *dkey)
@@ -325,7 +369,11 @@ class ComputeState:
             creationTimestamp=_timestamp(),
             zone=zone_url,
             selfLink=f"{zone_url}/instances/{name}",
+            lastStartTimestamp=_timestamp(),
         )
+        for nic in instance.get("networkInterfaces", []):
+            for config in nic.get("accessConfigs", []):
+                config["natIP"] = self.nat_ip or f"203.0.113.{number % 250 + 1}"
         self.instances[key] = instance
         for dkey, mode in attach:
             self.attach(dkey, instance["selfLink"], mode)
@@ -349,6 +397,26 @@ class ComputeState:
             if self.stop_lag:
                 self.stopping[(project, zone, name)] = self.stop_lag
         return self.operation(project, zone, "stop", name)
+
+    def start(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        instance = self.zonal(self.instances, "instances", project, zone, name)
+        if instance["status"] != "RUNNING":
+            instance.update(status="RUNNING", lastStartTimestamp=_timestamp())
+            self.stopping.pop((project, zone, name), None)
+        return self.operation(project, zone, "start", name)
+
+    def delete_disk(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        disk = self.zonal(self.disks, "disks", project, zone, name)
+        if disk.get("users"):
+            user = disk["users"][0].removeprefix(API)
+            raise ApiError(
+                400,
+                f"The disk resource 'projects/{project}/zones/{zone}/disks/{name}' is already "
+                f"being used by '{user}'",
+                "resourceInUseByAnotherResource",
+            )
+        del self.disks[(project, zone, name)]
+        return self.operation(project, zone, "delete", name)
 
     def delete(self, project: str, zone: str, name: str) -> dict[str, Any]:
         instance = self.zonal(self.instances, "instances", project, zone, name)
@@ -457,6 +525,14 @@ class _Handler(BaseHTTPRequestHandler):
         project, rest = parts[0], parts[1:]
         route = (method, *rest)
         match route:
+            case ("GET",):
+                with state.lock:
+                    items = copy.deepcopy(state.project_metadata.get(project, []))
+                return {
+                    "kind": "compute#project",
+                    "name": project,
+                    "commonInstanceMetadata": {"kind": "compute#metadata", "items": items},
+                }
             case ("GET", "global", "images"):
                 test = _parse_filter(query.get("filter", ""))
                 with state.lock:
@@ -498,6 +574,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return state.instance(project, zone, name)
             case ("POST", "zones", zone, "instances", name, "stop"):
                 return state.stop(project, zone, name)
+            case ("POST", "zones", zone, "instances", name, "start"):
+                return state.start(project, zone, name)
+            case ("DELETE", "zones", zone, "disks", name):
+                return state.delete_disk(project, zone, name)
             case ("DELETE", "zones", zone, "instances", name):
                 return state.delete(project, zone, name)
             case ("GET", "zones", zone, "operations", name):
@@ -609,18 +689,18 @@ class ComputeStandin:
             self.state.machine_types[(project, zone, name)] = machine
 
     def add_disk(self, project: str, zone: str, name: str, *, size_gb: int = 200) -> None:
-        zone_url = f"{API}projects/{project}/zones/{zone}"
         with self.state.lock:
-            self.state.disks[(project, zone, name)] = {
-                "kind": "compute#disk",
-                "id": str(next(self.state.ids)),
-                "name": name,
-                "sizeGb": str(size_gb),
-                "zone": zone_url,
-                "status": "READY",
-                "type": f"{zone_url}/diskTypes/pd-balanced",
-                "selfLink": f"{zone_url}/disks/{name}",
-            }
+            self.state.disks[(project, zone, name)] = _disk(project, zone, name, size_gb)
+
+    def disk(self, project: str, zone: str, name: str) -> dict[str, Any] | None:
+        with self.state.lock:
+            return copy.deepcopy(self.state.disks.get((project, zone, name)))
+
+    def set_project_metadata(self, project: str, items: dict[str, str]) -> None:
+        with self.state.lock:
+            self.state.project_metadata[project] = [
+                {"key": k, "value": v} for k, v in items.items()
+            ]
 
     def add_instance(
         self,

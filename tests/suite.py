@@ -48,7 +48,12 @@ BUILDS = (
 )
 #: the modules with tests on the shared VM host (vm_host.py): its users first, one after
 #: another, so that it is removed after the last (tests/integration/conftest.py)
-VM_HOST_MODULES = ("test_cuda.py", "test_nvidia_driver.py", "test_vm_host.py")
+VM_HOST_MODULES = (
+    "test_cuda.py",
+    "test_nvidia_driver.py",
+    "test_vm_host.py",
+    "test_notebook_connect.py",
+)
 VM_HOST = "vm-host"
 #: groups and modules that take longest, longest first; the rest follow in collection order
 GROUP_ORDER = (

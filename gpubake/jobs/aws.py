@@ -41,7 +41,8 @@ TERMINATE_BATCH = 100
 def check_offline(options: JobOptions) -> None:
     """What the EC2 and IAM APIs would refuse in the request, said before it is printed or
     sent (gpubake.clouds.aws's rules)."""
-    rules.check_results(options.results)
+    if options.results:  # a notebook (gpubake.notebooks) has none
+        rules.check_results(options.results)
     rules.check_gpu_count(options.gpu_count, options.machine_type)
     if options.image:
         rules.check_ami(options.image)

@@ -85,6 +85,18 @@ _IMAGE_PATH = re.compile(
 _now: Callable[[], float] = time.time
 
 
+def network_interfaces() -> list[Any]:
+    """The default network with an external address (SSH, downloads, the bucket)."""
+    from google.cloud import compute_v1
+
+    return [
+        compute_v1.NetworkInterface(
+            network=NETWORK,
+            access_configs=[compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")],
+        )
+    ]
+
+
 def _short(url: str) -> str:
     """A resource URL's last segment (the name)."""
     return url.rstrip("/").rsplit("/", 1)[-1]
@@ -158,7 +170,8 @@ def boot_disk_gb(stack: str) -> int:
 def check_offline(options: JobOptions, machine_type: str, accelerator: str, builtin: bool) -> None:
     """What the Compute Engine API would refuse in the request, said before it is printed or
     sent (gpubake.clouds.gcp's rules)."""
-    rules.check_results(options.results)
+    if options.results:  # a notebook (gpubake.notebooks) has none
+        rules.check_results(options.results)
     rules.check_machine_type(machine_type)
     rules.check_gpus(accelerator, options.gpu_count, machine_type, builtin)
     rules.check_service_account(options.service_account or "default")
@@ -220,7 +233,7 @@ class Gcp(GcpSession):
         self.stop_timeout = STOP_TIMEOUT_S
         self._image: str | None = None  # what preflight resolved
 
-    def _wait(self, operation: Any, what: str, timeout: float) -> None:
+    def wait(self, operation: Any, what: str, timeout: float) -> None:
         """Until the zonal operation is DONE (zoneOperations.wait, bounded); its error, if
         any, as a JobError."""
         import requests
@@ -258,7 +271,7 @@ class Gcp(GcpSession):
 
     # ------------------------------------------------------------------ the VM
 
-    def _image_reference(self) -> str:
+    def image_reference(self) -> str:
         """The image as given, without asking the cloud (before preflight resolves it)."""
         image = self.options.image
         if image is None:
@@ -266,6 +279,40 @@ class Gcp(GcpSession):
         if image.startswith(("projects/", "https://")):
             return image
         return f"projects/{self.project}/global/images/{image}"
+
+    def boot_disk(self, image: str) -> Any:
+        """The boot disk from `image`, deleted with the VM."""
+        from google.cloud import compute_v1
+
+        disk_type = (
+            "hyperdisk-balanced"
+            if self.machine_type.startswith(HYPERDISK_ONLY_PREFIXES)
+            else "pd-balanced"
+        )
+        return compute_v1.AttachedDisk(
+            boot=True,
+            auto_delete=True,
+            type_="PERSISTENT",
+            mode="READ_WRITE",
+            initialize_params=compute_v1.AttachedDiskInitializeParams(
+                source_image=image,
+                disk_size_gb=self.boot_disk_gb,
+                disk_type=f"zones/{self.zone}/diskTypes/{disk_type}",
+            ),
+        )
+
+    def accelerators(self) -> list[Any]:
+        """The GPUs to attach (none where the machine type has them built in)."""
+        from google.cloud import compute_v1
+
+        if self.builtin_gpus:
+            return []
+        return [
+            compute_v1.AcceleratorConfig(
+                accelerator_type=f"zones/{self.zone}/acceleratorTypes/{self.accelerator}",
+                accelerator_count=self.options.gpu_count,
+            )
+        ]
 
     def _instance(self, job: Job, image: str, now: float) -> Any:
         from google.cloud import compute_v1
@@ -285,24 +332,7 @@ class Gcp(GcpSession):
             scheduling.max_run_duration = compute_v1.Duration(seconds=options.max_run_duration)
             scheduling.instance_termination_action = "DELETE"
             labels[DEADLINE_LABEL] = str(int(now + options.max_run_duration))
-        disk_type = (
-            "hyperdisk-balanced"
-            if self.machine_type.startswith(HYPERDISK_ONLY_PREFIXES)
-            else "pd-balanced"
-        )
-        disks = [
-            compute_v1.AttachedDisk(
-                boot=True,
-                auto_delete=True,
-                type_="PERSISTENT",
-                mode="READ_WRITE",
-                initialize_params=compute_v1.AttachedDiskInitializeParams(
-                    source_image=image,
-                    disk_size_gb=self.boot_disk_gb,
-                    disk_type=f"zones/{zone}/diskTypes/{disk_type}",
-                ),
-            )
-        ]
+        disks = [self.boot_disk(image)]
         if options.dataset_disk:
             disks.append(
                 compute_v1.AttachedDisk(
@@ -314,20 +344,10 @@ class Gcp(GcpSession):
                     source=f"projects/{self.project}/zones/{zone}/disks/{options.dataset_disk}",
                 )
             )
-        accelerators = (
-            []
-            if self.builtin_gpus
-            else [
-                compute_v1.AcceleratorConfig(
-                    accelerator_type=f"zones/{zone}/acceleratorTypes/{self.accelerator}",
-                    accelerator_count=options.gpu_count,
-                )
-            ]
-        )
         return compute_v1.Instance(
             name=job.id,
             machine_type=f"zones/{zone}/machineTypes/{self.machine_type}",
-            guest_accelerators=accelerators,
+            guest_accelerators=self.accelerators(),
             scheduling=scheduling,
             disks=disks,
             service_accounts=[
@@ -337,14 +357,7 @@ class Gcp(GcpSession):
                 items=[compute_v1.Items(key=job_module().GCE_ATTRIBUTE, value=job.spec_text())]
             ),
             labels=labels,
-            network_interfaces=[
-                compute_v1.NetworkInterface(
-                    network=NETWORK,
-                    access_configs=[
-                        compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")
-                    ],
-                )
-            ],
+            network_interfaces=network_interfaces(),
         )
 
     def requests(self, jobs: list[Job], *, image: str | None = None) -> list[dict[str, Any]]:
@@ -353,7 +366,7 @@ class Gcp(GcpSession):
         (--image, or the family gpubake-<stack>: GCE takes a family URL as sourceImage)."""
         from google.cloud import compute_v1
 
-        source = image or self._image or self._image_reference()
+        source = image or self._image or self.image_reference()
         now = _now()
         return [
             json.loads(
@@ -379,15 +392,15 @@ class Gcp(GcpSession):
                 "gs://BUCKET/PREFIX"
             )
         self.check_credentials()
-        image = self._resolve_image()
-        self._check_gpu()
+        image = self.resolve_image()
+        self.check_gpu()
         if self.options.dataset_disk:
             self._check_dataset_disk(self.options.dataset_disk)
         storage.probe(self.options.results)
         self._image = image
         return image
 
-    def _resolve_image(self) -> str:
+    def resolve_image(self) -> str:
         options, project = self.options, self.project
         if options.image is None:
             family = f"gpubake-{options.stack}"
@@ -424,7 +437,7 @@ class Gcp(GcpSession):
             )
         if image.disk_size_gb > self.boot_disk_gb:
             self.boot_disk_gb = image.disk_size_gb  # a boot disk is never smaller than its image
-        return image.self_link or self._image_reference()
+        return image.self_link or self.image_reference()
 
     def _named_image(self, ref: str) -> Any:
         match = _IMAGE_PATH.match(ref)
@@ -463,7 +476,7 @@ class Gcp(GcpSession):
             )
         return found
 
-    def _check_gpu(self) -> None:
+    def check_gpu(self) -> None:
         options, zone = self.options, self.zone
         accelerator = self._get(
             "AcceleratorTypesClient",
@@ -581,7 +594,7 @@ class Gcp(GcpSession):
                 request_id=str(uuid.uuid4()),  # a retried insert creates one VM
             ),
         )
-        self._wait(operation, what, self.create_timeout)
+        self.wait(operation, what, self.create_timeout)
         return job.id
 
     def list(self, *, job: str | None = None, sweep: str | None = None) -> list[Instance]:
@@ -631,7 +644,7 @@ class Gcp(GcpSession):
             )
             if operation is None:
                 return  # gone already (a Spot VM preempted and deleted)
-            self._wait(operation, what, self.stop_timeout)
+            self.wait(operation, what, self.stop_timeout)
         while time.monotonic() < deadline:
             with self._api(what):
                 try:
@@ -663,7 +676,7 @@ class Gcp(GcpSession):
             if operation is not None:
                 pending.append((operation, what))
         for operation, what in pending:
-            self._wait(operation, what, self.stop_timeout)
+            self.wait(operation, what, self.stop_timeout)
 
 
 def _hint(codes: str) -> str:
