@@ -18,6 +18,7 @@ import requests
 from gpubake import GpubakeError, __version__, failures
 from gpubake.build import commands as build_commands
 from gpubake.jobs import commands as job_commands
+from gpubake.jobs import dataset_commands
 from gpubake.notebooks import commands as notebook_commands
 from gpubake.options import fail, one_line
 from gpubake.publish import commands as publish_commands
@@ -49,6 +50,11 @@ def job_group() -> None:
     """Training jobs on gpubake images (the runner gpubake-job, role job_runner)."""
 
 
+@cli.group(name="dataset")
+def dataset_group() -> None:
+    """Dataset disks for training jobs, filled by a short copy job (`job run --dataset-disk`)."""
+
+
 @cli.group(name="notebook")
 def notebook_group() -> None:
     """Interactive GPU notebooks on a cloud VM: up, connect (SSH tunnel), stop when idle."""
@@ -58,6 +64,7 @@ build_commands.register(cli)
 publish_commands.register(cli)
 job_commands.register(job_group)
 notebook_commands.register(notebook_group)
+dataset_commands.register(dataset_group)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,7 +6,8 @@ gpubake.jobs.gcp, following the documented API (https://cloud.google.com/compute
   zones/{zone}/acceleratorTypes/{name}, zones/{zone}/machineTypes/{name},
   zones/{zone}/disks/{name}, zones/{zone}/instances (GET list, POST insert),
   zones/{zone}/instances/{name} (GET, DELETE), zones/{zone}/instances/{name}/stop and /start
-  (POST), zones/{zone}/disks/{name} (DELETE: refused while attached), aggregated/instances,
+  (POST), zones/{zone}/disks (GET list), zones/{zone}/disks/{name} (DELETE: refused while
+  attached), aggregated/instances,
   the project itself (GET: commonInstanceMetadata, e.g. enable-oslogin),
   zones/{zone}/operations/{op} (GET) and .../{op}/wait (POST);
 - writes answer with a zonal Operation in status RUNNING; operations.get and .wait answer it
@@ -576,6 +577,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return state.stop(project, zone, name)
             case ("POST", "zones", zone, "instances", name, "start"):
                 return state.start(project, zone, name)
+            case ("GET", "zones", zone, "disks"):
+                test = _parse_filter(query.get("filter", ""))
+                with state.lock:
+                    found = [
+                        copy.deepcopy(d)
+                        for (p, z, _), d in sorted(state.disks.items())
+                        if (p, z) == (project, zone) and test(d)
+                    ]
+                return _page(found, query, state.page_size, "compute#diskList", zone)
             case ("DELETE", "zones", zone, "disks", name):
                 return state.delete_disk(project, zone, name)
             case ("DELETE", "zones", zone, "instances", name):

@@ -47,7 +47,12 @@ def test_durations_and_shapes():
     )
     assert (spec["sync_interval"], spec["max_run_time"], spec["grace_period"]) == (300, 7200, 10)
     assert spec["command"] == "python train.py --epochs 3"
-    assert spec["dataset"] == {"device": "imagenet", "mount": "/mnt/dataset", "read_only": True}
+    assert spec["dataset"] == {
+        "device": "imagenet",
+        "mount": "/mnt/dataset",
+        "read_only": True,
+        "format": False,
+    }
     assert spec["results"] == "s3://my-bucket/x"
     assert spec["preempt_signal"] == "SIGTERM"
 
@@ -68,6 +73,8 @@ def test_durations_and_shapes():
         ({"code": {"url": "https://x.org/r.git"}}, "code.commit is missing"),
         ({"code": {"url": "ftp://x"}}, "neither a bucket URL"),
         ({"dataset": {"device": "d", "size": 3}}, "unknown field dataset.size"),
+        ({"dataset": {"device": "d", "format": True}}, "dataset.format needs read_only false"),
+        ({"dataset": {"device": "d", "read_only": False, "format": "yes"}}, "must be true or"),
         ({"env": {"GPUBAKE_CKPT_DIR": "/x"}}, "is reserved"),
         ({"user": "root"}, "name a non-root user"),
         ({"id": "Bad_ID"}, "is not a job id"),

@@ -127,7 +127,8 @@ FIELDS = {
     "command": "the command: a list of arguments, or one string run by bash",
     "code": "where the code comes from: {url: gs://|s3:// tarball or folder, or a git URL "
     "with commit}",
-    "dataset": "{device, mount (/mnt/dataset), read_only (true)}",
+    "dataset": "{device, mount (/mnt/dataset), read_only (true), format (false: with "
+    "read_only false, a blank disk is made ext4 and given to the job's user)}",
     "results": "gs://BUCKET/PREFIX or s3://BUCKET/PREFIX",
     "checkpoint_dir": "local directory for checkpoints ($GPUBAKE_CKPT_DIR)",
     "sync_interval": "seconds (or 30s, 5m, 1h) between syncs, at least 10",
@@ -283,9 +284,9 @@ def _dataset(value: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict) or "device" not in value:
         raise SpecError('dataset must be {"device": NAME_OR_PATH, "mount": "/mnt/dataset"}')
-    extra = sorted(set(value) - {"device", "mount", "read_only"})
+    extra = sorted(set(value) - {"device", "mount", "read_only", "format"})
     if extra:
-        raise SpecError(f"unknown field dataset.{extra[0]}: use device, mount, read_only")
+        raise SpecError(f"unknown field dataset.{extra[0]}: use device, mount, read_only, format")
     device, mount = value["device"], value.get("mount", "/mnt/dataset")
     if not isinstance(device, str) or not device:
         raise SpecError("dataset.device is empty: name the attached disk or give its path")
@@ -294,7 +295,12 @@ def _dataset(value: Any) -> dict[str, Any] | None:
     read_only = value.get("read_only", True)
     if not isinstance(read_only, bool):
         raise SpecError("dataset.read_only must be true or false")
-    return {"device": device, "mount": mount, "read_only": read_only}
+    fmt = value.get("format", False)
+    if not isinstance(fmt, bool):
+        raise SpecError("dataset.format must be true or false")
+    if fmt and read_only:
+        raise SpecError("dataset.format needs read_only false: a disk to fill is written")
+    return {"device": device, "mount": mount, "read_only": read_only, "format": fmt}
 
 
 def tool(argv: list[str], timeout: float | None = None) -> subprocess.CompletedProcess[str]:
@@ -914,6 +920,11 @@ class Runner:
             argv = ["mount", "--bind", "-o", ",".join(options), str(source), str(mount)]
         else:
             kind = tool(["blkid", "-o", "value", "-s", "TYPE", str(source)]).stdout.strip()
+            if dataset["format"] and not kind:  # a blank disk the job fills (`dataset create`)
+                made = tool(["mkfs.ext4", "-q", "-m", "0", "-L", "gpubake-data", str(source)])
+                if made.returncode != 0:
+                    raise StepError(f"making ext4 on {device} failed: {made.stderr.strip()}")
+                self.log(f"made ext4 on the blank disk {device}")
             if dataset["read_only"] and kind in ("ext3", "ext4"):
                 options.append("noload")  # no journal replay: it would write to the disk
             argv = ["mount", "-o", ",".join(options), str(source), str(mount)]
@@ -921,6 +932,9 @@ class Runner:
         if proc.returncode != 0:
             raise StepError(f"mounting {device} at {mount} failed: {proc.stderr.strip()}")
         self.mounted = mount
+        user = self._user() if dataset["format"] else None
+        if user is not None:  # the job's user fills it
+            os.chown(mount, user.pw_uid, user.pw_gid)
         if dataset["read_only"]:
             probe = mount / ".gpubake-write-probe"
             try:
