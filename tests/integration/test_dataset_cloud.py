@@ -22,18 +22,13 @@ from typing import Any
 import pytest
 
 from gpubake.clouds.gcp import ENDPOINT_ENV
+from tests.aws_helpers import REGION, client, runner_ami, use_server
 from tests.compute_standin import ComputeStandin, compute_standin
-from tests.integration.test_notebook_cloud import (
-    AWS_FOREIGN_ENV,
-    RUNNER,
-    _ec2,
-    gpubake,
-)
+from tests.integration.test_notebook_cloud import RUNNER, gpubake
 from tests.object_stores import GcsServer, S3Server, gcs_server, s3_server
 
 PROJECT = "demo-proj"
 ZONE = "us-central1-a"
-REGION = "us-east-1"
 BUCKET = "gpubake-data"
 GCP = ("--cloud", "gcp", "--project", PROJECT, "--zone", ZONE)
 
@@ -212,46 +207,16 @@ def test_gcp_refusals_before_any_call(gcp_env, capsys, args, message):
 @pytest.fixture(scope="module")
 def moto() -> Iterator[S3Server]:
     with s3_server() as server:
-        ec2 = _ec2(server)
         server.make_bucket(BUCKET)
-        base = ec2.describe_images(
-            Owners=["amazon"], Filters=[{"Name": "architecture", "Values": ["x86_64"]}]
-        )["Images"][0]["ImageId"]
-        builder = ec2.run_instances(ImageId=base, InstanceType="t3.micro", MinCount=1, MaxCount=1)
-        builder_id = builder["Instances"][0]["InstanceId"]
-        image = ec2.create_image(InstanceId=builder_id, Name="gpubake-pytorch")["ImageId"]
-        ec2.create_tags(
-            Resources=[image],
-            Tags=[
-                {"Key": "gpubake-stack", "Value": "pytorch"},
-                {"Key": "gpubake-job-runner", "Value": "true"},
-            ],
-        )
-        ec2.terminate_instances(InstanceIds=[builder_id])
-        import boto3
-
-        boto3.session.Session(
-            aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
-            region_name=REGION,
-        ).client("iam", endpoint_url=server.endpoint).create_instance_profile(
-            InstanceProfileName="data-copier"
-        )
+        runner_ami(server)
+        client(server, "iam").create_instance_profile(InstanceProfileName="data-copier")
         yield server
 
 
 @pytest.fixture
 def aws_env(moto, monkeypatch, tmp_path) -> Any:
-    for name in AWS_FOREIGN_ENV:
-        monkeypatch.delenv(name, raising=False)
-    for name in ("config", "credentials"):
-        (tmp_path / f"aws-{name}").write_text("", encoding="utf-8")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name, value in moto.env.items():
-        monkeypatch.setenv(name, value)
-    return _ec2(moto)
+    use_server(moto, monkeypatch, tmp_path)
+    return client(moto, "ec2")
 
 
 def test_aws_dataset_is_a_snapshot_and_the_copy_instance_and_volume_go(aws_env, moto, data, capsys):

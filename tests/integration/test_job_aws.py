@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -18,34 +17,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
 import pytest
 
 from gpubake.jobs import launch
 from gpubake.jobs.aws import IMAGE_PLACEHOLDER, RESULTS_TAG, Aws
 from gpubake.jobs.cloud import DEADLINE_LABEL, JOB_LABEL, SWEEP_LABEL
 from gpubake.jobs.launch import JobError, JobOptions
+from tests.aws_helpers import FOREIGN_ENV, REGION, client, make_ami, runner_ami, use_server
 from tests.object_stores import S3Server, s3_server
 
-REGION = "us-east-1"
 BUCKET = "gpubake-results"
 INSTANCE_PROFILE = "gpubake-job"
-#: Environment that could steer boto3 away from the test server or its dummy credentials.
-FOREIGN_ENV = (
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_REGION",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_ENDPOINT_URL_EC2",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL_STS",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_CA_BUNDLE",
-)
 
 
 @dataclass(frozen=True)
@@ -56,60 +38,26 @@ class World:
     snapshot: str
 
 
-@functools.cache
-def _client(server: S3Server, service: str) -> Any:
-    """A client of the server with its dummy credentials (cached: botocore reads the EC2
-    model, megabytes of JSON, once per session)."""
-    return boto3.session.Session(
-        aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
-        region_name=REGION,
-    ).client(service, endpoint_url=server.endpoint)
-
-
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     with s3_server() as server:  # moto.server serves every service on its one port
-        ec2 = _client(server, "ec2")
+        ec2 = client(server, "ec2")
         server.make_bucket(BUCKET)
-        base = ec2.describe_images(
-            Owners=["amazon"], Filters=[{"Name": "architecture", "Values": ["x86_64"]}]
-        )["Images"][0]["ImageId"]
-
-        def ami(name: str, tags: dict[str, str]) -> str:
-            builder = ec2.run_instances(
-                ImageId=base, InstanceType="t3.micro", MinCount=1, MaxCount=1
-            )["Instances"][0]["InstanceId"]
-            image = ec2.create_image(InstanceId=builder, Name=name)["ImageId"]
-            ec2.create_tags(
-                Resources=[image], Tags=[{"Key": k, "Value": v} for k, v in tags.items()]
-            )
-            ec2.terminate_instances(InstanceIds=[builder])
-            return image
-
-        runner = ami("gpubake-pytorch", {"gpubake-stack": "pytorch", "gpubake-job-runner": "true"})
-        plain = ami(
-            "gpubake-tensorflow", {"gpubake-stack": "tensorflow", "gpubake-job-runner": "false"}
+        runner = runner_ami(server)
+        plain = make_ami(
+            server,
+            "gpubake-tensorflow",
+            {"gpubake-stack": "tensorflow", "gpubake-job-runner": "false"},
         )
         volume = ec2.create_volume(AvailabilityZone=f"{REGION}a", Size=8)["VolumeId"]
         snapshot = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
-        _client(server, "iam").create_instance_profile(InstanceProfileName=INSTANCE_PROFILE)
+        client(server, "iam").create_instance_profile(InstanceProfileName=INSTANCE_PROFILE)
         yield World(server, runner, plain, snapshot)
 
 
 @pytest.fixture
 def aws_env(world: World, monkeypatch, tmp_path) -> World:
-    """boto3 in this process pointed at the server, with its dummy credentials and nothing
-    from the machine's own AWS configuration."""
-    for name in FOREIGN_ENV:
-        monkeypatch.delenv(name, raising=False)
-    for name in ("config", "credentials"):
-        (tmp_path / f"aws-{name}").write_text("", encoding="utf-8")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no IMDS credentials lookup
-    for name, value in world.server.env.items():
-        monkeypatch.setenv(name, value)
+    use_server(world.server, monkeypatch, tmp_path)
     return world
 
 
@@ -131,7 +79,7 @@ def make_aws(world: World, options: JobOptions, **kwargs: Any) -> Aws:
 
 
 def describe(world: World, instance_id: str) -> dict[str, Any]:
-    reply = _client(world.server, "ec2").describe_instances(InstanceIds=[instance_id])
+    reply = client(world.server, "ec2").describe_instances(InstanceIds=[instance_id])
     return reply["Reservations"][0]["Instances"][0]
 
 
@@ -140,7 +88,7 @@ def tags_of(item: dict[str, Any]) -> dict[str, str]:
 
 
 def user_data(world: World, instance_id: str) -> str:
-    reply = _client(world.server, "ec2").describe_instance_attribute(
+    reply = client(world.server, "ec2").describe_instance_attribute(
         InstanceId=instance_id, Attribute="userData"
     )
     return base64.b64decode(reply["UserData"]["Value"]).decode()
@@ -149,10 +97,10 @@ def user_data(world: World, instance_id: str) -> str:
 def footprint(world: World) -> tuple[int, int, int]:
     """Instances (any state), volumes and objects in the results bucket: what a refused
     preflight must leave as it was."""
-    ec2 = _client(world.server, "ec2")
+    ec2 = client(world.server, "ec2")
     instances = sum(len(r["Instances"]) for r in ec2.describe_instances()["Reservations"])
     volumes = len(ec2.describe_volumes()["Volumes"])
-    objects = _client(world.server, "s3").list_objects_v2(Bucket=BUCKET).get("KeyCount", 0)
+    objects = client(world.server, "s3").list_objects_v2(Bucket=BUCKET).get("KeyCount", 0)
     return instances, volumes, objects
 
 
@@ -258,7 +206,7 @@ def test_run_starts_one_spot_instance_with_the_spec_as_user_data(aws_env):
     assert tags[RESULTS_TAG] == job.results == f"s3://{BUCKET}/runs/{job.id}"
     assert SWEEP_LABEL not in tags
     assert before + 3600 - 1 <= int(tags[DEADLINE_LABEL]) <= after + 3600
-    ec2 = _client(world.server, "ec2")
+    ec2 = client(world.server, "ec2")
     root_volumes = ec2.describe_volumes(
         Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}]
     )["Volumes"]
@@ -348,7 +296,7 @@ def test_the_dataset_is_a_fresh_volume_from_the_snapshot(aws_env):
     mapping = {m["DeviceName"]: m for m in describe(world, instance_id)["BlockDeviceMappings"]}
     dataset = mapping[launch.AWS_DATASET_DEVICE]["Ebs"]
     assert dataset["DeleteOnTermination"] is True
-    [volume] = _client(world.server, "ec2").describe_volumes(VolumeIds=[dataset["VolumeId"]])[
+    [volume] = client(world.server, "ec2").describe_volumes(VolumeIds=[dataset["VolumeId"]])[
         "Volumes"
     ]
     assert volume["SnapshotId"] == world.snapshot
@@ -498,7 +446,7 @@ def _gpubake(*args: str, tmp_path) -> Any:
 def test_sweep_status_stop_and_gc_from_the_command_line(aws_env, tmp_path):
     """`gpubake job sweep` starts 4 instances in moto's EC2; `job status` reads them, `job stop`
     ends one, `job gc` deletes those past their deadline (--dry-run first: nothing goes)."""
-    ec2 = _client(aws_env.server, "ec2")
+    ec2 = client(aws_env.server, "ec2")
     common = ("--cloud", "aws", "--region", REGION, "--instance-profile", INSTANCE_PROFILE)
     swept = _gpubake(
         "sweep", *common, "--results", f"s3://{BUCKET}/cli", "--max-run-duration", "2s",

@@ -13,19 +13,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from gpubake import cli, stacks
 from gpubake.clouds.gcp import ENDPOINT_ENV
+from tests.aws_helpers import REGION, client, runner_ami, use_server
 from tests.compute_standin import ComputeStandin, compute_standin
-from tests.integration.test_job_aws import FOREIGN_ENV as AWS_FOREIGN_ENV
 from tests.object_stores import S3Server, s3_server
 
 PROJECT = "demo-proj"
 ZONE = "us-central1-a"
 BARE_ZONE = "us-central1-f"  # offers no GPU
-REGION = "us-east-1"
 RUNNER = {"gpubake-job-runner": "true"}
 GCP = ("--cloud", "gcp", "--project", PROJECT, "--zone", ZONE)
 AWS = ("--cloud", "aws", "--region", REGION)
@@ -233,44 +231,15 @@ def test_gcp_dry_run_prints_the_request_and_sends_nothing(gcp_env, ssh_key, caps
 @pytest.fixture(scope="module")
 def moto() -> Iterator[tuple[S3Server, str]]:
     with s3_server() as server:
-        ec2 = _ec2(server)
-        base = ec2.describe_images(
-            Owners=["amazon"], Filters=[{"Name": "architecture", "Values": ["x86_64"]}]
-        )["Images"][0]["ImageId"]
-        builder = ec2.run_instances(ImageId=base, InstanceType="t3.micro", MinCount=1, MaxCount=1)
-        builder_id = builder["Instances"][0]["InstanceId"]
-        image = ec2.create_image(InstanceId=builder_id, Name="gpubake-pytorch")["ImageId"]
-        ec2.create_tags(
-            Resources=[image],
-            Tags=[{"Key": "gpubake-stack", "Value": "pytorch"},
-                  {"Key": "gpubake-job-runner", "Value": "true"}],
-        )  # fmt: skip
-        ec2.terminate_instances(InstanceIds=[builder_id])
-        yield server, image
-
-
-def _ec2(server: S3Server) -> Any:
-    return boto3.session.Session(
-        aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
-        region_name=REGION,
-    ).client("ec2", endpoint_url=server.endpoint)
+        yield server, runner_ami(server)
 
 
 @pytest.fixture
 def aws_env(moto, monkeypatch, tmp_path) -> Any:
     server, _ = moto
-    for name in AWS_FOREIGN_ENV:
-        monkeypatch.delenv(name, raising=False)
-    for name in ("config", "credentials"):
-        (tmp_path / f"aws-{name}").write_text("", encoding="utf-8")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name, value in server.env.items():
-        monkeypatch.setenv(name, value)
+    use_server(server, monkeypatch, tmp_path)
     monkeypatch.setattr("gpubake.notebooks.aws.POLL_S", 0.2)
-    return _ec2(server)
+    return client(server, "ec2")
 
 
 def _instances(ec2: Any, name: str) -> list[dict[str, Any]]:
