@@ -11,6 +11,7 @@ request first (else EC2 would launch a new instance for it), then terminates.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -29,6 +30,8 @@ from gpubake.notebooks.options import (
 #: Where the volume is attached; on Nitro instances it appears as an NVMe disk whose serial
 #: is the volume id, which the boot script looks for first.
 STORAGE_ATTACH_AS = "/dev/sdg"
+#: The security group that lets SSH in (the default VPC's default group lets nothing in).
+SSH_GROUP = "gpubake-notebook-ssh"
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 RUNNING = frozenset({"pending", "running"})
 VOLUME_TYPE = "gp3"
@@ -40,6 +43,17 @@ def storage_devices(volume_id: str) -> str:
     """The paths the volume may appear at on the instance: NVMe (Nitro), then Xen's name."""
     serial = volume_id.replace("-", "")
     return f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{serial} /dev/xvdg /dev/sdg"
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """What preflight found in the region: what `up` reuses, and None where it makes it."""
+
+    image_id: str | None = None
+    zone: str | None = None
+    volume_id: str | None = None
+    key_pair: bool = False
+    group_id: str | None = None
 
 
 def _tags(tags: list[dict[str, str]] | None) -> dict[str, str]:
@@ -65,20 +79,15 @@ class NotebookAws:
 
     # ------------------------------------------------------------------ offline
 
-    def requests(
-        self,
-        public_key: str,
-        *,
-        image_id: str | None = None,
-        zone: str | None = None,
-        volume_id: str | None = None,
-        key_exists: bool = False,
-    ) -> dict[str, dict[str, Any]]:
-        """The calls `up` makes, keyword arguments as boto3 takes them. The volume id and
-        instance id are placeholders where they are only known once made."""
+    def requests(self, public_key: str, found: Found | None = None) -> dict[str, dict[str, Any]]:
+        """The calls `up` makes, keyword arguments as boto3 takes them, for what is not
+        `found` already; ids only known once made are placeholders."""
         options = self.options
-        zone = zone or options.zone or "<an availability zone that offers the instance type>"
+        found = found or Found()
+        image_id, volume_id, key_exists = found.image_id, found.volume_id, found.key_pair
+        zone = found.zone or options.zone or "<an availability zone that offers the instance type>"
         volume = volume_id or "<the new volume's id>"
+        group = found.group_id or "<the new security group's id>"
         name = instance_name(options.name)
         calls: dict[str, dict[str, Any]] = {}
         if not key_exists:
@@ -89,6 +98,28 @@ class NotebookAws:
                     {
                         "ResourceType": "key-pair",
                         "Tags": [{"Key": NOTEBOOK_LABEL, "Value": options.name}],
+                    }
+                ],
+            }
+        if found.group_id is None:
+            calls["CreateSecurityGroup"] = {
+                "GroupName": SSH_GROUP,
+                "Description": "SSH to gpubake notebooks (gpubake notebook connect)",
+                "TagSpecifications": [
+                    {
+                        "ResourceType": "security-group",
+                        "Tags": [{"Key": NOTEBOOK_LABEL, "Value": "ssh"}],
+                    }
+                ],
+            }
+            calls["AuthorizeSecurityGroupIngress"] = {
+                "GroupId": group,
+                "IpPermissions": [
+                    {
+                        "IpProtocol": "tcp",
+                        "FromPort": 22,
+                        "ToPort": 22,
+                        "IpRanges": [{"CidrIp": options.ssh_from, "Description": "ssh"}],
                     }
                 ],
             }
@@ -120,6 +151,7 @@ class NotebookAws:
             "MinCount": 1,
             "MaxCount": 1,
             "KeyName": self.key_name,
+            "SecurityGroupIds": [group],
             "UserData": boot.script(
                 options.name, public_key, storage_devices(volume), options.watcher_config("aws")
             ),
@@ -197,9 +229,17 @@ class NotebookAws:
             )
         return zones[0]
 
-    def preflight(self) -> tuple[str, dict[str, Any] | None, str, bool]:
-        """`job run`'s checks; the AMI id, the storage volume (None: to be made), the zone,
-        whether the key pair exists."""
+    def ssh_group(self) -> str | None:
+        found = self._call(
+            f"looking up security group {SSH_GROUP}",
+            "describe_security_groups",
+            Filters=[{"Name": "group-name", "Values": [SSH_GROUP]}],
+        )["SecurityGroups"]
+        return str(found[0]["GroupId"]) if found else None
+
+    def preflight(self) -> Found:
+        """`job run`'s checks, then what exists already: the storage volume (and so the
+        zone), the key pair, the SSH security group."""
         cloud = self.cloud
         name = cloud.instance_type()
         cloud.check_credentials()
@@ -212,7 +252,13 @@ class NotebookAws:
                 f"the storage of {self.options.name} is in {zone}, not --zone "
                 f"{self.options.zone}: leave --zone out (the notebook goes where its disk is)"
             )
-        return str(image["ImageId"]), volume, zone, self.key_exists()
+        return Found(
+            image_id=str(image["ImageId"]),
+            zone=zone,
+            volume_id=str(volume["VolumeId"]) if volume else None,
+            key_pair=self.key_exists(),
+            group_id=self.ssh_group(),
+        )
 
     def _wait(self, what: str, done: Any) -> Any:
         deadline = time.monotonic() + WAIT_S
@@ -237,30 +283,28 @@ class NotebookAws:
         items = [i for r in found.get("Reservations", []) for i in r.get("Instances", [])]
         return str(items[0]["State"]["Name"]) if items else "gone"
 
-    def create(
-        self,
-        public_key: str,
-        *,
-        image_id: str,
-        zone: str,
-        volume_id: str | None,
-        key_exists: bool,
-        echo: Any,
-    ) -> str:
+    def create(self, public_key: str, found: Found, echo: Any) -> str:
         """Make what requests() lists, in order; the instance id."""
-        calls = self.requests(
-            public_key, image_id=image_id, zone=zone, volume_id=volume_id, key_exists=key_exists
-        )
+        calls = self.requests(public_key, found)
         if "ImportKeyPair" in calls:
             self._call("importing your SSH key", "import_key_pair", **calls["ImportKeyPair"])
-        if volume_id is None:
-            echo(f"making the {self.options.storage_gb} GB storage volume in {zone}")
+            found = dataclasses.replace(found, key_pair=True)
+        if "CreateSecurityGroup" in calls:
+            made = self._call(
+                f"making security group {SSH_GROUP}",
+                "create_security_group",
+                **calls["CreateSecurityGroup"],
+            )
+            found = dataclasses.replace(found, group_id=str(made["GroupId"]))
+            rule = {**calls["AuthorizeSecurityGroupIngress"], "GroupId": found.group_id}
+            self._call("letting SSH in", "authorize_security_group_ingress", **rule)
+        if "CreateVolume" in calls:
+            echo(f"making the {self.options.storage_gb} GB storage volume in {found.zone}")
             made = self._call("making the storage volume", "create_volume", **calls["CreateVolume"])
             volume_id = str(made["VolumeId"])
             self._wait(f"volume {volume_id}", lambda: self._volume_state(volume_id) == "available")
-            calls = self.requests(
-                public_key, image_id=image_id, zone=zone, volume_id=volume_id, key_exists=True
-            )
+            found = dataclasses.replace(found, volume_id=volume_id)
+        calls = self.requests(public_key, found)
         reply = self._call(
             f"starting the instance of notebook {self.options.name}",
             "run_instances",
@@ -272,7 +316,7 @@ class NotebookAws:
             f"instance {instance_id}", lambda: self._instance_state(instance_id) == "running"
         )
         attach = {**calls["AttachVolume"], "InstanceId": instance_id}
-        self._call(f"attaching volume {volume_id}", "attach_volume", **attach)
+        self._call(f"attaching volume {found.volume_id}", "attach_volume", **attach)
         return instance_id
 
     def start(self, instance_id: str) -> None:

@@ -22,6 +22,7 @@ from gpubake.notebooks.options import (
     DEFAULT_STORAGE_GB,
     NotebookOptions,
     Record,
+    check_cidr,
     check_name,
     find_key,
     find_record,
@@ -117,15 +118,7 @@ def up(options: NotebookOptions, *, dry_run: bool, as_json: bool) -> None:
     else:
         inst = client.find()
         if inst is None:
-            image_id, volume, zone, key_exists = client.preflight()
-            instance = client.create(
-                public,
-                image_id=image_id,
-                zone=zone,
-                volume_id=volume["VolumeId"] if volume else None,
-                key_exists=key_exists,
-                echo=_echo,
-            )
+            instance = client.create(public, client.preflight(), _echo)
         else:
             instance = str(inst["InstanceId"])
             if inst["State"]["Name"] in ("stopped", "stopping"):
@@ -270,6 +263,7 @@ def _notebook_options(kw: dict[str, Any]) -> NotebookOptions:
         max_run_s=_duration(kw["max_run"], "--max-run") or None,
         ssh_key=kw["ssh_key"] or "",
         ssh_user=kw["ssh_user"],
+        ssh_from=check_cidr(kw["ssh_from"]),
         service_account=kw["service_account"],
     )
 
@@ -320,6 +314,13 @@ def register(group: click.Group) -> None:
         default="gpubake",
         show_default=True,
         help="The login; GCP with OS Login: your OS Login user name.",
+    )
+    @click.option(
+        "--ssh-from",
+        metavar="CIDR",
+        default="0.0.0.0/0",
+        show_default=True,
+        help="AWS: who may reach SSH (the security group gpubake-notebook-ssh, made once).",
     )
     @click.option(
         "--service-account",

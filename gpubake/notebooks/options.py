@@ -4,6 +4,7 @@ user's SSH key, and the local record `connect|status|stop|down` find a notebook 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -69,6 +70,7 @@ class NotebookOptions:
     max_run_s: int | None = None
     ssh_key: str = ""  # the private key; its public half is SSH_KEY.pub
     ssh_user: str = VM_USER  # GCP with OS Login: the OS Login user name
+    ssh_from: str = "0.0.0.0/0"  # AWS: the addresses the SSH security group lets in
     service_account: str = "default"
 
     def job_options(self) -> JobOptions:
@@ -111,6 +113,15 @@ class NotebookOptions:
         if self.max_run_s:
             labels[MAX_RUN_LABEL] = str(self.max_run_s)
         return labels
+
+
+def check_cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise JobError(
+            f"--ssh-from {text!r} is not an address range: write e.g. 203.0.113.7/32"
+        ) from None
 
 
 def find_key(given: str | None) -> tuple[Path, str]:

@@ -190,6 +190,7 @@ def test_gcp_os_login_project_gets_no_ssh_keys_metadata(gcp_env, ssh_key, capsys
         (("--stack", "tensorflow"), "no image in family gpubake-tensorflow"),
         (("--storage-size", "5"), "--storage-size"),
         (("--idle-stop", "soon"), "is not a duration"),
+        (("--ssh-from", "everyone"), "is not an address range"),
         (("--name-is-not-an-option",), "No such option"),
     ],
 )
@@ -260,7 +261,7 @@ def test_aws_up_stop_down_keeps_and_reuses_the_volume(aws_env, moto, ssh_key, ca
     ec2, (_, image), (key, public) = aws_env, moto, ssh_key
     code, out, err = gpubake(
         capsys, "notebook", "up", "d2l", *AWS, "--ssh-key", str(key), "--storage-size", "40",
-        "--idle-stop", "45m", "--json",
+        "--idle-stop", "45m", "--ssh-from", "198.51.100.7/24", "--json",
     )  # fmt: skip
     assert code == 0, err
     (inst,) = _instances(ec2, "d2l")
@@ -268,6 +269,16 @@ def test_aws_up_stop_down_keeps_and_reuses_the_volume(aws_env, moto, ssh_key, ca
     tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
     assert tags["gpubake-notebook"] == "d2l" and tags["gpubake-idle-stop"] == "2700"
     assert inst["ImageId"] == image and inst["KeyName"] == "gpubake-nb-d2l"
+    (group,) = inst["SecurityGroups"]
+    assert group["GroupName"] == "gpubake-notebook-ssh"
+    (rule,) = ec2.describe_security_groups(GroupIds=[group["GroupId"]])["SecurityGroups"][0][
+        "IpPermissions"
+    ]
+    assert (rule["FromPort"], rule["ToPort"], rule["IpRanges"][0]["CidrIp"]) == (
+        22,
+        22,
+        "198.51.100.0/24",
+    )
     pair = ec2.describe_key_pairs(KeyNames=["gpubake-nb-d2l"])["KeyPairs"][0]
     assert pair["KeyName"] == "gpubake-nb-d2l"
     behaviour = ec2.describe_instance_attribute(
@@ -326,7 +337,14 @@ def test_aws_dry_run_prints_the_calls_and_makes_nothing(aws_env, ssh_key, capsys
     )
     assert code == 0, err
     calls = json.loads(out)["requests"]
-    assert list(calls) == ["ImportKeyPair", "CreateVolume", "RunInstances", "AttachVolume"]
+    assert list(calls) == [
+        "ImportKeyPair",
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "CreateVolume",
+        "RunInstances",
+        "AttachVolume",
+    ]
     assert calls["ImportKeyPair"]["PublicKeyMaterial"] == public
     assert calls["RunInstances"]["InstanceMarketOptions"]["SpotOptions"] == {
         "SpotInstanceType": "persistent",
