@@ -8,7 +8,8 @@ gpubake.jobs.gcp, following the documented API (https://cloud.google.com/compute
   zones/{zone}/instances/{name} (GET, DELETE), zones/{zone}/instances/{name}/stop and /start
   (POST), zones/{zone}/disks (GET list), zones/{zone}/disks/{name} (DELETE: refused while
   attached), aggregated/instances,
-  the project itself (GET: commonInstanceMetadata, e.g. enable-oslogin),
+  the project itself (GET: commonInstanceMetadata, e.g. enable-oslogin), regions/{region}
+  (GET: the quotas a test set),
   zones/{zone}/operations/{op} (GET) and .../{op}/wait (POST);
 - writes answer with a zonal Operation in status RUNNING; operations.get and .wait answer it
   DONE (with `error` and `httpErrorStatusCode` where a test asked an insert to fail that way);
@@ -154,6 +155,7 @@ class ComputeState:
         self.stop_lag = 0
         self.page_size = 500
         self.project_metadata: dict[str, list[dict[str, str]]] = {}
+        self.quotas: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (project, region)
         self.nat_ip: str | None = None
         self.ids = itertools.count(1000)
 
@@ -547,6 +549,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return state.family(project, family)
             case ("GET", "global", "images", name):
                 return state.image(project, name)
+            case ("GET", "regions", region):
+                with state.lock:
+                    quotas = copy.deepcopy(state.quotas.get((project, region), []))
+                return {"kind": "compute#region", "name": region, "status": "UP",
+                        "quotas": quotas}  # fmt: skip
             case ("GET", "zones", zone, "acceleratorTypes", name):
                 return state.zonal(state.accelerator_types, "acceleratorTypes", project, zone, name)
             case ("GET", "zones", zone, "machineTypes", name):
@@ -705,6 +712,12 @@ class ComputeStandin:
     def disk(self, project: str, zone: str, name: str) -> dict[str, Any] | None:
         with self.state.lock:
             return copy.deepcopy(self.state.disks.get((project, zone, name)))
+
+    def set_quota(self, project: str, region: str, metric: str, limit: int, usage: int) -> None:
+        with self.state.lock:
+            quotas = self.state.quotas.setdefault((project, region), [])
+            quotas[:] = [q for q in quotas if q["metric"] != metric]
+            quotas.append({"metric": metric, "limit": float(limit), "usage": float(usage)})
 
     def set_project_metadata(self, project: str, items: dict[str, str]) -> None:
         with self.state.lock:

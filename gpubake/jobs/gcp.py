@@ -85,6 +85,13 @@ _IMAGE_PATH = re.compile(
 _now: Callable[[], float] = time.time
 
 
+def quota_metric(accelerator: str) -> str:
+    """The GPU quota metric of an accelerator type: nvidia-tesla-t4 -> NVIDIA_T4_GPUS,
+    nvidia-a100-80gb -> NVIDIA_A100_80GB_GPUS (the names regions.get lists)."""
+    model = accelerator.removeprefix("nvidia-").removeprefix("tesla-")
+    return f"NVIDIA_{model.upper().replace('-', '_')}_GPUS"
+
+
 def network_interfaces() -> list[Any]:
     """The default network with an external address (SSH, downloads, the bucket)."""
     from google.cloud import compute_v1
@@ -526,6 +533,33 @@ class Gcp(GcpSession):
             raise JobError(
                 f"--gpu-count {options.gpu_count}: zone {zone} attaches at most {most} "
                 f"{self.accelerator} to a VM"
+            )
+        self.check_gpu_quota()
+
+    def check_gpu_quota(self) -> None:
+        """The region's GPU quota (regions.get), where the API lists one for the model: Spot
+        VMs count against the PREEMPTIBLE_ metric where the region has it, else the standard
+        one (https://cloud.google.com/compute/resource-usage#gpu_quota)."""
+        region = self.zone.rsplit("-", 1)[0]
+        found = self._get(
+            "RegionsClient", "get", f"looking up the quotas of region {region}", missing=True,
+            project=self.project, region=region,
+        )  # fmt: skip
+        if found is None:
+            return
+        quotas = {q.metric: q for q in found.quotas}
+        metric = quota_metric(self.accelerator)
+        spot = f"PREEMPTIBLE_{metric}"
+        name = spot if self.options.spot and spot in quotas else metric
+        quota = quotas.get(name)
+        if quota is None:
+            return  # the API does not say: the insert will
+        free = int(quota.limit - quota.usage)
+        if free < self.options.gpu_count:
+            raise JobError(
+                f"quota {name} in {region}: {free:d} of {int(quota.limit):d} free, "
+                f"{self.options.gpu_count} needed: ask for more at "
+                "console.cloud.google.com/iam-admin/quotas, or pick another region"
             )
 
     def _check_dataset_disk(self, name: str) -> None:

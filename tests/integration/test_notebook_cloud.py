@@ -183,6 +183,28 @@ def test_gcp_os_login_project_gets_no_ssh_keys_metadata(gcp_env, ssh_key, capsys
     gpubake(capsys, "notebook", "down", "lab", "--delete-storage")
 
 
+def test_gcp_gpu_quota_is_checked_where_the_region_lists_it(gcp_env, ssh_key, capsys):
+    gce, (key, _) = gcp_env, ssh_key
+    gce.set_quota(PROJECT, "us-central1", "NVIDIA_T4_GPUS", 4, 3)
+    gce.set_quota(PROJECT, "us-central1", "PREEMPTIBLE_NVIDIA_T4_GPUS", 8, 8)
+    gce.clear()
+    try:
+        code, _, err = gpubake(capsys, "notebook", "up", "q", *GCP, "--ssh-key", str(key))
+        assert code == 1, err
+        assert "quota PREEMPTIBLE_NVIDIA_T4_GPUS in us-central1: 0 of 8 free, 1 needed" in err
+        assert gce.inserts() == []
+        # a standard VM counts against the standard quota, which has one left
+        code, _, err = gpubake(
+            capsys, "notebook", "up", "q", *GCP, "--ssh-key", str(key), "--no-spot"
+        )
+        assert code == 0, err
+        assert gce.inserts()[0]["scheduling"]["provisioningModel"] == "STANDARD"
+        gpubake(capsys, "notebook", "down", "q", "--delete-storage")
+    finally:
+        with gce.state.lock:
+            gce.state.quotas.clear()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
