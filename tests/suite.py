@@ -53,6 +53,7 @@ VM_HOST_MODULES = (
     "test_nvidia_driver.py",
     "test_vm_host.py",
     "test_notebook_connect.py",
+    "test_notebook_idle.py",
 )
 VM_HOST = "vm-host"
 #: groups and modules that take longest, longest first; the rest follow in collection order

@@ -12,6 +12,7 @@ request first (else EC2 would launch a new instance for it), then terminates.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import time
 from typing import Any
 
@@ -32,11 +33,24 @@ from gpubake.notebooks.options import (
 STORAGE_ATTACH_AS = "/dev/sdg"
 #: The security group that lets SSH in (the default VPC's default group lets nothing in).
 SSH_GROUP = "gpubake-notebook-ssh"
+#: https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/user-data.html: 16 KB, raw
+USER_DATA_LIMIT = 16384
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 RUNNING = frozenset({"pending", "running"})
 VOLUME_TYPE = "gp3"
 WAIT_S = 600.0
 POLL_S = 5.0
+
+
+def user_data(script: str) -> bytes:
+    """The boot script as EC2 takes it: gzip-compressed (EC2 takes at most 16 KB of
+    user-data; cloud-init unpacks gzip), deterministic (no time in the header)."""
+    packed = gzip.compress(script.encode("utf-8"), mtime=0)
+    if len(packed) > USER_DATA_LIMIT:
+        raise JobError(
+            f"the boot script is {len(packed)} bytes compressed, over EC2's {USER_DATA_LIMIT}"
+        )
+    return packed
 
 
 def storage_devices(volume_id: str) -> str:
@@ -305,10 +319,9 @@ class NotebookAws:
             self._wait(f"volume {volume_id}", lambda: self._volume_state(volume_id) == "available")
             found = dataclasses.replace(found, volume_id=volume_id)
         calls = self.requests(public_key, found)
+        run = {**calls["RunInstances"], "UserData": user_data(calls["RunInstances"]["UserData"])}
         reply = self._call(
-            f"starting the instance of notebook {self.options.name}",
-            "run_instances",
-            **calls["RunInstances"],
+            f"starting the instance of notebook {self.options.name}", "run_instances", **run
         )
         instance_id = str(reply["Instances"][0]["InstanceId"])
         echo(f"instance {instance_id} is starting")

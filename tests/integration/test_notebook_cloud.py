@@ -7,6 +7,7 @@ refusals in one line with nothing created."""
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import subprocess
 from collections.abc import Iterator
@@ -308,7 +309,10 @@ def test_aws_up_stop_down_keeps_and_reuses_the_volume(aws_env, moto, ssh_key, ca
     )["InstanceInitiatedShutdownBehavior"]["Value"]
     assert behaviour == "stop"  # the watcher's power-off keeps the instance and its disks
     user_data = ec2.describe_instance_attribute(InstanceId=inst["InstanceId"], Attribute="userData")
-    script = base64.b64decode(user_data["UserData"]["Value"]).decode()
+    packed = base64.b64decode(user_data["UserData"]["Value"])
+    assert len(packed) <= 16384  # EC2's limit; cloud-init unpacks gzip
+    script = gzip.decompress(packed).decode()
+    assert script.startswith("#!/bin/bash\n")
     (volume,) = _volumes(ec2, "d2l")
     assert (
         volume["Size"] == 40 and volume["AvailabilityZone"] == inst["Placement"]["AvailabilityZone"]
