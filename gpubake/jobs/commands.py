@@ -59,7 +59,7 @@ def _cloud_client(options: JobOptions) -> Any:
     return Aws(options, instance_profile=options.instance_profile)
 
 
-def settle(options: JobOptions, env: Mapping[str, str]) -> JobOptions:
+def settle(options: JobOptions, env: Mapping[str, str], what: str = "the job") -> JobOptions:
     """Project and zone (GCP) or region and profile (AWS), from the options or the variables
     the clouds' CLIs use, checked the way `build` checks them."""
     target = "gcp-image" if options.cloud == "gcp" else "aws-ami"
@@ -73,7 +73,7 @@ def settle(options: JobOptions, env: Mapping[str, str]) -> JobOptions:
     try:
         settled = settle_options(target, given, env)
     except CloudError as exc:
-        raise JobError(str(exc).replace(f"for {target}", "for the job")) from None
+        raise JobError(str(exc).replace(f"for {target}", f"for {what}")) from None
     return dataclasses.replace(
         options,
         project=settled.project,

@@ -32,7 +32,7 @@ def _echo(message: str) -> None:
 
 
 def _client(options: DatasetOptions) -> DatasetGcp | DatasetAws:
-    settled = settle(options.job_options(), os.environ)
+    settled = settle(options.job_options(), os.environ, "a dataset")
     options = dataclasses.replace(
         options,
         project=settled.project,

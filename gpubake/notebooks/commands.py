@@ -86,7 +86,7 @@ def _record(
 
 def up(options: NotebookOptions, *, dry_run: bool, as_json: bool) -> None:
     key, public = find_key(options.ssh_key or None)
-    job_options = settle(options.job_options(), os.environ)
+    job_options = settle(options.job_options(), os.environ, "a notebook")
     options = options.settled(job_options)
     client = _client(options)
     if dry_run:
