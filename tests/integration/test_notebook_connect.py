@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -192,6 +193,23 @@ def test_connect_tunnels_to_jupyterlab_and_ctrl_c_closes_only_the_tunnel(
     assert [r for r in gce.requests() if r.method != "GET"] == []  # the VM is left alone
     _, state = run_in(vm_host.box, "systemctl", "is-active", "gpubake-jupyter")
     assert state.strip() == "active"
+
+
+def test_status_shows_the_watchers_idle_time_read_over_ssh(vm_host, notebook, user):
+    deadline = time.monotonic() + 60  # the boot script's watcher polls at its start
+    while run_in(vm_host.box, "test", "-s", "/run/gpubake/notebook-idle.json")[0] != 0:
+        assert time.monotonic() < deadline, "the watcher wrote no state"
+        time.sleep(1)
+    shown = gpubake(user, "notebook", "status", NAME, "--json")
+    assert shown.returncode == 0, shown.stderr
+    row = json.loads(shown.stdout)
+    assert row["state"] == "RUNNING" and row["gpu"] == "1x nvidia-tesla-t4"
+    assert isinstance(row["idle_s"], int) and 0 <= row["idle_s"] < 3600
+    assert row["stop_at"].endswith("Z")  # the idle limit, 60 min from the last activity
+    table = gpubake(user, "notebook", "status", NAME)
+    assert table.stdout.splitlines()[0].split() == [
+        "NAME", "CLOUD", "STATE", "GPU", "MACHINE", "UPTIME", "IDLE", "COST",
+    ]  # fmt: skip
 
 
 def test_a_changed_host_key_is_refused(notebook, user):
