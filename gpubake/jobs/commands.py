@@ -245,7 +245,7 @@ def options_for(record: Record) -> JobOptions:
     )
 
 
-def _runtime(seconds: float) -> str:
+def runtime_text(seconds: float) -> str:
     minutes = int(seconds // 60)
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
@@ -291,7 +291,7 @@ def status_rows(records: list[Record], *, now: float | None = None) -> list[dict
             "outcome": outcome,
             "gpu": (instance.gpu if instance else "") or record.gpu,
             # a VM that stopped without a marker: its runtime is not known any more
-            "runtime": _runtime(runtime) if running or marker else "-",
+            "runtime": runtime_text(runtime) if running or marker else "-",
             "runtime_seconds": round(runtime) if running or marker else None,
             "cost": f"${price * runtime / 3600:.2f}" if price is not None else "unknown",
             "results": record.results,
@@ -307,9 +307,12 @@ def status_rows(records: list[Record], *, now: float | None = None) -> list[dict
     return rows
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    columns = ["job", "vm", "outcome", "gpu", "runtime", "cost"]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+JOB_COLUMNS = ("job", "vm", "outcome", "gpu", "runtime", "cost")
+
+
+def table(rows: list[dict[str, Any]], columns: tuple[str, ...] = JOB_COLUMNS) -> str:
+    """`columns` of the rows, aligned, under an upper-case header."""
+    widths = {c: max([len(c), *(len(str(r[c])) for r in rows)]) for c in columns}
     lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
     lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
@@ -620,7 +623,7 @@ def register(group: click.Group) -> None:
                 else "no jobs were launched from this machine yet: see gpubake job run --help"
             )
         rows = status_rows(found)
-        click.echo(json.dumps(rows, indent=2) if as_json else _table(rows))
+        click.echo(json.dumps(rows, indent=2) if as_json else table(rows))
         for error in dict.fromkeys(r["error"] for r in rows if "error" in r):
             _echo(f"could not read everything: {error}")
 

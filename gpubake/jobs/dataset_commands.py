@@ -70,9 +70,7 @@ def create(options: DatasetOptions, *, dry_run: bool, as_json: bool) -> None:
         cloud=options.cloud,
         results=job.results,
         instance=job.id,
-        location=f"{client.cloud.project}/{client.cloud.zone}"
-        if isinstance(client, DatasetGcp)
-        else client.cloud.region,
+        location=client.cloud.options.location(),
         profile=options.profile,
         machine_type=client.machine_type,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gpubake.jobs import storage
 from gpubake.jobs.aws import Aws
-from gpubake.jobs.gcp import Gcp
+from gpubake.jobs.cloud import wait_until
+from gpubake.jobs.gcp import DOWN_STATES, Gcp
 from gpubake.jobs.launch import (
     AWS_DATASET_DEVICE,
+    DEFAULT_STACK,
     GCP_DATASET_DEVICE,
     Job,
     JobError,
@@ -61,7 +62,7 @@ class DatasetOptions:
     results: str  # where the copy job's logs (and a local folder's tarball) go
     size_gb: int | None = None
     machine_type: str | None = None
-    stack: str = "pytorch"
+    stack: str = DEFAULT_STACK
     image: str | None = None
     project: str | None = None
     zone: str | None = None
@@ -128,22 +129,6 @@ def copy_job(options: DatasetOptions) -> Job:
     return dataclasses.replace(job, spec=spec)
 
 
-def _wait(what: str, done: Callable[[], Any], echo: Echo, poll: float) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    said = time.monotonic()  # the caller just said what it waits for
-    while True:
-        value = done()
-        if value:
-            return value
-        now = time.monotonic()
-        if now > deadline:
-            raise JobError(f"{what}: not done after {WAIT_S / 3600:.0f} h")
-        if now - said > 60:
-            echo(f"{what} ...")
-            said = now
-        time.sleep(poll)
-
-
 class DatasetGcp:
     """The disk NAME in the zone, filled by a copy job on a CPU VM."""
 
@@ -204,12 +189,11 @@ class DatasetGcp:
         """Start the copy, wait for the runner to power the VM off, delete the VM; the disk."""
         from google.cloud import compute_v1
 
-        what = f"starting the copy VM {job.id}"
         instance = compute_v1.Instance.from_json(json.dumps(body))
-        operation = self._get(
-            "InstancesClient", "insert_unary", what, zone=self.zone, instance_resource=instance
-        )
-        self.cloud.wait(operation, what, self.cloud.create_timeout)
+        self.cloud.operate(
+            "InstancesClient", "insert_unary", f"starting the copy VM {job.id}",
+            self.cloud.create_timeout, zone=self.zone, instance_resource=instance,
+        )  # fmt: skip
         echo(f"copying on {job.id} (follow it: gpubake job logs {job.id} --follow)")
 
         def down() -> bool:
@@ -220,16 +204,14 @@ class DatasetGcp:
                 zone=self.zone,
                 instance=job.id,
             )
-            return inst is None or inst.status in ("STOPPED", "TERMINATED")
+            return inst is None or inst.status in DOWN_STATES
 
-        _wait(f"copy job {job.id}", down, echo, self.poll_interval)
+        wait_until(f"copy job {job.id}", down, timeout=WAIT_S, poll=self.poll_interval, echo=echo)
         result = storage.outcome(job.results)
-        what = f"deleting the copy VM {job.id}"
-        operation = self._get(
-            "InstancesClient", "delete_unary", what, zone=self.zone, instance=job.id
-        )
-        if operation is not None:
-            self.cloud.wait(operation, what, self.cloud.stop_timeout)
+        self.cloud.operate(
+            "InstancesClient", "delete_unary", f"deleting the copy VM {job.id}",
+            self.cloud.stop_timeout, zone=self.zone, instance=job.id,
+        )  # fmt: skip
         if not result or result.get("state") != "succeeded":
             self.delete()
             state = result.get("state", "no outcome") if result else "no outcome"
@@ -240,13 +222,10 @@ class DatasetGcp:
         return self.options.name
 
     def delete(self) -> bool:
-        what = f"deleting disk {self.options.name}"
-        operation = self._get(
-            "DisksClient", "delete_unary", what, zone=self.zone, disk=self.options.name
-        )
-        if operation is not None:
-            self.cloud.wait(operation, what, self.cloud.stop_timeout)
-        return operation is not None
+        return self.cloud.operate(
+            "DisksClient", "delete_unary", f"deleting disk {self.options.name}",
+            self.cloud.stop_timeout, zone=self.zone, disk=self.options.name,
+        )  # fmt: skip
 
     def list(self) -> list[dict[str, Any]]:
         from google.cloud import compute_v1
@@ -349,7 +328,7 @@ class DatasetAws:
                     volume_id = mapping["Ebs"]["VolumeId"]
             return inst is None or inst["State"]["Name"] in ("terminated", "stopped")
 
-        _wait(f"copy job {job.id}", down, echo, self.poll_interval)
+        wait_until(f"copy job {job.id}", down, timeout=WAIT_S, poll=self.poll_interval, echo=echo)
         result = storage.outcome(job.results)
         self._call(f"terminating {instance_id}", "terminate_instances", InstanceIds=[instance_id])
         if not volume_id:
@@ -370,11 +349,12 @@ class DatasetAws:
                     }
                 ],
             )["SnapshotId"]
-            _wait(
+            wait_until(
                 f"snapshot {snapshot}",
                 lambda: self._snapshot_state(snapshot) == "completed",
-                echo,
-                self.poll_interval,
+                timeout=WAIT_S,
+                poll=self.poll_interval,
+                echo=echo,
             )
 
         def detached() -> bool:
@@ -383,7 +363,9 @@ class DatasetAws:
             )["Volumes"]
             return not found or found[0]["State"] == "available"
 
-        _wait(f"volume {volume_id} detaching", detached, echo, self.poll_interval)
+        wait_until(
+            f"volume {volume_id} detaching", detached, timeout=WAIT_S, poll=self.poll_interval
+        )
         self._call(f"deleting volume {volume_id}", "delete_volume", VolumeId=volume_id)
         if not ok:
             state = result.get("state", "no outcome") if result else "no outcome"

@@ -75,7 +75,7 @@ STOP_TIMEOUT_S = 600.0
 POLL_S = 5.0
 #: Instance states that are not running any more (or are on their way down).
 _STOPPED = frozenset({"STOPPING", "STOPPED", "TERMINATED", "SUSPENDING", "SUSPENDED"})
-_DOWN = frozenset({"STOPPED", "TERMINATED"})
+DOWN_STATES = frozenset({"STOPPED", "TERMINATED"})
 _IMAGE_PATH = re.compile(
     r"^(?:https://[^/]+/compute/v1/)?projects/(?P<project>[^/]+)/global/images/"
     r"(?:(?P<family>family/))?(?P<name>[^/]+)$"
@@ -275,6 +275,15 @@ class Gcp(GcpSession):
             text = "; ".join(one_line(e.message) for e in errors if e.message)
             text = text or one_line(operation.http_error_message)
             raise JobError(f"{what}: {codes}: {text}{_hint(codes)}")
+
+    def operate(self, kind: str, method: str, what: str, timeout: float, **kwargs: Any) -> bool:
+        """One write (insert, start, stop, delete) of the project, waited for; False where
+        its resource is not there (404)."""
+        operation = self._get(kind, method, what, missing=True, project=self.project, **kwargs)
+        if operation is None:
+            return False
+        self.wait(operation, what, timeout)
+        return True
 
     # ------------------------------------------------------------------ the VM
 
@@ -687,7 +696,7 @@ class Gcp(GcpSession):
                     )
                 except NotFound:
                     return
-            if current.status in _DOWN:
+            if current.status in DOWN_STATES:
                 break
             time.sleep(self.poll_interval)
         self.delete([instance])

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import time
 from typing import Any
 
 from gpubake.clouds import aws as rules
-from gpubake.jobs.aws import Aws
+from gpubake.jobs.aws import IMAGE_PLACEHOLDER, Aws
+from gpubake.jobs.cloud import wait_until
 from gpubake.jobs.launch import JobError
 from gpubake.notebooks import boot
 from gpubake.notebooks.options import (
@@ -68,10 +68,6 @@ class Found:
     volume_id: str | None = None
     key_pair: bool = False
     group_id: str | None = None
-
-
-def _tags(tags: list[dict[str, str]] | None) -> dict[str, str]:
-    return {t["Key"]: t["Value"] for t in tags or []}
 
 
 class NotebookAws:
@@ -153,9 +149,7 @@ class NotebookAws:
                     }
                 ],
             }
-        image = (
-            image_id or options.image or "<newest AMI tagged gpubake-stack=" + options.stack + ">"
-        )
+        image = image_id or options.image or IMAGE_PLACEHOLDER.format(stack=options.stack)
         tags = [{"Key": "Name", "Value": name}] + [
             {"Key": k, "Value": v} for k, v in options.labels().items()
         ]
@@ -167,7 +161,7 @@ class NotebookAws:
             "KeyName": self.key_name,
             "SecurityGroupIds": [group],
             "UserData": boot.script(
-                options.name, public_key, storage_devices(volume), options.watcher_config("aws")
+                options.name, public_key, storage_devices(volume), options.watcher_config()
             ),
             "InstanceInitiatedShutdownBehavior": "stop",
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
@@ -275,14 +269,7 @@ class NotebookAws:
         )
 
     def _wait(self, what: str, done: Any) -> Any:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            value = done()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise JobError(f"{what}: still not done after {WAIT_S:.0f} s")
-            time.sleep(self.poll_interval)
+        return wait_until(what, done, timeout=WAIT_S, poll=self.poll_interval)
 
     def _volume_state(self, volume_id: str) -> str:
         found = self._call(
@@ -335,8 +322,12 @@ class NotebookAws:
     def start(self, instance_id: str) -> None:
         self._call(f"starting instance {instance_id}", "start_instances", InstanceIds=[instance_id])
 
-    def stop(self, instance_id: str) -> None:
-        self._call(f"stopping instance {instance_id}", "stop_instances", InstanceIds=[instance_id])
+    def stop(self) -> None:
+        inst = self.find()
+        if inst is not None:
+            instance_id = inst["InstanceId"]
+            what = f"stopping instance {instance_id}"
+            self._call(what, "stop_instances", InstanceIds=[instance_id])
 
     def delete(self, *, storage: bool) -> bool:
         """Cancel the Spot request, terminate the instance, drop the key pair; with
@@ -391,5 +382,4 @@ class NotebookAws:
             "gpu": gpu or self.options.gpu,
             "started": launched.isoformat() if launched else "",
             "hourly_price": price,
-            "tags": _tags(inst.get("Tags")),
         }

@@ -48,7 +48,7 @@ log() {{ echo "gpubake-notebook: $*"; }}
 user={user}
 key={key}
 devices={devices}
-wait_s="${{GPUBAKE_STORAGE_WAIT_S:-{wait}}}"
+wait_s={wait}
 
 home=$(getent passwd "$user" | cut -d: -f6)
 install -d -m 0700 -o "$user" -g "$user" "$home/.ssh"
@@ -66,8 +66,8 @@ GPUBAKE_CONFIG_EOF
 cat > /etc/systemd/system/{unit}.service <<'GPUBAKE_UNIT_EOF'
 {unit_text}GPUBAKE_UNIT_EOF
 systemctl daemon-reload
-systemctl enable --now {unit}.service
-systemctl restart {unit}.service
+systemctl enable {unit}.service
+systemctl restart {unit}.service  # starts it, or runs a new watcher / settings
 
 install -d -m 0755 /storage
 device=""

@@ -13,11 +13,11 @@ from typing import Any
 import click
 
 from gpubake.jobs import launch
-from gpubake.jobs.commands import settle
+from gpubake.jobs.commands import runtime_text, settle, table
 from gpubake.jobs.launch import JobError
 from gpubake.notebooks import connect as tunnel
 from gpubake.notebooks.aws import NotebookAws
-from gpubake.notebooks.gcp import NotebookGcp
+from gpubake.notebooks.gcp import STARTABLE, NotebookGcp
 from gpubake.notebooks.options import (
     DEFAULT_STORAGE_GB,
     NotebookOptions,
@@ -61,11 +61,6 @@ def _utc(text: str) -> datetime.datetime | None:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=datetime.UTC)
 
 
-def _minutes(seconds: float) -> str:
-    minutes = int(seconds // 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
-
-
 def _record(
     options: NotebookOptions, client: Any, instance: str, storage: str, key: Path
 ) -> Record:
@@ -97,8 +92,8 @@ def up(options: NotebookOptions, *, dry_run: bool, as_json: bool) -> None:
         click.echo(json.dumps({"cloud": options.cloud, "requests": calls}, indent=2))
         return
     state = "created"
+    inst = client.find()
     if isinstance(client, NotebookGcp):
-        inst = client.get()
         if inst is None:
             image, disk_exists, os_login = client.preflight()
             _echo(
@@ -108,7 +103,7 @@ def up(options: NotebookOptions, *, dry_run: bool, as_json: bool) -> None:
             client.create(
                 client.request(public, image=image, disk_exists=disk_exists, os_login=os_login)
             )
-        elif inst.status in ("TERMINATED", "STOPPED", "SUSPENDED"):
+        elif inst.status in STARTABLE:
             _echo(f"starting the stopped VM {client.instance}")
             client.start()
             state = "started"
@@ -116,7 +111,6 @@ def up(options: NotebookOptions, *, dry_run: bool, as_json: bool) -> None:
             state = "running"
         instance, storage = client.instance, client.disk
     else:
-        inst = client.find()
         if inst is None:
             instance = client.create(public, client.preflight(), _echo)
         else:
@@ -148,15 +142,16 @@ def up(options: NotebookOptions, *, dry_run: bool, as_json: bool) -> None:
         _echo(f"notebook {options.name} is up; next: {NEXT.format(name=options.name)}")
 
 
-def _live(record: Record) -> tuple[Any, dict[str, Any] | None]:
+def _live(record: Record) -> dict[str, Any] | None:
+    """The notebook's VM as its cloud describes it (NotebookGcp/Aws.describe), or None."""
     client = _client(record.options())
-    inst = client.get() if isinstance(client, NotebookGcp) else client.find()
-    return client, (client.describe(inst) if inst is not None else None)
+    inst = client.find()
+    return client.describe(inst) if inst is not None else None
 
 
 def connect(name: str, *, port: int, open_browser: bool, as_json: bool) -> None:
     record = find_record(name)
-    _, live = _live(record)
+    live = _live(record)
     if live is None:
         raise JobError(f"notebook {name} has no VM: start it with `gpubake notebook up {name} ...`")
     if not live["running"]:
@@ -194,7 +189,7 @@ def connect(name: str, *, port: int, open_browser: bool, as_json: bool) -> None:
 
 
 def status_row(record: Record, *, idle: bool) -> dict[str, Any]:
-    _, live = _live(record)
+    live = _live(record)
     row: dict[str, Any] = {
         "name": record.name,
         "cloud": record.cloud,
@@ -203,7 +198,7 @@ def status_row(record: Record, *, idle: bool) -> dict[str, Any]:
     }
     if live is None:
         return {**row, "state": "DELETED", "running": False}
-    row.update({k: v for k, v in live.items() if k != "tags"})
+    row.update(live)
     started = _utc(live["started"])
     if live["running"] and started:
         uptime = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
@@ -221,26 +216,20 @@ def status_row(record: Record, *, idle: bool) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("NAME", "CLOUD", "STATE", "GPU", "MACHINE", "UPTIME", "IDLE", "COST")
-    lines = [head]
-    for r in rows:
-        cost = f"${r['cost_usd']:.2f}" if r.get("cost_usd") is not None else "-"
-        lines.append(
-            (
-                r["name"],
-                r["cloud"],
-                r["state"],
-                str(r.get("gpu", "-")),
-                str(r.get("machine_type", "-")),
-                _minutes(r["uptime_s"]) if "uptime_s" in r else "-",
-                _minutes(r["idle_s"]) if r.get("idle_s") is not None else "-",
-                cost,
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    shown = [
+        {
+            "name": r["name"],
+            "cloud": r["cloud"],
+            "state": r["state"],
+            "gpu": r.get("gpu", "-"),
+            "machine": r.get("machine_type", "-"),
+            "uptime": runtime_text(r["uptime_s"]) if "uptime_s" in r else "-",
+            "idle": runtime_text(r["idle_s"]) if r.get("idle_s") is not None else "-",
+            "cost": f"${r['cost_usd']:.2f}" if r.get("cost_usd") is not None else "-",
+        }
+        for r in rows
+    ]
+    return table(shown, ("name", "cloud", "state", "gpu", "machine", "uptime", "idle", "cost"))
 
 
 def _notebook_options(kw: dict[str, Any]) -> NotebookOptions:
@@ -381,12 +370,7 @@ def register(group: click.Group) -> None:
     @click.argument("name")
     def stop_cmd(name: str) -> None:
         """Stop notebook NAME's VM (its disks are kept; `notebook up NAME` starts it again)."""
-        record = find_record(name)
-        client = _client(record.options())
-        if isinstance(client, NotebookGcp):
-            client.stop()
-        else:
-            client.stop(record.instance)
+        _client(find_record(name).options()).stop()
         _echo(f"notebook {name} stopped: only its disks cost now")
 
     @group.command(name="down")

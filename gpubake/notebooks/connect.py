@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gpubake.build.hosts import SSH_OPTIONS
 from gpubake.jobs.launch import JobError
 from gpubake.notebooks.options import (
     JUPYTER_PORT,
@@ -30,30 +31,27 @@ STATE_FILE = "/run/gpubake/notebook-idle.json"  # what the idle watcher last saw
 
 
 def ssh_options(name: str, key: Path) -> list[str]:
+    """`build --target ssh`'s options (batch mode, the host key learned on first use and
+    checked after) with gpubake's own known_hosts file, where the key is kept under the
+    notebook's name (the VM's address changes with each start)."""
     path = known_hosts()
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         path.touch(mode=0o600)
     return [
+        *SSH_OPTIONS,
+        "-o",
+        f"UserKnownHostsFile={path}",
         "-i",
         str(key),
         "-o",
         "IdentitiesOnly=yes",
         "-o",
-        "BatchMode=yes",
-        "-o",
-        f"UserKnownHostsFile={path}",
-        "-o",
         "GlobalKnownHostsFile=/dev/null",
         "-o",
         f"HostKeyAlias={host_alias(name)}",
         "-o",
-        "HashKnownHosts=no",
-        # first use: learn the key; after: refuse a changed one
-        "-o",
-        "StrictHostKeyChecking=accept-new",
-        "-o",
-        "ConnectTimeout=10",
+        "HashKnownHosts=no",  # forget_host_key finds the alias's line
         "-o",
         "ServerAliveInterval=30",
     ]

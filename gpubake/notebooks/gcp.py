@@ -11,16 +11,15 @@ which holds even if the VM's watcher does not.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from gpubake.clouds import gcp as rules
-from gpubake.clouds.gcp import CALL_TIMEOUT_S
 from gpubake.jobs.gcp import VM_SCOPES, Gcp, network_interfaces
 from gpubake.jobs.launch import JobError
 from gpubake.notebooks import boot
 from gpubake.notebooks.options import (
     STORAGE_LABEL,
+    VM_USER,
     NotebookOptions,
     instance_name,
     storage_name,
@@ -30,7 +29,8 @@ from gpubake.notebooks.options import (
 STORAGE_DEVICE_NAME = "gpubake-storage"
 STORAGE_DEVICE = f"/dev/disk/by-id/google-{STORAGE_DEVICE_NAME}"
 RUNNING = frozenset({"PROVISIONING", "STAGING", "RUNNING"})
-STOPPED = frozenset({"STOPPING", "STOPPED", "TERMINATED", "SUSPENDING", "SUSPENDED"})
+#: What `notebook up` starts again (a preempted Spot notebook is TERMINATED, i.e. stopped).
+STARTABLE = frozenset({"STOPPED", "TERMINATED", "SUSPENDED"})
 
 
 def _oslogin(metadata: Any) -> bool:
@@ -41,20 +41,15 @@ def _oslogin(metadata: Any) -> bool:
 class NotebookGcp:
     """One notebook in one project and zone."""
 
-    def __init__(self, options: NotebookOptions, *, api_endpoint: str | None = None) -> None:
+    def __init__(self, options: NotebookOptions) -> None:
         self.options = options
-        self.cloud = Gcp(
-            options.job_options(),
-            api_endpoint=api_endpoint,
-            service_account=options.service_account,
-        )
+        self.cloud = Gcp(options.job_options(), service_account=options.service_account)
         self.project, self.zone = self.cloud.project, self.cloud.zone
         rules.check_disk_size(options.storage_gb)
         if options.max_run_s:
             rules.check_max_run_duration(options.max_run_s)
         self.instance = instance_name(options.name)
         self.disk = storage_name(options.name)
-        self.image: str | None = None  # what preflight resolved
 
     # ------------------------------------------------------------------ offline
 
@@ -70,7 +65,7 @@ class NotebookGcp:
         from google.cloud import compute_v1
 
         options, zone, cloud = self.options, self.zone, self.cloud
-        source = image or self.image or cloud.image_reference()
+        source = image or cloud.image_reference()
         scheduling = compute_v1.Scheduling(
             provisioning_model="SPOT" if options.spot else "STANDARD",
             on_host_maintenance="TERMINATE",
@@ -96,9 +91,7 @@ class NotebookGcp:
                 disk_type=f"zones/{zone}/diskTypes/pd-balanced",
                 labels={STORAGE_LABEL: options.name},
             )
-        script = boot.script(
-            options.name, public_key, STORAGE_DEVICE, options.watcher_config("gcp")
-        )
+        script = boot.script(options.name, public_key, STORAGE_DEVICE, options.watcher_config())
         items = [compute_v1.Items(key="startup-script", value=script)]
         if not os_login:
             items.append(compute_v1.Items(key="ssh-keys", value=f"{options.ssh_user}:{public_key}"))
@@ -123,12 +116,17 @@ class NotebookGcp:
 
     # ------------------------------------------------------------------ the cloud
 
-    def _call(self, kind: str, method: str, what: str, **kwargs: Any) -> Any:
+    def _get(self, kind: str, method: str, what: str, **kwargs: Any) -> Any:
         return self.cloud._get(kind, method, what, missing=True, project=self.project, **kwargs)
 
-    def get(self) -> Any:
+    def _operate(self, method: str, what: str, timeout: float, **kwargs: Any) -> bool:
+        return self.cloud.operate(
+            "InstancesClient", method, what, timeout, zone=self.zone, **kwargs
+        )
+
+    def find(self) -> Any:
         """The VM as GCE reports it, or None."""
-        return self._call(
+        return self._get(
             "InstancesClient",
             "get",
             f"looking up VM {self.instance}",
@@ -137,28 +135,23 @@ class NotebookGcp:
         )
 
     def disk_exists(self) -> bool:
-        return (
-            self._call(
-                "DisksClient", "get", f"looking up disk {self.disk}", zone=self.zone, disk=self.disk
-            )
-            is not None
-        )
+        what = f"looking up disk {self.disk}"
+        return self._get("DisksClient", "get", what, zone=self.zone, disk=self.disk) is not None
 
     def os_login(self) -> bool:
-        """Whether the project (or nothing says otherwise) logs in with OS Login."""
-        project = self._call("ProjectsClient", "get", f"looking up project {self.project}")
+        """Whether the project's metadata turns OS Login on."""
+        project = self._get("ProjectsClient", "get", f"looking up project {self.project}")
         return bool(project and _oslogin(project.common_instance_metadata))
 
     def preflight(self) -> tuple[str, bool, bool]:
-        """`job run`'s checks (credentials, image, GPU and machine type in the zone); the
-        image's URL, whether the storage disk exists, whether the project uses OS Login."""
+        """`job run`'s checks (credentials, image, GPU and machine type in the zone, quota);
+        the image's URL, whether the storage disk exists, whether the project uses OS Login."""
         cloud = self.cloud
         cloud.check_credentials()
         image = cloud.resolve_image()
         cloud.check_gpu()
-        self.image = image
         os_login = self.os_login()
-        if os_login and self.options.ssh_user == "gpubake":
+        if os_login and self.options.ssh_user == VM_USER:
             raise JobError(
                 f"project {self.project} logs in with OS Login: add your key (`gcloud compute "
                 "os-login ssh-keys add --key-file KEY.pub`) and pass --ssh-user with your OS "
@@ -171,55 +164,32 @@ class NotebookGcp:
 
         instance = compute_v1.Instance.from_json(json.dumps(body))
         what = f"creating VM {self.instance}"
-        operation = self._call(
-            "InstancesClient", "insert_unary", what, zone=self.zone, instance_resource=instance
-        )
-        self.cloud.wait(operation, what, self.cloud.create_timeout)
+        self._operate("insert_unary", what, self.cloud.create_timeout, instance_resource=instance)
 
     def start(self) -> None:
         what = f"starting VM {self.instance}"
-        operation = self._call(
-            "InstancesClient", "start_unary", what, zone=self.zone, instance=self.instance
-        )
-        if operation is None:
+        if not self._operate(
+            "start_unary", what, self.cloud.create_timeout, instance=self.instance
+        ):
             raise JobError(f"{what}: it is gone: run `gpubake notebook up` again to make it")
-        self.cloud.wait(operation, what, self.cloud.create_timeout)
 
     def stop(self) -> None:
         what = f"stopping VM {self.instance}"
-        operation = self._call(
-            "InstancesClient", "stop_unary", what, zone=self.zone, instance=self.instance
-        )
-        if operation is not None:
-            self.cloud.wait(operation, what, self.cloud.stop_timeout)
+        self._operate("stop_unary", what, self.cloud.stop_timeout, instance=self.instance)
 
     def delete(self, *, storage: bool) -> bool:
         """Delete the VM (and with storage=True its disk, once the VM is gone); whether the
         VM existed."""
         what = f"deleting VM {self.instance}"
-        operation = self._call(
-            "InstancesClient", "delete_unary", what, zone=self.zone, instance=self.instance
+        existed = self._operate(
+            "delete_unary", what, self.cloud.stop_timeout, instance=self.instance
         )
-        if operation is not None:
-            self.cloud.wait(operation, what, self.cloud.stop_timeout)
         if storage:
-            what = f"deleting disk {self.disk}"
-            disk_op = self._call(
-                "DisksClient", "delete_unary", what, zone=self.zone, disk=self.disk
-            )
-            if disk_op is not None:
-                self.cloud.wait(disk_op, what, self.cloud.stop_timeout)
-        return operation is not None
-
-    def wait_running(self, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            inst = self.get()
-            if inst is None:
-                raise JobError(f"VM {self.instance} is gone: run `gpubake notebook up` again")
-            if inst.status == "RUNNING" or time.monotonic() > deadline:
-                return inst
-            time.sleep(self.cloud.poll_interval)
+            self.cloud.operate(
+                "DisksClient", "delete_unary", f"deleting disk {self.disk}",
+                self.cloud.stop_timeout, zone=self.zone, disk=self.disk,
+            )  # fmt: skip
+        return existed
 
     def describe(self, inst: Any) -> dict[str, Any]:
         """The status row of the VM."""
@@ -241,6 +211,3 @@ class NotebookGcp:
             "started": started,
             "hourly_price": None,  # the Compute API gives no price
         }
-
-
-__all__ = ["CALL_TIMEOUT_S", "STORAGE_DEVICE", "NotebookGcp"]

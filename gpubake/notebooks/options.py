@@ -99,11 +99,11 @@ class NotebookOptions:
             self, project=job.project, zone=job.zone, region=job.region, profile=job.profile
         )
 
-    def watcher_config(self, cloud: str) -> dict[str, Any]:
+    def watcher_config(self) -> dict[str, Any]:
         """The idle watcher's settings (idle_watch.py reads them from /etc/gpubake)."""
         return {
             "name": self.name,
-            "cloud": cloud,
+            "cloud": self.cloud,
             "idle_stop_s": self.idle_stop_s,
             "max_run_s": self.max_run_s,
         }

@@ -57,7 +57,7 @@ def test_forgetting_a_host_key_keeps_the_others(tmp_path, monkeypatch):
                                      storage_devices("vol-0123456789abcdef0")])  # fmt: skip
 def test_the_boot_script_parses_and_passes_shellcheck(tmp_path, devices):
     options = NotebookOptions(name="lab", cloud="gcp", idle_stop_s=900, max_run_s=3600)
-    text = boot.script("lab", "ssh-ed25519 AAAA me@x", devices, options.watcher_config("gcp"))
+    text = boot.script("lab", "ssh-ed25519 AAAA me@x", devices, options.watcher_config())
     path = tmp_path / "boot.sh"
     path.write_text(text, encoding="utf-8")
     assert subprocess.run(["bash", "-n", str(path)], check=False).returncode == 0
