@@ -18,7 +18,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from gpubake.notebooks.options import NOTEBOOK_ROOT, VM_USER
+from gpubake.notebooks.options import jupyter
 
 WATCHER = Path(__file__).with_name("idle_watch.py")
 WATCHER_PATH = "/usr/local/lib/gpubake/notebook_idle.py"
@@ -106,14 +106,12 @@ log "ready"
 """
 
 
-def script(
-    name: str, public_key: str, storage_devices: str, watcher: dict[str, Any], user: str = VM_USER
-) -> str:
+def script(name: str, public_key: str, storage_devices: str, watcher: dict[str, Any]) -> str:
     """The boot script of notebook `name`; `storage_devices`: the paths (space-separated)
     the storage disk may appear at, the first found is used."""
     return _SCRIPT.format(
         name=name,
-        user=shlex.quote(user),
+        user=shlex.quote(str(jupyter()["jupyter_user"])),
         key=shlex.quote(public_key),
         devices=shlex.quote(storage_devices),
         wait=STORAGE_WAIT_S,
@@ -123,5 +121,5 @@ def script(
         config=json.dumps(watcher, indent=2, sort_keys=True),
         unit=UNIT,
         unit_text=_UNIT_TEXT,
-        root=NOTEBOOK_ROOT,
+        root=shlex.quote(str(jupyter()["jupyter_notebook_dir"])),
     )

@@ -26,6 +26,7 @@ from gpubake.notebooks.options import (
     check_name,
     find_key,
     find_record,
+    login_user,
     records,
     storage_name,
 )
@@ -162,7 +163,7 @@ def connect(name: str, *, port: int, open_browser: bool, as_json: bool) -> None:
     if not live["address"]:
         raise JobError(f"notebook {name} has no external address yet: try again in a minute")
     key = Path(record.ssh_key)
-    login = f"{record.ssh_user}@{live['address']}"
+    login = f"{login_user(record.ssh_user)}@{live['address']}"
     tunnel.wait_for_port(live["address"], tunnel.SSH_PORT, tunnel.ANSWER_TIMEOUT_S, _echo)
     token = tunnel.read_token(name, key, login, _echo)
     local = tunnel.free_port(port)
@@ -207,7 +208,9 @@ def status_row(record: Record, *, idle: bool) -> dict[str, Any]:
             row["cost_usd"] = round(live["hourly_price"] * uptime / 3600, 2)
         if idle and live["address"]:
             seen = tunnel.idle_state(
-                record.name, Path(record.ssh_key), f"{record.ssh_user}@{live['address']}"
+                record.name,
+                Path(record.ssh_key),
+                f"{login_user(record.ssh_user)}@{live['address']}",
             )
             if seen:
                 row["idle_s"] = seen.get("idle_s")
@@ -300,9 +303,8 @@ def register(group: click.Group) -> None:
     )
     @click.option(
         "--ssh-user",
-        default="gpubake",
-        show_default=True,
-        help="The login; GCP with OS Login: your OS Login user name.",
+        help="The login (default: the user JupyterLab runs as); GCP with OS Login: your OS "
+        "Login user name.",
     )
     @click.option(
         "--ssh-from",

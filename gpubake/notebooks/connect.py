@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import shutil
 import signal
 import socket
@@ -18,9 +19,8 @@ from typing import Any
 from gpubake.build.hosts import SSH_OPTIONS
 from gpubake.jobs.launch import JobError
 from gpubake.notebooks.options import (
-    JUPYTER_PORT,
-    TOKEN_FILE,
     host_alias,
+    jupyter,
     known_hosts,
 )
 
@@ -112,10 +112,11 @@ def _refused(name: str, result: subprocess.CompletedProcess[str]) -> JobError:
 
 def read_token(name: str, key: Path, login: str, echo: Callable[[str], None]) -> str:
     """The server's token, once JupyterLab has written it (its first start makes it)."""
+    token_file = shlex.quote(str(jupyter()["jupyter_token_file"]))
     deadline = time.monotonic() + TOKEN_TIMEOUT_S
     told = False
     while True:
-        result = run_remote(name, key, login, f"cat {TOKEN_FILE}")
+        result = run_remote(name, key, login, f"cat {token_file}")
         token = result.stdout.strip()
         if result.returncode == 0 and token:
             return token
@@ -124,7 +125,7 @@ def read_token(name: str, key: Path, login: str, echo: Callable[[str], None]) ->
         if time.monotonic() > deadline:
             raise JobError(
                 f"no Jupyter token on notebook {name} after {TOKEN_TIMEOUT_S:.0f} s "
-                f"({TOKEN_FILE}): see `journalctl -u gpubake-jupyter` on the VM"
+                f"({token_file}): see `journalctl -u gpubake-jupyter` on the VM"
             )
         if not told:
             echo("waiting for JupyterLab's first start")
@@ -163,7 +164,7 @@ def open_tunnel(name: str, key: Path, login: str, port: int) -> subprocess.Popen
             "-o",
             "ExitOnForwardFailure=yes",
             "-L",
-            f"127.0.0.1:{port}:127.0.0.1:{JUPYTER_PORT}",
+            f"127.0.0.1:{port}:127.0.0.1:{jupyter()['jupyter_port']}",
             login,
         ],
         stdin=subprocess.DEVNULL,

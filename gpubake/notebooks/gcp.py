@@ -19,9 +19,9 @@ from gpubake.jobs.launch import JobError
 from gpubake.notebooks import boot
 from gpubake.notebooks.options import (
     STORAGE_LABEL,
-    VM_USER,
     NotebookOptions,
     instance_name,
+    login_user,
     storage_name,
 )
 
@@ -94,7 +94,11 @@ class NotebookGcp:
         script = boot.script(options.name, public_key, STORAGE_DEVICE, options.watcher_config())
         items = [compute_v1.Items(key="startup-script", value=script)]
         if not os_login:
-            items.append(compute_v1.Items(key="ssh-keys", value=f"{options.ssh_user}:{public_key}"))
+            items.append(
+                compute_v1.Items(
+                    key="ssh-keys", value=f"{login_user(options.ssh_user)}:{public_key}"
+                )
+            )
         instance = compute_v1.Instance(
             name=self.instance,
             machine_type=f"zones/{zone}/machineTypes/{cloud.machine_type}",
@@ -151,7 +155,7 @@ class NotebookGcp:
         image = cloud.resolve_image()
         cloud.check_gpu()
         os_login = self.os_login()
-        if os_login and self.options.ssh_user == VM_USER:
+        if os_login and not self.options.ssh_user:
             raise JobError(
                 f"project {self.project} logs in with OS Login: add your key (`gcloud compute "
                 "os-login ssh-keys add --key-file KEY.pub`) and pass --ssh-user with your OS "

@@ -37,6 +37,8 @@ PREEMPTION_URLS = {
     "gcp": "http://metadata.google.internal/computeMetadata/v1/instance/preempted",
     "aws": "http://169.254.169.254/latest/meta-data/spot/instance-action",
 }
+#: Fallbacks only: the boot script writes jupyter_url and token_file from the jupyter role's
+#: defaults (gpubake.notebooks.options.jupyter), and the limits from `notebook up`.
 DEFAULTS: dict[str, Any] = {
     "idle_stop_s": 3600,  # 0 or null: no idle stop
     "max_run_s": None,  # seconds after boot; null: no limit

@@ -4,6 +4,7 @@ user's SSH key, and the local record `connect|status|stop|down` find a notebook 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import re
@@ -11,7 +12,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import yaml
+
 from gpubake.jobs.launch import DEFAULT_GPU, DEFAULT_STACK, JobError, JobOptions, state_dir
+from gpubake.resources import data_root
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
 #: Label / tag keys on a notebook's VM and disk.
@@ -19,15 +24,25 @@ NOTEBOOK_LABEL = "gpubake-notebook"  # the notebook's name, on the VM
 STORAGE_LABEL = "gpubake-notebook-storage"  # the notebook's name, on its /storage disk
 IDLE_LABEL = "gpubake-idle-stop"  # seconds; 0: none
 MAX_RUN_LABEL = "gpubake-max-run"  # seconds; absent: none
-#: The user JupyterLab runs as (role jupyter's jupyter_user); the SSH login of `connect`.
-VM_USER = "gpubake"
-TOKEN_FILE = f"/home/{VM_USER}/.jupyter/gpubake-token"
-NOTEBOOK_ROOT = f"/home/{VM_USER}/notebooks"
-JUPYTER_PORT = 8888
 DEFAULT_STORAGE_GB = 100
 DEFAULT_IDLE_STOP_S = 3600
 #: The user's keys tried in this order when --ssh-key is not given (ssh's own defaults).
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+
+
+@functools.cache
+def jupyter() -> dict[str, Any]:
+    """The jupyter role's defaults (roles/jupyter/defaults/main.yml), templates rendered:
+    the VM's JupyterLab user (`connect`'s login), port, token file and notebook root."""
+    path = data_root() / "roles" / "jupyter" / "defaults" / "main.yml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)  # noqa: S701
+    return {k: env.from_string(v).render(raw) if isinstance(v, str) else v for k, v in raw.items()}
+
+
+def login_user(ssh_user: str | None) -> str:
+    """--ssh-user, else the user JupyterLab runs as."""
+    return ssh_user or str(jupyter()["jupyter_user"])
 
 
 def check_name(name: str) -> str:
@@ -69,7 +84,7 @@ class NotebookOptions:
     idle_stop_s: int = DEFAULT_IDLE_STOP_S  # 0: never stops for idleness
     max_run_s: int | None = None
     ssh_key: str = ""  # the private key; its public half is SSH_KEY.pub
-    ssh_user: str = VM_USER  # GCP with OS Login: the OS Login user name
+    ssh_user: str | None = None  # None: JupyterLab's user; GCP with OS Login: the OS Login one
     ssh_from: str = "0.0.0.0/0"  # AWS: the addresses the SSH security group lets in
     service_account: str = "default"
 
@@ -104,6 +119,8 @@ class NotebookOptions:
         return {
             "name": self.name,
             "cloud": self.cloud,
+            "jupyter_url": f"http://127.0.0.1:{jupyter()['jupyter_port']}",
+            "token_file": jupyter()["jupyter_token_file"],
             "idle_stop_s": self.idle_stop_s,
             "max_run_s": self.max_run_s,
         }
@@ -174,7 +191,7 @@ class Record:
     instance: str  # GCE instance name | EC2 instance id
     storage: str  # GCE disk name | EBS volume id
     ssh_key: str
-    ssh_user: str = VM_USER
+    ssh_user: str | None = None  # as NotebookOptions.ssh_user
     profile: str | None = None
     gpu: str = DEFAULT_GPU
     created: str = ""
