@@ -113,10 +113,14 @@ def _refused(name: str, result: subprocess.CompletedProcess[str]) -> JobError:
 def read_token(name: str, key: Path, login: str, echo: Callable[[str], None]) -> str:
     """The server's token, once JupyterLab has written it (its first start makes it)."""
     token_file = shlex.quote(str(jupyter()["jupyter_token_file"]))
+    # the token is the JupyterLab user's own (0600): another login (OS Login) reads it with
+    # sudo, which GCE gives OS Login users with roles/compute.osAdminLogin
+    own = login.split("@", 1)[0] == jupyter()["jupyter_user"]
+    command = f"cat {token_file}" if own else f"sudo -n cat {token_file}"
     deadline = time.monotonic() + TOKEN_TIMEOUT_S
     told = False
     while True:
-        result = run_remote(name, key, login, f"cat {token_file}")
+        result = run_remote(name, key, login, command)
         token = result.stdout.strip()
         if result.returncode == 0 and token:
             return token
