@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 
 import pytest
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
 from tests.integration.helpers import ROOT, build_in, run_output
@@ -153,7 +154,18 @@ def open_lab(browser, port: int, token: str):
         page.locator(".jp-Dialog", has_text='Directory not found: ""'),
         lambda dialog: dialog.locator(".jp-Dialog-button").last.click(),
     )
-    page.goto(f"http://127.0.0.1:{port}/lab?token={token}")
+    # The server logs its URL once it listens in the container, but the engine's port
+    # forwarding may still drop the first connection (CI10: net::ERR_SOCKET_NOT_CONNECTED on
+    # the second start): a network error is tried again for a while, nothing else is.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            page.goto(f"http://127.0.0.1:{port}/lab?token={token}")
+            break
+        except PlaywrightError as exc:
+            if "net::ERR_" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
     page.wait_for_selector(".jp-Launcher", timeout=90_000)
     return page
 
