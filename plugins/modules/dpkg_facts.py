@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: gpubake contributors
+# SPDX-License-Identifier: Apache-2.0 (see LICENSE at the collection's root)
 """Ansible module: the installed Debian packages as ansible_facts.packages, read with dpkg-query.
 
 The same shape as ansible.builtin.package_facts (manager apt) gives, without python3-apt: hosts
@@ -8,13 +10,11 @@ installed) still get their package facts.
 
 from __future__ import annotations
 
-from ansible.module_utils.basic import AnsibleModule
-
 DOCUMENTATION = r"""
 ---
 module: dpkg_facts
 short_description: The installed Debian packages as package facts, read with dpkg-query
-version_added: "0.1.0"
+version_added: "1.0.0"
 description:
   - Sets C(ansible_facts.packages) in the shape M(ansible.builtin.package_facts) with
     C(manager=apt) gives (package name to a list of its installed instances, each with
@@ -24,15 +24,18 @@ description:
   - A package counts as installed unless dpkg records it as not installed or with its
     configuration files only (C(rc)); held and half-configured packages count.
 author:
-  - gpubake
+  - gpubake maintainers (@gpubake)
 options: {}
 attributes:
   check_mode:
     support: full
+    description: Reads the package database in check mode too; it changes nothing in any mode.
   diff_mode:
     support: none
+    description: Changes nothing, so it has no diff to show.
   facts:
     support: full
+    description: Sets C(ansible_facts.packages).
 requirements:
   - dpkg-query on the managed host (Debian, Ubuntu)
 seealso:
@@ -70,6 +73,7 @@ ansible_facts:
             source: apt
 """
 
+from ansible.module_utils.basic import AnsibleModule
 
 # ${db:Status-Abbrev}: want, current state, error ("ii ", "hi ", "rc "). A package is installed
 # unless its current state is not-installed (n) or config-files only (c).
@@ -82,7 +86,7 @@ def parse(text: str) -> dict[str, list[dict[str, str]]]:
         fields = line.split("\t")
         if len(fields) != 4 or len(fields[0]) < 2 or fields[0][1] in "nc":
             continue
-        _, name, version, arch = fields
+        _status, name, version, arch = fields
         entry = {"name": name, "version": version, "arch": arch, "source": "apt"}
         packages.setdefault(name, []).append(entry)
     return packages

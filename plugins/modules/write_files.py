@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: gpubake contributors
+# SPDX-License-Identifier: Apache-2.0 (see LICENSE at the collection's root)
 """Ansible module: write several small files in one module call, each only when it differs.
 
 Each module call is a connection round trip and a Python start on the host (about 0.3 s in a
@@ -9,21 +11,11 @@ for all of them is a large part of a small stage's time.
 
 from __future__ import annotations
 
-import contextlib
-import grp
-import os
-import pwd
-import stat
-import tempfile
-from pathlib import Path
-
-from ansible.module_utils.basic import AnsibleModule
-
 DOCUMENTATION = r"""
 ---
 module: write_files
 short_description: Write several small files in one module call
-version_added: "0.1.0"
+version_added: "1.0.0"
 description:
   - Writes each file of O(files) with its content, mode, owner and group, atomically (a
     temporary file in the same directory, renamed into place), and only when the content,
@@ -32,7 +24,7 @@ description:
   - One module call for all the files, where M(ansible.builtin.copy) makes two or three per
     file; meant for the generated files of a role (a manifest, a script, a small JSON).
 author:
-  - gpubake
+  - gpubake maintainers (@gpubake)
 options:
   files:
     description: The files to write.
@@ -75,7 +67,8 @@ requirements: []
 seealso:
   - module: ansible.builtin.copy
 notes:
-  - Each content is held in the module's arguments: for small files (up to a few megabytes).
+  - Each content is held in the module's arguments, so the module is for small files (up to a few
+    megabytes).
 """
 
 EXAMPLES = r"""
@@ -97,6 +90,16 @@ changed_files:
   elements: str
   sample: [/etc/gpubake/manifest.json]
 """
+
+import contextlib
+import grp
+import os
+import pwd
+import stat
+import tempfile
+from pathlib import Path
+
+from ansible.module_utils.basic import AnsibleModule
 
 
 def _ids(module: AnsibleModule, owner: str, group: str) -> tuple[int, int]:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """gpu-smoke: check that this machine's NVIDIA GPUs and deep-learning framework work.
 
 Single file, standard library only; torch, mxnet, pynvml (nvidia-ml-py) and PyYAML are used
@@ -56,7 +55,9 @@ INT_FIELDS = {
 }
 SMI_CORE_FIELDS = "index,uuid,name,driver_version,memory.total"
 SMI_FIELDS = (
-    ",".join(("index,uuid,name,driver_version,compute_cap", *(f for _, f in INT_FIELDS.values())))
+    ",".join(
+        ("index,uuid,name,driver_version,compute_cap", *(f for _getter, f in INT_FIELDS.values()))
+    )
     + ",retired_pages.pending,clocks_throttle_reasons.active"
 )
 
@@ -183,7 +184,7 @@ class NvmlProbe:
             gpu.memory_mib = int(mem.total) // 2**20 if mem is not None else None
             cc = self._call(gpu, "cc", ("nvmlDeviceGetCudaComputeCapability",), h)
             gpu.compute_capability = f"{cc[0]}.{cc[1]}" if cc else None
-            for attr, (getter, _) in INT_FIELDS.items():
+            for attr, (getter, _smi_field) in INT_FIELDS.items():
                 if getter:
                     setattr(gpu, attr, self._call(gpu, attr, (getter,), h))
             ecc_args = (h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC)
@@ -290,7 +291,7 @@ class SmiProbe:
             idx = _smi_int(row.get("index"))
             gpu = Gpu(index=pos if idx is None else idx, name=row.get("name") or "?")
             gpu.uuid, gpu.compute_capability = row.get("uuid") or "", row.get("compute_cap")
-            for attr, (_, smi_field) in INT_FIELDS.items():
+            for attr, (_getter, smi_field) in INT_FIELDS.items():
                 setattr(gpu, attr, _smi_int(row.get(smi_field)))
             if gpu.ecc_uncorrected is None:
                 gpu.notes["ecc"] = "N/A (ECC unsupported or disabled)"
@@ -516,7 +517,7 @@ class TorchAdapter:
                     t.cuda.synchronize()
             events = [
                 (t.cuda.Event(enable_timing=True), t.cuda.Event(enable_timing=True))
-                for _ in range(runs)
+                for _run in range(runs)
             ]
             for start, end in events:
                 start.record()
@@ -528,7 +529,7 @@ class TorchAdapter:
     def matmul_tflops(self, dtype: str, n: int, device: int) -> float:
         t = self.torch
         dt = {"bf16": t.bfloat16, "fp16": t.float16, "fp32": t.float32}[dtype]
-        a, b = (t.randn(n, n, device=f"cuda:{device}", dtype=dt) for _ in range(2))
+        a, b = (t.randn(n, n, device=f"cuda:{device}", dtype=dt) for _operand in range(2))
         c = t.empty(n, n, device=f"cuda:{device}", dtype=dt)
         ms = self._time_ms(device, lambda: t.matmul(a, b, out=c), runs=20, warm_s=0.3)
         return 2.0 * n**3 / (ms / 1e3) / 1e12
@@ -808,9 +809,9 @@ class DriverChecks:
         except Exception as exc:
             self.s.add(name, FAILED, f"{type(exc).__name__}: {exc}")
             return
-        statuses = {s for _, s, _ in results}
+        statuses = {s for _gpu, s, _detail in results}
         status = FAILED if FAILED in statuses else PASSED if PASSED in statuses else SKIPPED
-        self.s.add(name, status, "; ".join(f"GPU {g.index}: {d}" for g, _, d in results))
+        self.s.add(name, status, "; ".join(f"GPU {g.index}: {d}" for g, _status, d in results))
 
     @staticmethod
     def _ecc(g: Gpu) -> tuple[str, str]:
@@ -1166,7 +1167,7 @@ class PerfChecks:
             rows.append((g, ok, detail, measured, want, unit))
         worst = min(rows, key=lambda r: (r[1], r[3] / r[4] if r[4] else math.inf))
         many = len(rows) > 1
-        detail = "; ".join(f"GPU {g.index}: {d}" if many else d for g, _, d, *_ in rows)
+        detail = "; ".join(f"GPU {g.index}: {d}" if many else d for g, _ok, d, *_figures in rows)
         status = PASSED if all(r[1] for r in rows) else FAILED
         self.s.add(name, status, detail, value=round(worst[3], 1), expected=worst[4], unit=worst[5])
 
@@ -1197,7 +1198,7 @@ def pick_framework(choice: str) -> Any:
 
 def _fraction(text: str) -> float:
     value = float(text)
-    if not value > 0:
+    if math.isnan(value) or value <= 0:
         raise argparse.ArgumentTypeError("threshold must be > 0")
     return value
 

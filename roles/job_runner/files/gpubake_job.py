@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 """gpubake-job: run one training job on a gpubake instance, then always shut it down.
 
 Standard library only (it runs on the OS's python3, 3.10 and newer, whatever the training
@@ -407,7 +406,7 @@ class Imds:
         self.token = ""
 
     def _token(self) -> str:
-        status, body, _ = _http(
+        status, body, _headers = _http(
             "PUT",
             f"{_ec2_base()}/latest/api/token",
             {"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
@@ -418,10 +417,10 @@ class Imds:
         return body.strip()
 
     def get(self, path: str) -> tuple[int, str]:
-        for _ in range(2):
+        for _attempt in range(2):
             if not self.token:
                 self.token = self._token()
-            status, body, _ = _http(
+            status, body, _headers = _http(
                 "GET",
                 f"{_ec2_base()}/latest/{path}",
                 {"X-aws-ec2-metadata-token": self.token},
@@ -436,7 +435,7 @@ class Imds:
 def find_spec(cloud: str) -> str | None:
     """The job spec's text from the instance metadata, None when the instance has none."""
     if cloud == "gce":
-        status, body, _ = gce_get(f"instance/attributes/{GCE_ATTRIBUTE}")
+        status, body, _headers = gce_get(f"instance/attributes/{GCE_ATTRIBUTE}")
         if status == 404:
             return None
         if status != 200:
@@ -715,7 +714,7 @@ class Checkpoints:
     def event(self, event: dict[str, Any]) -> None:
         with self._lock:
             if event.get("event") == "plan":
-                self.order = [name for name, _ in event.get("groups", [])]
+                self.order = [name for name, _files in event.get("groups", [])]
                 self.pending = {name: set(rels) for name, rels in event.get("groups", [])}
             elif event.get("event") in ("uploaded", "unchanged", "skipped"):
                 rel = str(event.get("rel", ""))
@@ -1102,7 +1101,7 @@ class Runner:
 
     def _ckpt_fingerprint(self) -> list[tuple[str, int, int]]:
         found = []
-        for dirpath, _, filenames in os.walk(self.ckpt_dir):
+        for dirpath, _dirnames, filenames in os.walk(self.ckpt_dir):
             for name in filenames:
                 path = Path(dirpath, name)
                 with contextlib.suppress(OSError):
@@ -1417,7 +1416,9 @@ def cmd_backstop(config: dict[str, Any]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gpubake-job", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="gpubake-job", description=__doc__.split("\n\n", maxsplit=1)[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("boot", help="run the instance's job spec, if it has one (the unit's start)")
     run = sub.add_parser("run", help="run a spec file on this instance, powering off at the end")

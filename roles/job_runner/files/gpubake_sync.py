@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """gpubake-sync: copy a training job's files between a local folder and gs:// or s3://.
 
 The job runner calls it as a subprocess (a hung or crashing cloud client then cannot take the
@@ -590,9 +589,9 @@ def _plan(files: list, checkpoints: bool) -> list[tuple[str, list]]:
         name = item[0].split("/", 1)[0] if checkpoints else ""
         groups.setdefault(name, []).append(item)
     ordered = sorted(
-        groups.items(), key=lambda g: (-max(st.st_mtime_ns for _, _, st in g[1]), g[0])
+        groups.items(), key=lambda g: (-max(st.st_mtime_ns for _rel, _path, st in g[1]), g[0])
     )
-    for _, items in ordered:
+    for _name, items in ordered:
         if checkpoints:
             items.sort(key=lambda item: (-item[2].st_size, item[0]))
         else:
@@ -652,7 +651,7 @@ def sync_folder(
             else:
                 pending.append((rel, path, st))
         plan.append((name, pending))
-    outcome["groups"] = [[name, [rel for rel, _, _ in items]] for name, items in plan]
+    outcome["groups"] = [[name, [rel for rel, _path, _stat in items]] for name, items in plan]
     emit({"event": "plan", "groups": outcome["groups"]})
     lock = threading.Lock()
 
@@ -711,7 +710,7 @@ def sync_folder(
         workers = min(workers, EMULATOR_WORKERS)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(one, *item) for _, items in plan for item in items]
+            futures = [pool.submit(one, *item) for _name, items in plan for item in items]
             errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
             raise errors[0]
@@ -762,7 +761,7 @@ def _download(loc: _Location, store, dest: Path, log) -> tuple[list[str], int]:
         _fetch(store, obj.key, target)
         total += obj.size
         log(f"downloaded {rel} ({obj.size} B)")
-    return [rel for rel, _, _ in plan], total
+    return [rel for rel, _obj, _target in plan], total
 
 
 def download(url: str, local_dir: str | os.PathLike, log=_quiet) -> list[str]:
@@ -963,7 +962,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cli(argv: list[str] | None) -> None:
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n", maxsplit=1)[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("check", help="the location answers and its bucket exists")
     p.add_argument("url")
