@@ -1,6 +1,6 @@
 """gpubake: tested GPU deep-learning images from one set of Ansible roles, through Packer."""
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 # gpubake's data (images/, the collection gpubake.gpu, ansible.cfg) is found through
 # gpubake.resources.data_root(), in a checkout and in an installed wheel alike.

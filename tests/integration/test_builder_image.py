@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+import gpubake
 from tests.integration.helpers import (
     ROOT,
     base_image,
@@ -50,7 +51,7 @@ def run(engine, *args: str, entrypoint: list[str] | None = None) -> str:
 
 
 def test_gpubake_packer_and_ansible_run_as_a_non_root_user(engine, builder):
-    assert run(engine, "--version").strip() == "gpubake, version 0.1.0"
+    assert run(engine, "--version").strip() == f"gpubake, version {gpubake.__version__}"
     sh = ["sh", "-c"]
     out = run(engine, "id -u; packer version; ansible-playbook --version", entrypoint=sh)
     uid, packer, ansible = out.splitlines()[:3]

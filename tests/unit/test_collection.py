@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tarfile
 import tomllib
@@ -39,7 +40,12 @@ def tracked(prefix: str) -> list[str]:
 def test_galaxy_version_is_the_package_version():
     galaxy = yaml.safe_load((ROOT / "galaxy.yml").read_text())
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert galaxy["version"] == gpubake.__version__ == pyproject["project"]["version"]
+    assert galaxy["version"] == gpubake.__version__
+    # the package's version is gpubake.__version__ itself: no second copy in pyproject.toml
+    assert "version" not in pyproject["project"]
+    assert "version" in pyproject["project"]["dynamic"]
+    dynamic = pyproject["tool"]["setuptools"]["dynamic"]["version"]
+    assert dynamic == {"attr": "gpubake.__version__"}
     assert (galaxy["namespace"], galaxy["name"]) == (resources.NAMESPACE, resources.COLLECTION)
     assert galaxy["license"] == [pyproject["project"]["license"]]
     for key in ("repository", "tags", "authors", "description"):
@@ -54,8 +60,16 @@ def test_requires_ansible_admits_the_installed_core():
 
 
 def test_tarball_holds_the_collection_and_nothing_else(tar_names):
-    for name in ("README.md", "LICENSE", "CHANGELOG.md", "meta/runtime.yml", "MANIFEST.json"):
+    # galaxy.yml's readme (the collection's own README) must be in the tarball
+    readme = yaml.safe_load((ROOT / "galaxy.yml").read_text())["readme"]
+    assert readme == "docs/collection.md"
+    # README.md: galaxy-importer renders the root README (and fails without one)
+    for name in (readme, "README.md", "LICENSE", "CHANGELOG.md", "changelogs/changelog.yaml"):
         assert name in tar_names, name
+    for name in ("meta/runtime.yml", "MANIFEST.json", "FILES.json"):
+        assert name in tar_names, name
+    # of docs/ (the documentation site's pages) the collection's README only
+    assert [n for n in tar_names if n.startswith("docs/")] == [readme]
     # every tracked file of roles/, playbooks/, plugins/ (role files/ included)
     for tree in ("roles", "playbooks", "plugins"):
         files = [f for f in tracked(tree) if not f.endswith((".pyc",))]
@@ -65,6 +79,8 @@ def test_tarball_holds_the_collection_and_nothing_else(tar_names):
     assert "roles/gpu_smoke_test/files/gpu_smoke.py" in tar_names
     assert "roles/gpu_smoke_test/files/gpus.yml" in tar_names
     top = {name.split("/")[0] for name in tar_names}
+    # no tests/: ansible-test's ignore file stays in the repository (galaxy-importer warns
+    # about a shipped one; tests/integration/test_ansible_sanity.py puts it in place)
     for absent in ("gpubake", "tests", "build.py", "setup.py", "pyproject.toml", "images", ".ci"):
         assert absent not in top, absent
     assert not [n for n in tar_names if "__pycache__" in n or n.endswith(".pyc")]
@@ -102,3 +118,12 @@ def test_offline_install_then_ansible_doc_shows_the_modules(tarball, tmp_path):
         doc = json.loads(proc.stdout)[f"gpubake.gpu.{module}"]
         assert doc["doc"]["short_description"], module
         assert doc["examples"].strip() and doc["return"], module
+        # the text page too: it renders every field as text (a note YAML read as a mapping
+        # broke it, where --json passed)
+        text = subprocess.run(
+            [str(BIN / "ansible-doc"), "-t", "module", f"gpubake.gpu.{module}"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False,
+        )  # fmt: skip
+        assert text.returncode == 0, text.stderr[-2000:]
+        page = re.sub(r"\x1b\[[0-9;]*m", "", text.stdout)
+        assert f"> MODULE gpubake.gpu.{module}" in page and "EXAMPLES:" in page, page[-2000:]
