@@ -1,5 +1,6 @@
-"""What the notebook image tests share: the README's notebook commands, a server started by
-one of them (as a user does, in the foreground), and small wheels to pip install offline."""
+"""What the notebook image tests share: the notebook tutorial's commands
+(docs/tutorials/notebook-container.md), a server started by one of them (as a user does, in
+the foreground), and small wheels to pip install offline."""
 
 from __future__ import annotations
 
@@ -20,17 +21,18 @@ from pathlib import Path
 
 from tests.integration.helpers import ROOT
 
-README = ROOT / "README.md"
+#: the page whose commands these tests run
+TUTORIAL = ROOT / "docs" / "tutorials" / "notebook-container.md"
 #: where the browser tests keep their screenshots (build/ is ignored by git)
 ARTIFACTS = Path(os.environ.get("GPUBAKE_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts"))
 _TOKEN_RE = re.compile(r"http://127\.0\.0\.1:8888/lab\?token=([0-9a-f]{32,})")
 
 
-def readme_notebook_block() -> list[str]:
-    """The command lines (no comments) of the README's first code block under
-    '### Notebook images'."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("### Notebook images") :]
+def tutorial_notebook_block() -> list[str]:
+    """The command lines (no comments) of the tutorial's first code block under
+    '## Build it, then start it'."""
+    text = TUTORIAL.read_text(encoding="utf-8")
+    section = text[text.index("## Build it, then start it") :]
     block = section[section.index("```sh\n") + len("```sh\n") :]
     block = block[: block.index("```")]
     return [
@@ -40,8 +42,8 @@ def readme_notebook_block() -> list[str]:
     ]
 
 
-def readme_docker_runs() -> list[str]:
-    return [line for line in readme_notebook_block() if line.startswith("docker run ")]
+def tutorial_docker_runs() -> list[str]:
+    return [line for line in tutorial_notebook_block() if line.startswith("docker run ")]
 
 
 def free_port() -> int:
@@ -51,18 +53,18 @@ def free_port() -> int:
 
 
 def as_test(command: str, image: str, port: int, names: dict[str, str]) -> list[str]:
-    """A README command with only what a test must change: the image's tag, the host port,
-    and the volume and folder names (`names`, README name to the test's)."""
+    """A tutorial command with only what a test must change: the image's tag, the host
+    port, and the volume and folder names (`names`, the tutorial's name to the test's)."""
     command = command.replace("127.0.0.1:8888:8888", f"127.0.0.1:{port}:8888")
-    for readme_name, test_name in names.items():
-        command = command.replace(readme_name, test_name)
+    for tutorial_name, test_name in names.items():
+        command = command.replace(tutorial_name, test_name)
     argv = shlex.split(command)
     assert argv[-1] == "gpubake/fastai", argv
     return [*argv[:-1], image]
 
 
 class Server:
-    """A README `docker run` in the foreground, as a user runs it: its output is read as it
+    """A tutorial's `docker run` in the foreground, as a user runs it: its output is read as it
     comes; stop() is the user's Ctrl-C."""
 
     def __init__(self, argv: list[str]) -> None:
@@ -134,7 +136,7 @@ class Server:
 
 
 def container_of(volume: str) -> str:
-    """The id of the running container that mounts `volume` (the README's commands name none)."""
+    """The id of the running container that mounts `volume` (the tutorial's commands name none)."""
     out = subprocess.run(
         ["docker", "ps", "-q", "--filter", f"volume={volume}"],
         capture_output=True,

@@ -1,13 +1,16 @@
 """The fastai notebook image as the Paperspace + fast.ai tutorial uses it, in a real browser
-(Playwright driving Debian's Chromium, headless, on 127.0.0.1), started with the README's
-own commands: log in with the token from the log, pip install in a Terminal, train fast.ai
-in a notebook, save, stop and start again with the same command, the notebook still there.
-Also each README command: a host folder as /storage, and DataLoader workers in /dev/shm.
-Screenshots of the key screens are kept in build/test-artifacts/notebook-browser/."""
+(Playwright driving Debian's Chromium, headless, on 127.0.0.1), started with the commands of
+the tutorial docs/tutorials/notebook-container.md: log in with the token from the log, pip
+install in a Terminal, train fast.ai in a notebook, save, stop and start again with the same
+command, the notebook still there. Also each of its commands: a host folder as /storage, and
+DataLoader workers in /dev/shm. Screenshots of the key screens are kept in
+build/test-artifacts/notebook-browser/; with GPUBAKE_SCREENSHOTS=DIR, the tutorial's own
+(lab.png, terminal.png, notebook.png: docs/images/notebook/) are written to DIR too."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Error as PlaywrightError
@@ -29,8 +33,8 @@ from tests.integration.notebook_helpers import (
     docker_exec,
     free_port,
     make_wheel,
-    readme_docker_runs,
-    readme_notebook_block,
+    tutorial_docker_runs,
+    tutorial_notebook_block,
 )
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -38,6 +42,8 @@ TAG = "itest"
 IMAGE = f"gpubake/fastai:{TAG}"
 CHROMIUM = shutil.which("chromium")
 SHOTS = ARTIFACTS / "notebook-browser"
+#: where the tutorial's screenshots go (docs/images/notebook to refresh them); unset: nowhere
+DOC_SHOTS = os.environ.get("GPUBAKE_SCREENSHOTS")
 PROBE = "gpubake_probe"  # the small package the Terminal installs
 # The notebook's cell: the probe package, then fast.ai trains one epoch on a tiny synthetic set
 CELL = f"""\
@@ -75,7 +81,7 @@ def image(engine):
 
 @pytest.fixture
 def volumes(engine):
-    """The README's two volume names, made unique for this test, removed afterwards."""
+    """The tutorial's two volume names, made unique for this test, removed afterwards."""
     suffix = uuid.uuid4().hex[:8]
     names = {
         "gpubake-notebooks": f"gpubake-test-notebooks-{suffix}",
@@ -139,13 +145,18 @@ def wait_for_notebook(port: int, token: str, name: str, seconds: float = 30) -> 
     raise AssertionError(f"{name} was not saved with outputs in {seconds} s")
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, doc: str | None = None) -> None:
+    """A screenshot kept with the test's artifacts, and as the tutorial's `doc`.png in
+    $GPUBAKE_SCREENSHOTS when that is set."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"))
+    if doc and DOC_SHOTS:
+        Path(DOC_SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(DOC_SHOTS) / f"{doc}.png"))
 
 
 def open_lab(browser, port: int, token: str):
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
     # jupyter_server lists a folder by stat-ing each entry, and a file renamed in between
     # (the first save's rename, while the file browser polls, on a loaded machine) makes the
     # whole listing of the root a 404: JupyterLab then shows 'Directory not found: ""' over
@@ -186,10 +197,10 @@ def wait_healthy(cid: str, seconds: float = 90) -> str:
     return status
 
 
-def test_readme_has_the_commands_these_tests_run():
-    lines = readme_notebook_block()
+def test_the_tutorial_has_the_commands_these_tests_run():
+    lines = tutorial_notebook_block()
     assert lines[0] == "gpubake build --stack fastai"
-    runs = readme_docker_runs()
+    runs = tutorial_docker_runs()
     assert len(runs) == 3, runs  # each is run below; a new one needs its test
     for run in runs:
         assert "--shm-size=2g" in run and "-p 127.0.0.1:8888:8888" in run, run
@@ -213,14 +224,14 @@ def test_the_tutorials_journey_in_a_browser(engine, image, volumes, browser, tmp
         },
     )
     port = free_port()
-    argv = as_test(readme_docker_runs()[0], image, port, volumes)
+    argv = as_test(tutorial_docker_runs()[0], image, port, volumes)
     server = Server(argv)
     try:
         token = server.token()
         page = open_lab(browser, port, token)
         page.wait_for_timeout(3000)  # JupyterLab asks its news question a moment after loading
         assert page.get_by_text("official Jupyter news").count() == 0
-        shot(page, "1-launcher")
+        shot(page, "1-launcher", doc="lab")
 
         # a Terminal: bash in /notebooks with the environment's python, pip and uv
         page.locator(".jp-LauncherCard", has_text="Terminal").click()
@@ -236,7 +247,7 @@ def test_the_tutorials_journey_in_a_browser(engine, image, volumes, browser, tmp
             ' echo "exit $?"; } > /notebooks/terminal.txt 2>&1\n'
         )
         out = wait_for_file(port, token, "terminal.txt", "exit ")
-        shot(page, "2-terminal")
+        shot(page, "2-terminal", doc="terminal")
         assert "shell /bin/bash login in /notebooks" in out, out
         assert out.splitlines()[1:4] == [
             "/opt/gpubake/env/bin/python",
@@ -273,7 +284,7 @@ def test_the_tutorials_journey_in_a_browser(engine, image, volumes, browser, tmp
         outputs = page.locator(".jp-NotebookPanel .jp-OutputArea").first.inner_text()
         assert "train_loss" in outputs and "hello from the terminal" in outputs, outputs
         assert "Warning" not in outputs, outputs  # no warning box under the cell
-        shot(page, "3-notebook-trained")
+        shot(page, "3-notebook-trained", doc="notebook")
         page.keyboard.press("Control+s")  # the first save asks for a name
         page.get_by_role("textbox", name="File name").fill("fastai-check.ipynb")
         page.get_by_role("button", name="Rename and Save").click()
@@ -294,7 +305,7 @@ def test_the_tutorials_journey_in_a_browser(engine, image, volumes, browser, tmp
         page.locator(".jp-DirListing-itemText", has_text=wheel.name).wait_for(timeout=30_000)
         shot(page, "4-storage-in-the-file-browser")
 
-        # DataLoader workers under the README's --shm-size
+        # DataLoader workers under the tutorial's --shm-size
         cid = container_of(volumes["gpubake-notebooks"])
         loaded = docker_exec(cid, "python", "-c", DATALOADER)
         assert loaded.returncode == 0 and "batches 16" in loaded.stdout, loaded.stderr[-3000:]
@@ -316,7 +327,7 @@ def test_the_tutorials_journey_in_a_browser(engine, image, volumes, browser, tmp
     first_log = server.log
     for noise in NOISE:
         assert noise not in first_log, f"{noise!r} in the log:\n{first_log}"
-    assert "/dev/shm is" not in first_log  # the README's --shm-size is enough
+    assert "/dev/shm is" not in first_log  # the tutorial's --shm-size is enough
 
     # the same command again: the notebook and its output are there, the package is not
     server = Server(argv)
@@ -342,7 +353,7 @@ def test_pip_keeps_the_images_locked_versions(image, volumes, tmp_path):
     tmp_path.chmod(0o755)
     wheels.chmod(0o755)
     port = free_port()
-    argv = as_test(readme_docker_runs()[0], image, port, volumes)
+    argv = as_test(tutorial_docker_runs()[0], image, port, volumes)
     server = Server([*argv[:2], "-v", f"{wheels}:/wheels:ro", *argv[2:]])
     try:
         server.token()
@@ -363,7 +374,7 @@ def test_a_host_folder_as_storage(image, volumes, tmp_path):
     folder = tmp_path / "fastai-data"
     port = free_port()
     names = {**volumes, "~/fastai-data": str(folder)}
-    argv = as_test(readme_docker_runs()[2], image, port, names)
+    argv = as_test(tutorial_docker_runs()[2], image, port, names)
     folder.mkdir()  # as Docker makes a missing folder: root's
     tmp_path.chmod(0o755)
     refused = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
@@ -372,8 +383,8 @@ def test_a_host_folder_as_storage(image, volumes, tmp_path):
     assert len(lines) == 1 and "/storage is not writable by gpubake (uid 1000)" in lines[0]
     assert "sudo chown -R 1000:1000 FOLDER" in lines[0], lines
 
-    # the README's line before the command, then the command: it starts and writes there
-    mkdir = next(line for line in readme_notebook_block() if line.startswith("mkdir "))
+    # the tutorial's line before the command, then the command: it starts and writes there
+    mkdir = next(line for line in tutorial_notebook_block() if line.startswith("mkdir "))
     subprocess.run(mkdir.replace("~/fastai-data", str(folder)), shell=True, check=True)  # noqa: S602
     server = Server(argv)
     try:
@@ -387,9 +398,9 @@ def test_a_host_folder_as_storage(image, volumes, tmp_path):
 
 
 def test_a_small_dev_shm_is_named_and_fails_dataloader_workers(engine, image, volumes):
-    """Without the README's --shm-size: the start says so, and the workers fail as it says."""
+    """Without the tutorial's --shm-size: the start says so, and the workers fail as it says."""
     port = free_port()
-    argv = as_test(readme_docker_runs()[0], image, port, volumes)
+    argv = as_test(tutorial_docker_runs()[0], image, port, volumes)
     argv.remove("--shm-size=2g")
     server = Server(argv)
     try:
@@ -409,9 +420,9 @@ def test_the_gpu_command(image, volumes):
         ["docker", "info", "--format", "{{json .Runtimes}}"], capture_output=True, text=True
     )
     if "nvidia" not in info.stdout:
-        pytest.skip("the README's --gpus all command needs the NVIDIA container runtime")
+        pytest.skip("the tutorial's --gpus all command needs the NVIDIA container runtime")
     port = free_port()
-    server = Server(as_test(readme_docker_runs()[1], image, port, volumes))
+    server = Server(as_test(tutorial_docker_runs()[1], image, port, volumes))
     try:
         server.token()
         cid = container_of(volumes["gpubake-notebooks"])
