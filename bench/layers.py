@@ -11,7 +11,7 @@ In a copy of the checkout, with a fresh download cache, it measures
   (e) fastai's own layers (what a pull adds on top of pytorch) against its total size;
   (f) a plain Dockerfile with the same lock and gpu-smoke (`docker build`, the peer a user
       would write instead): its cold build and its rebuild after a last-line change, and
-      gpubake's ratios to them                   goals: cold <= 1.1 x; late-change rebuild <= 5 s
+      gpubake's ratios to them             goals: cold <= 1.1 x; late-change rebuild <= 1.5 x
   (h) the cold build from a wheelhouse: `gpubake fetch` into an empty one, then the build
       (--force) installing from it with no index and no cache, against the Dockerfile's
       cold build                                                   goal <= 1.0 x
@@ -49,7 +49,7 @@ GOALS = {
     "rebuild_ratio": 0.15,
     "size_ratio": 1.05,
     "cold_vs_dockerfile": 1.1,
-    "rebuild_s": 5.0,
+    "rebuild_vs_dockerfile": 1.5,  # issue 30 (was: at most 5 s)
     "wheelhouse_vs_dockerfile": 1.0,
 }
 
@@ -225,7 +225,7 @@ def report(r: dict[str, float], *, as_json: bool) -> None:
         "rebuild_ratio": r["rebuild_ratio"] <= GOALS["rebuild_ratio"],
         "size_ratio": r["size_ratio"] <= GOALS["size_ratio"],
         "cold_vs_dockerfile": r["cold_vs_dockerfile"] <= GOALS["cold_vs_dockerfile"],
-        "rebuild_s": r["rebuild_s"] <= GOALS["rebuild_s"],
+        "rebuild_vs_dockerfile": r["rebuild_vs_dockerfile"] <= GOALS["rebuild_vs_dockerfile"],
     }
     if "wheelhouse_vs_dockerfile" in r:
         met["wheelhouse_vs_dockerfile"] = (
@@ -260,8 +260,8 @@ def report(r: dict[str, float], *, as_json: bool) -> None:
     )
     print(
         f"    Dockerfile late-change rebuild {r['dockerfile_rebuild_s']:8.1f} s; gpubake's "
-        f"{r['rebuild_s']:.1f} s ({r['rebuild_vs_dockerfile']:.0f} x)   goal <= 5 s: "
-        f"{mark('rebuild_s')}"
+        f"{r['rebuild_s']:.1f} s ({r['rebuild_vs_dockerfile']:.2f} x)   goal <= 1.5 x: "
+        f"{mark('rebuild_vs_dockerfile')}"
     )
 
     if "wheelhouse_cold_s" in r:
