@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from gpubake import stacks  # noqa: E402 (the checkout's gpubake)
 from gpubake.build import docker_engine, locks  # noqa: E402
+from tests.checkout import copy_checkout  # noqa: E402 (bench/stages.py takes it from here)
 
 HOST_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 ENV_PREFIX = "/opt/gpubake/env"
@@ -78,20 +79,6 @@ def run(args: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> flo
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         sys.exit(f"bench: {' '.join(args[:4])} ... failed: {tail}")
     return seconds
-
-
-def copy_checkout(dest: Path) -> Path:
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    for name in filter(None, files):
-        src, out = ROOT / name.decode(), dest / name.decode()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():
-            out.symlink_to(src.readlink())
-        elif src.is_file():
-            out.write_bytes(src.read_bytes())
-    return dest
 
 
 def extract_revision(rev: str, dest: Path) -> Path:

@@ -250,27 +250,11 @@ def image_holds(image: Any, text: str) -> bool:
     return False
 
 
-def checkout_copy(out: Path) -> Path:
-    """The tracked files of the checkout copied into `out`; `python -m gpubake` run with
-    PYTHONPATH=out uses that copy's code and data (to edit a role or a lock in a test)."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    for name in filter(None, files):
-        src, dest = ROOT / name.decode(), out / name.decode()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():
-            dest.symlink_to(src.readlink())
-        elif src.is_file():
-            dest.write_bytes(src.read_bytes())
-    return out
-
-
 def build_in(
     tree: Path, tag: str, *args: str, timeout: int = 1800
 ) -> subprocess.CompletedProcess[str]:
-    """`gpubake build --target docker` of the gpubake in `tree` (a checkout_copy), with the
-    host's CA bundle."""
+    """`gpubake build --target docker` of the gpubake in `tree` (a copy made by
+    tests.checkout.copy_checkout), with the host's CA bundle."""
     return subprocess.run(
         [
             sys.executable,

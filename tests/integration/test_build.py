@@ -22,13 +22,13 @@ import pytest
 from gpubake import stacks
 from gpubake.build import docker_engine, locks, stages
 from gpubake.build import plan as plan_mod
+from tests.checkout import copy_checkout
 from tests.integration.helpers import (
     ROOT,
     apply,
     build_containers,
     build_in,
     built_images,
-    checkout_copy,
     container,
     image_holds,
     make_marker_bundle,
@@ -330,7 +330,7 @@ def test_skipped_build_keeps_its_tag_on_its_own_image(engine, built):
 def test_failing_stage_names_role_and_task_and_leaves_nothing(engine, built, tmp_path):
     """A failing task in the last stage's role (in a copy of the checkout): the stages below
     are reused, the error names the role and task, and no image or container is left."""
-    tree = checkout_copy(tmp_path / "tree")
+    tree = copy_checkout(tmp_path / "tree")
     tasks = tree / "roles" / "gpu_smoke_test" / "tasks" / "main.yml"
     tasks.write_text(
         tasks.read_text()

@@ -6,7 +6,7 @@ builds with no package index (a wheelhouse, --offline), on the same small stacks
 The default stack takes minutes a build; these tests build a small stack instead (`tiny`:
 no framework, one small package), on an OS entry of its own (`faults-12`, Debian 12
 again) so that the base image they debootstrap and interrupt is not the suite's. Both are
-added to a copy of the checkout (tests.integration.helpers.checkout_copy), whose gpubake
+added to a copy of the checkout (tests.checkout.copy_checkout), whose gpubake
 runs. Each moment is reached by waiting for its progress line (-v: Packer's own lines).
 """
 
@@ -29,7 +29,8 @@ import pytest
 from gpubake import resources
 from gpubake.build import docker_engine, guard, wheelhouse
 from gpubake.build.plan import SBOM_PATH
-from tests.integration.helpers import HOST_BUNDLE, build_containers, checkout_copy, run_output
+from tests.checkout import copy_checkout
+from tests.integration.helpers import HOST_BUNDLE, build_containers, run_output
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 OS = "faults-12"
@@ -88,7 +89,7 @@ def build_args(stack: str = "tiny", tag: str = TAG) -> list[str]:
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory, engine) -> Path:
     _remove_test_images(engine)  # what a run killed before this module's teardown left
-    out = checkout_copy(tmp_path_factory.mktemp("faults"))
+    out = copy_checkout(tmp_path_factory.mktemp("faults"))
     tmp_dir(out).mkdir()
     _add_test_stacks(out)
     for stack in ("tiny", "tiny-b"):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import ROOT, build_containers, build_in, checkout_copy
+from tests.checkout import copy_checkout
+from tests.integration.helpers import ROOT, build_containers, build_in
 
 pytestmark = [pytest.mark.docker]
 LOCK = Path("images/locks/pytorch/debian-12-x86_64.txt")
@@ -20,7 +21,7 @@ LOCK = Path("images/locks/pytorch/debian-12-x86_64.txt")
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    return checkout_copy(tmp_path_factory.mktemp("tree"))
+    return copy_checkout(tmp_path_factory.mktemp("tree"))
 
 
 def gpubake_build(engine, root: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -36,8 +36,9 @@ from typing import Any
 import pytest
 
 from gpubake.build import disk_image, guard, vm_disk
+from tests.checkout import copy_checkout
 from tests.integration import qemu_boot
-from tests.integration.helpers import HOST_BUNDLE, checkout_copy
+from tests.integration.helpers import HOST_BUNDLE
 from tests.metadata_standins import metadata_standin
 from tests.object_stores import gcs_server
 
@@ -143,7 +144,7 @@ def built(tmp_path_factory) -> Built:
     """The image, built as a user builds it, or found built from identical inputs by an
     earlier run (as the VM host's snapshot is: a change to the roles, the stack or the base
     disk builds it anew). Folders of the small stack's earlier inputs are removed."""
-    tree = checkout_copy(tmp_path_factory.mktemp("qemu-tree"))
+    tree = copy_checkout(tmp_path_factory.mktemp("qemu-tree"))
     stacks = tree / "images" / "stacks.yml"
     extra = STACKS.split("\nstacks:\n", 1)[1]
     stacks.write_text(stacks.read_text(encoding="utf-8").rstrip("\n") + "\n" + extra)

@@ -16,6 +16,7 @@ from packaging.specifiers import SpecifierSet
 
 import gpubake
 from gpubake import resources
+from tests.checkout import tracked_files
 from tests.collection import BIN, ROOT, build_tarball, install_offline
 
 
@@ -28,13 +29,6 @@ def tarball(tmp_path_factory) -> Path:
 def tar_names(tarball) -> set[str]:
     with tarfile.open(tarball) as tar:
         return {m.name.removesuffix("/") for m in tar.getmembers()}
-
-
-def tracked(prefix: str) -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", prefix], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    return out.stdout.split()
 
 
 def test_galaxy_version_is_the_package_version():
@@ -72,7 +66,7 @@ def test_tarball_holds_the_collection_and_nothing_else(tar_names):
     assert [n for n in tar_names if n.startswith("docs/")] == [readme]
     # every tracked file of roles/, playbooks/, plugins/ (role files/ included)
     for tree in ("roles", "playbooks", "plugins"):
-        files = [f for f in tracked(tree) if not f.endswith((".pyc",))]
+        files = [f for f in tracked_files() if f.startswith(f"{tree}/")]
         assert files, tree
         missing = [f for f in files if f not in tar_names]
         assert not missing, missing
