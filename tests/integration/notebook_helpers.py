@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from tests.doc_blocks import command_lines, section_blocks
 from tests.integration.helpers import ROOT
 
 #: the page whose commands these tests run
@@ -29,17 +30,10 @@ _TOKEN_RE = re.compile(r"http://127\.0\.0\.1:8888/lab\?token=([0-9a-f]{32,})")
 
 
 def tutorial_notebook_block() -> list[str]:
-    """The command lines (no comments) of the tutorial's first code block under
+    """The command lines (no comments) of the tutorial's first sh block under
     '## Build it, then start it'."""
-    text = TUTORIAL.read_text(encoding="utf-8")
-    section = text[text.index("## Build it, then start it") :]
-    block = section[section.index("```sh\n") + len("```sh\n") :]
-    block = block[: block.index("```")]
-    return [
-        line.split("  #", 1)[0].rstrip()
-        for line in block.splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+    block = next(b for b in section_blocks(TUTORIAL, "Build it, then start it") if b.kind == "sh")
+    return [line.split("  #", 1)[0].rstrip() for line in command_lines(block.text)]
 
 
 def tutorial_docker_runs() -> list[str]:

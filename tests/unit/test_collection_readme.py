@@ -19,27 +19,21 @@ import yaml
 import gpubake
 from tests.checkout import ROOT, copy_checkout
 from tests.collection import BIN
+from tests.doc_blocks import command_lines, section_blocks
 
 DOC = ROOT / "docs" / "collection.md"
-_FENCE_RE = re.compile(r"^```(\w*)\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 TARBALL = f"gpubake-gpu-{gpubake.__version__}.tar.gz"
 
 
-def section(title: str) -> str:
-    """The text of the `## title` section of the README, up to the next `## ` heading."""
-    text = DOC.read_text(encoding="utf-8")
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.DOTALL | re.MULTILINE)
-    assert match, f"docs/collection.md has no section {title!r}"
-    return match.group(1)
+def blocks(title: str, kind: str) -> list[str]:
+    """The bodies of the `kind` blocks of the README's `## title` section."""
+    blocks = section_blocks(DOC, title)
+    assert blocks, f"docs/collection.md has no blocks in a section {title!r}"
+    return [b.text for b in blocks if b.kind == kind]
 
 
-def blocks(text: str, lang: str) -> list[str]:
-    return [body for kind, body in _FENCE_RE.findall(text) if kind == lang]
-
-
-def commands(text: str) -> list[str]:
-    lines = [line.strip() for body in blocks(text, "sh") for line in body.splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+def commands(title: str) -> list[str]:
+    return [line.strip() for body in blocks(title, "sh") for line in command_lines(body)]
 
 
 def clean_env(home: Path) -> dict[str, str]:
@@ -70,7 +64,7 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, str]]:
     home = work / "home"
     home.mkdir()
     env = clean_env(home)
-    outputs = {line: run(line, clone, env).stdout for line in commands(section(BUILD))}
+    outputs = {line: run(line, clone, env).stdout for line in commands(BUILD)}
     return clone, env, outputs
 
 
@@ -81,7 +75,7 @@ USE = "Using the roles in your own playbooks"
 def test_the_build_block_is_the_documented_one():
     """The block installs distlib (ansible-galaxy needs it for galaxy.yml's manifest), builds,
     installs this version's tarball offline and asks ansible-doc."""
-    assert commands(section(BUILD)) == [
+    assert commands(BUILD) == [
         "python3 -m pip install ansible-core distlib",
         "ansible-galaxy collection build",
         f"ansible-galaxy collection install --offline {TARBALL}",
@@ -103,9 +97,8 @@ def test_the_build_and_install_commands_work_as_written(installed):
 
 def test_the_example_project_installs_and_its_playbook_passes_syntax_check(installed, tmp_path):
     clone, env, _ = installed
-    text = section(USE)
     files = {}
-    for body in blocks(text, "yaml"):
+    for body in blocks(USE, "yaml"):
         name = body.split()[1].rstrip(":")  # "# requirements.yml of your project"
         files[name] = body
         yaml.safe_load(body)
@@ -122,7 +115,7 @@ def test_the_example_project_installs_and_its_playbook_passes_syntax_check(insta
     # a home without the collection the build block installed: the project's own is used
     (tmp_path / "home").mkdir()
     env = clean_env(tmp_path / "home")
-    lines = commands(text)
+    lines = commands(USE)
     assert [line.split()[0] for line in lines] == ["ansible-galaxy", "ansible-playbook"]
     run(lines[0], project, env)
     assert (project / "collections/ansible_collections/gpubake/gpu/MANIFEST.json").is_file()

@@ -21,15 +21,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import pytest
 
 from gpubake.cli import cli
+from tests.doc_blocks import MARKER_RE, ROOT, Block, command_lines, fenced_blocks
 
-ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 THIS = Path(__file__).resolve().relative_to(ROOT).as_posix()
 QUICK = f"{THIS}::test_quick_commands"
@@ -43,63 +42,9 @@ PAGES = [
     ),
 ]
 COMMAND_TYPES = {"sh", "bash", "shell", "console"}
-MARKER_RE = re.compile(r"^<!--\s*(tested|not-run):\s*(.*?)\s*-->$")
-_OPEN_RE = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
 #: what a command block run here must not hold: a placeholder to fill in, or an elision
 _PLACEHOLDER_RE = re.compile(r"<[A-Za-z][^<>]*>|\.\.\.|\[--")
 MAX_README = 10 * 1024
-
-
-@dataclass(frozen=True)
-class Block:
-    page: Path
-    line: int  # of the opening fence, 1-based
-    kind: str  # the info string's first word
-    text: str
-    marker: str | None  # the line right before the fence, when it is a marker comment
-    markers_before: int  # marker comments in a row right before the fence
-
-    @property
-    def where(self) -> str:
-        return f"{self.page.relative_to(ROOT).as_posix()}:{self.line}"
-
-
-def fenced_blocks(page: Path) -> list[Block]:
-    """The fenced code blocks of a Markdown page, as CommonMark reads them: ``` or ~~~
-    fences of three or more, an info string (backtick fences: without backticks), closed by
-    a fence of the same character at least as long; an unclosed fence runs to the end."""
-    lines = page.read_text(encoding="utf-8").splitlines()
-    blocks: list[Block] = []
-    i = 0
-    while i < len(lines):
-        match = _OPEN_RE.match(lines[i])
-        if not match or (match.group(2)[0] == "`" and "`" in match.group(3)):
-            i += 1
-            continue
-        indent, fence, info = len(match.group(1)), match.group(2), match.group(3).strip()
-        close = re.compile(rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}\s*$")
-        body: list[str] = []
-        j = i + 1
-        while j < len(lines) and not close.match(lines[j]):
-            line = lines[j]
-            body.append(line[min(indent, len(line) - len(line.lstrip(" "))) :])
-            j += 1
-        count = 0
-        while i - 1 - count >= 0 and MARKER_RE.match(lines[i - 1 - count].strip()):
-            count += 1
-        before = lines[i - 1].strip() if i > 0 else ""
-        blocks.append(
-            Block(
-                page=page,
-                line=i + 1,
-                kind=info.split()[0].lower() if info else "",
-                text="\n".join(body) + "\n",
-                marker=before if MARKER_RE.match(before) else None,
-                markers_before=count,
-            )
-        )
-        i = j + 1
-    return blocks
 
 
 def command_blocks() -> list[Block]:
@@ -205,34 +150,10 @@ def test_ci_runs_the_readme_test_command():
     assert ci[-1] == commands[1], (ci[-1], commands[1])
 
 
-def _logical_lines(text: str) -> list[str]:
-    """Lines with `\\` continuations joined, comment-only lines and heredoc bodies left out,
-    a console prompt (`$ `) taken off."""
-    out: list[str] = []
-    pending = ""
-    heredoc: str | None = None
-    for raw in text.splitlines():
-        if heredoc is not None:
-            if raw.strip() == heredoc:
-                heredoc = None
-            continue
-        line = pending + raw.removeprefix("$ ")
-        if line.endswith("\\"):
-            pending = line[:-1] + " "
-            continue
-        pending = ""
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if match := re.search(r"<<-?\s*['\"]?(\w+)['\"]?", line):
-            heredoc = match.group(1)
-        out.append(line)
-    return out
-
-
 def gpubake_commands(text: str) -> list[list[str]]:
     """The argv of every `gpubake ...` in a block (split at ;, &&, ||, | and redirections)."""
     found = []
-    for line in _logical_lines(text):
+    for line in command_lines(text):
         lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
         lexer.commenters = "#"
         lexer.wordchars += "{}[]@:,+%^$"
@@ -333,7 +254,7 @@ def test_quick_commands(block, user_home, tmp_path):
     """A cheap block, run as a user runs it: in a fresh folder, as one bash script that stops
     at the first command failing."""
     assert not _PLACEHOLDER_RE.search(block.text), f"{block.where}: a placeholder to fill in"
-    tools = {line.split()[0] for line in _logical_lines(block.text)} | {
+    tools = {line.split()[0] for line in command_lines(block.text)} | {
         word for word in ("packer", "docker") if re.search(rf"\b{word}\b", block.text)
     }
     for tool in sorted(tools & {"packer", "docker"}):
