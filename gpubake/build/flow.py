@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -348,6 +349,7 @@ def _build_chain(
     for note in plan.notes:
         echo(note)
     previous = docker_engine.local_image(engine, plan.image_ref)
+    ahead: list[threading.Thread] = []  # the layer scans running while later stages build
     for number, stage in enumerate(chain, 1):
         where = f"stage {number}/{len(chain)} {stage.label}"
         image = reuse.get(stage.input_hash)
@@ -364,7 +366,7 @@ def _build_chain(
                 if image is not None:
                     echo(f"{where}: reused {image.short_id}, built meanwhile by another build")
                     continue
-            _build_stage(run, engine, packer, stage, where, key, last=stage is final)
+            _build_stage(run, engine, packer, stage, where, key, last=stage is final, ahead=ahead)
     image = docker_engine.local_image(engine, plan.image_ref)
     size = f", {image.attrs['Size'] / 1e9:.2f} GB" if image is not None else ""
     smoke = (image.labels or {}).get(SMOKE_LABEL) if image is not None else None
@@ -390,11 +392,20 @@ def _reusable_stage(engine: Any, stage: Any, number: int, chain: list) -> Any:
 
 
 def _build_stage(
-    run: _Run, engine: Any, packer: Any, stage: Any, where: str, key: str, *, last: bool
+    run: _Run,
+    engine: Any,
+    packer: Any,
+    stage: Any,
+    where: str,
+    key: str,
+    *,
+    last: bool,
+    ahead: list[threading.Thread],
 ) -> None:
     """One stage's Packer build. A stack's last stage is tagged `gpubake-stage/...:output-*`
     first; only once gpu-smoke's labels are on it and its layers scanned clean does the
-    asked tag move onto it, so that an interrupted or failed build moves no tag."""
+    asked tag move onto it, so that an interrupted or failed build moves no tag. A stage
+    below the last has its layers scanned in `ahead` threads while the next stage builds."""
     echo(f"{where}: building ({', '.join(stage.roles)})")
     stage_started = time.monotonic()
     plan = stage.plan
@@ -413,9 +424,16 @@ def _build_stage(
             docker_engine.drop_volumes(engine, docker_engine.dangling_volumes(engine) - before)
         if not stage.final:
             built = docker_engine.local_image(engine, plan.image_ref)
+            if built is not None:
+                ahead.append(scan.scan_ahead(built.id))
         else:  # gpu-smoke's result, known only now: labels; then every layer scanned
             run.doing.what = f"{where}: labelling and scanning"
             built = images.label_smoke(engine, staged)
+            if any(thread.is_alive() for thread in ahead):
+                echo(f"{where}: waiting for the scans of the earlier stages' layers")
+            for thread in ahead:
+                thread.join()
+            ahead.clear()
             report = scan.scan_image(engine, staged, progress=lambda m: echo(f"{where}: {m}"))
             if report.findings:
                 for finding in report.findings:

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import tarfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -417,7 +418,7 @@ def _store(diff_id: str, rules_digest: str, result: LayerResult) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     body = {"diff_id": diff_id, "files": result.files}
     body["hits"] = [dataclasses.asdict(hit) for hit in result.hits]
-    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    partial = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     partial.write_text(json.dumps(body), encoding="utf-8")
     partial.replace(target)  # atomic: a concurrent scan never reads half a file
 
@@ -582,6 +583,23 @@ def scan_image(
         return scan_layers(ref, list(image.attrs["RootFS"]["Layers"]), read, rules=rules)
     except (docker.errors.DockerException, tarfile.TarError) as exc:  # e.g. removed meanwhile
         raise ScanError(f"cannot read the layers of {ref}: {exc}") from None
+
+
+def scan_ahead(image_id: str) -> threading.Thread:
+    """Scan the layers of the local image `image_id` into the cache in a thread, while the
+    caller goes on (a chain's next stage builds): the image's final scan then finds them
+    cached and reads only its own top layer. Nothing is reported here: a finding or an error
+    is the final scan's to report (it scans again whatever is not cached)."""
+
+    def work() -> None:
+        try:  # its own client: the caller's is busy in the caller's thread
+            scan_image(docker_engine.client(), image_id)
+        except Exception:  # the final scan reads, and reports, these layers again
+            return
+
+    thread = threading.Thread(target=work, name=f"scan-{image_id[7:19]}", daemon=True)
+    thread.start()
+    return thread
 
 
 Reader = Callable[[set[str]], Iterable[tuple[str, LayerResult]]]
