@@ -186,3 +186,25 @@ def test_an_unknown_image_is_one_line(engine, tmp_path: Path):
     proc = gpubake_scan(f"gpubake-scantest/none:{uuid.uuid4().hex[:8]}", tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "build or pull it first" in proc.stderr
+
+
+def test_a_scan_ahead_fills_the_cache_and_leaves_the_findings_to_the_final_scan(
+    engine, planted, tmp_path, monkeypatch
+):
+    """What a chain build does with a stage below the last: its layers scanned in a thread
+    (nothing reported there), so that the final scan reads them from the cache and still
+    reports every finding, with its layer."""
+    tag, _body = planted
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    image_id = engine.images.get(tag).id
+    thread = scan.scan_ahead(image_id)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    assert len(list(scan.cache_folder().glob("*.json"))) == 5  # one result per layer
+    final = scan.scan_image(engine, tag)
+    assert final.cached_layers == 5
+    assert len(final.findings) == 17
+    # an image that does not exist (removed meanwhile): the thread ends quietly
+    gone = scan.scan_ahead("sha256:" + "0" * 64)
+    gone.join(timeout=60)
+    assert not gone.is_alive()
