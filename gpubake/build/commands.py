@@ -101,7 +101,8 @@ TARGETS = targets.NAMES
     metavar="DIR",
     help=only("wheelhouse") + "install every Python package from this folder of hash-checked "
     "files (gpubake fetch; what it lacks is fetched first), with no package index. Default "
-    "with --offline: ~/.cache/gpubake/wheels.",
+    "with --offline: ~/.cache/gpubake/wheels. VM and host targets install the stack's lock "
+    "from the files it needs, uploaded to the machine and removed after the install.",
 )
 @click.option(
     "--offline",

@@ -7,17 +7,21 @@ gpubake.cli parses the command line into a `BuildRequest`; this module does the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import os
+import tarfile
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from gpubake import GpubakeError, resources, size_text, stacks
 from gpubake.build import (
@@ -236,6 +240,73 @@ def _wheelhouse(run: _Run, lock_texts: dict[str, Any]) -> Path | None:
         if count:
             echo(f"wheelhouse {folder}: fetched {count} file(s), {size_text(size)}")
     return folder
+
+
+#: The architecture of VM images and hosts: x86_64 only (stacks refuses Arm GPUs' machines).
+VM_ARCH = "x86_64"
+
+
+def _vm_lock(run: _Run) -> Any:
+    """--wheelhouse on a VM or host target: the lock of what the VM playbook installs, which
+    the build then installs (hashes required) instead of the pins from the index; None
+    without it. A VM also serves JupyterLab (role jupyter): where the stack's packages lack
+    its pins, the lock is the stack's re-resolved with them (kept in the lock cache)."""
+    if run.request.wheelhouse is None:
+        return None
+    defaults = resources.data_root() / "roles" / "jupyter" / "defaults" / "main.yml"
+    pins = yaml.safe_load(defaults.read_text(encoding="utf-8"))["jupyter_packages"]
+    own = dict(run.stack.packages)
+    extra = tuple((str(name), str(version)) for name, version in pins.items() if name not in own)
+    stack = run.stack
+    if extra:
+        stack = dataclasses.replace(
+            stack,
+            packages=stack.packages + extra,
+            overrides=stack.overrides + tuple((f"packages.{n}", v) for n, v in extra),
+        )
+    lock, note = locks.for_build(stack, VM_ARCH)
+    if extra:
+        added = ", ".join(f"{name}=={version}" for name, version in extra)
+        echo(f"the VM's lock: stack {run.stack.name}'s with role jupyter's {added}: {lock.path}")
+    elif note:
+        echo(note)
+    return lock
+
+
+@contextlib.contextmanager
+def _vm_wheelhouse(run: _Run, plan: BuildPlan, lock: Any) -> Iterator[BuildPlan]:
+    """The plan, with the lock and an archive of the wheelhouse's files for it (fetched first
+    where the wheelhouse lacks them), which python_env uploads to the machine in one transfer
+    and installs from with no index; the archive is removed when the block ends. No lock (no
+    --wheelhouse): the plan as it is."""
+    if lock is None:
+        yield plan
+        return
+    assert run.request.wheelhouse is not None
+    folder = run.request.wheelhouse.expanduser().resolve()
+    work = resources.cache_dir() / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="wheel-upload-", dir=work) as tmp:
+        archive = Path(tmp) / "wheelhouse.tar"
+        if not run.request.dry_run:
+            run.doing.what = "the wheelhouse's download"
+            count, size = wheelhouse.fetch_for(folder, run.stack, [lock], VM_ARCH, echo)
+            if count:
+                echo(f"wheelhouse {folder}: fetched {count} file(s), {size_text(size)}")
+            files = wheelhouse.files_for(folder, run.stack, [lock], VM_ARCH)
+            run.doing.what = "the wheelhouse's archive"
+            with tarfile.open(archive, "w") as tar:  # not compressed: wheels are zip files
+                for path in files:
+                    tar.add(path, arcname=path.name)
+            size_now = size_text(archive.stat().st_size)
+            echo(f"wheelhouse {folder}: {len(files)} file(s), {size_now}, to upload")
+        variables = {
+            **plan.ansible_vars,
+            "python_env_wheelhouse": wheelhouse.MOUNT,  # where a container has it mounted
+        }
+        if archive.is_file():  # (a dry run makes none)
+            variables["python_env_wheelhouse_archive"] = str(archive)
+        yield dataclasses.replace(plan, python_env_lock=lock.text, ansible_vars=variables)
 
 
 def _reusable(engine: Any, chain: list, force: bool, stack: str) -> dict[str, Any]:
@@ -489,6 +560,7 @@ def _build_cloud_image(run: _Run) -> None:
         session = clouds.session(run.target.name, cloud)
         notes.append(f"credentials: {clouds.check_credentials(session)}")
     packer = Packer.detect()
+    lock = _vm_lock(run)
     plan = make_plan(
         run.stack,
         target=run.target.name,
@@ -499,32 +571,35 @@ def _build_cloud_image(run: _Run) -> None:
         verbose=run.ansible_verbosity,
         notes=tuple(notes),
         cloud=cloud,
+        lock=lock,
         **machine_inputs(packer),
     )
     if req.dry_run:
-        print_plan(plan, packer, req.as_json)
+        with _vm_wheelhouse(run, plan, lock) as shown:
+            print_plan(shown, packer, req.as_json)
         return
     run.doing.what = "the wait for another build of the same image"
     with guard.held(guard.output_key(f"{plan.target}:{plan.image_ref}"), echo, plan.image_ref):
-        _build_cloud_image_locked(run, plan, packer, session, started)
+        _build_cloud_image_locked(run, plan, packer, session, started, lock)
 
 
 def _build_cloud_image_locked(
-    run: _Run, plan: BuildPlan, packer: Any, session: Any, started: float
+    run: _Run, plan: BuildPlan, packer: Any, session: Any, started: float, lock: Any
 ) -> None:
     req = run.request
     existing = clouds.find_existing(session, plan)
     if existing and not req.force:
         _skipped(existing, plan.input_hash)
         return
-    echo(
-        f"building {plan.image_ref}: stack {run.stack.name} on {run.stack.os.key}, "
-        f"Packer {packer.version_text}, input hash {plan.input_hash[:12]}"
-    )
-    for note in plan.notes:
-        echo(note)
-    run.doing.what = f"the Packer build of {plan.image_ref}"
-    run_packer(plan, packer, req.verbose, guard.output_key(f"{plan.target}:{plan.image_ref}"))
+    with _vm_wheelhouse(run, plan, lock) as plan:
+        echo(
+            f"building {plan.image_ref}: stack {run.stack.name} on {run.stack.os.key}, "
+            f"Packer {packer.version_text}, input hash {plan.input_hash[:12]}"
+        )
+        for note in plan.notes:
+            echo(note)
+        run.doing.what = f"the Packer build of {plan.image_ref}"
+        run_packer(plan, packer, req.verbose, guard.output_key(f"{plan.target}:{plan.image_ref}"))
     echo(f"built {plan.image_ref} in {elapsed(started)}; gpu-smoke passed on it")
     click.echo(plan.image_ref)
 
@@ -545,6 +620,7 @@ def _build_disk_image(run: _Run) -> None:
     started = time.monotonic()
     packer = Packer.detect()
     base_id = vm_disk.base_image_id(run.stack.os.key)
+    lock = _vm_lock(run)
     plan = make_plan(
         run.stack,
         target=run.target.name,
@@ -553,10 +629,12 @@ def _build_disk_image(run: _Run) -> None:
         ca_bundle=run.bundle,
         verbose=run.ansible_verbosity,
         cloud=CloudOptions(disk_size_gb=req.disk_size),
+        lock=lock,
         **machine_inputs(packer),
     )
     if req.dry_run:
-        print_plan(plan, packer, req.as_json)
+        with _vm_wheelhouse(run, plan, lock) as shown:
+            print_plan(shown, packer, req.as_json)
         return
     name = plan.image_ref
     run.doing.what = "the wait for another build of the same image"
@@ -566,35 +644,36 @@ def _build_disk_image(run: _Run) -> None:
         if folder is not None and not req.force:
             _skipped(folder, plan.input_hash)
             return
-        run.doing.what = "the base disk's build"
-        machine = disk_image.machine_vars(run.stack.os.key, echo)
-        plan = dataclasses.replace(plan, packer_vars={**plan.packer_vars, **machine})
-        echo(
-            f"building {name}: stack {run.stack.name} on {run.stack.os.key}, Packer "
-            f"{packer.version_text}, QEMU with {machine['qemu_accelerator']}, input hash "
-            f"{plan.input_hash[:12]}"
-        )
-        if machine["qemu_accelerator"] == "tcg":
-            echo("no usable KVM here: the VM runs under software emulation (TCG), slowly")
-        record = {
-            "image": name,
-            "input_hash": plan.input_hash,
-            "stack": run.stack.name,
-            "os": run.stack.os.key,
-            "base_disk": machine["qemu_base_disk"],
-            "base_disk_sha256": machine["qemu_base_disk_sha256"],
-            "labels": dict(plan.labels),
-        }
-        done: list[Path] = []
-        run.doing.what = f"the Packer build of {name}"
-        run_packer(
-            plan,
-            packer,
-            req.verbose,
-            key,
-            before=disk_image.prepare,
-            after=lambda scratch: done.append(disk_image.finish(scratch, name, record, echo)),
-        )
+        with _vm_wheelhouse(run, plan, lock) as plan:
+            run.doing.what = "the base disk's build"
+            machine = disk_image.machine_vars(run.stack.os.key, echo)
+            plan = dataclasses.replace(plan, packer_vars={**plan.packer_vars, **machine})
+            echo(
+                f"building {name}: stack {run.stack.name} on {run.stack.os.key}, Packer "
+                f"{packer.version_text}, QEMU with {machine['qemu_accelerator']}, input hash "
+                f"{plan.input_hash[:12]}"
+            )
+            if machine["qemu_accelerator"] == "tcg":
+                echo("no usable KVM here: the VM runs under software emulation (TCG), slowly")
+            record = {
+                "image": name,
+                "input_hash": plan.input_hash,
+                "stack": run.stack.name,
+                "os": run.stack.os.key,
+                "base_disk": machine["qemu_base_disk"],
+                "base_disk_sha256": machine["qemu_base_disk_sha256"],
+                "labels": dict(plan.labels),
+            }
+            done: list[Path] = []
+            run.doing.what = f"the Packer build of {name}"
+            run_packer(
+                plan,
+                packer,
+                req.verbose,
+                key,
+                before=disk_image.prepare,
+                after=lambda scratch: done.append(disk_image.finish(scratch, name, record, echo)),
+            )
     echo(f"built {name} in {elapsed(started)}; gpu-smoke passed on it: {done[0]}")
     click.echo(done[0])
 
@@ -613,6 +692,7 @@ def _apply_host(run: _Run) -> None:
     host = login.host if login else None
     started = time.monotonic()
     inputs = machine_inputs(None)
+    lock = _vm_lock(run)
     plan = make_plan(
         run.stack,
         target=run.target.name,
@@ -621,10 +701,12 @@ def _apply_host(run: _Run) -> None:
         ca_bundle=run.bundle,
         require_gpu=False,
         verbose=run.ansible_verbosity,
+        lock=lock,
         **inputs,
     )
     if req.dry_run:
-        print_plan(plan, None, req.as_json)
+        with _vm_wheelhouse(run, plan, lock) as shown:
+            print_plan(shown, None, req.as_json)
         return
     if login is not None:
         hosts.check_ssh(login)
@@ -642,7 +724,8 @@ def _apply_host(run: _Run) -> None:
         verb = "would change" if check else "changed"
         echo(f"{book} on {where}: {progress.changed_summary().replace('changed', verb, 1)}")
 
-    hosts.apply(plan, login=login, on_line=on_line, check=check, on_done=on_done)
+    with _vm_wheelhouse(run, plan, lock) as applied:
+        hosts.apply(applied, login=login, on_line=on_line, check=check, on_done=on_done)
     if check:
         echo("check mode changed nothing; running gpu-smoke from gpubake itself")
         code = hosts.run_smoke(login, ["--require-gpu"])

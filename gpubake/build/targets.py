@@ -74,7 +74,7 @@ COMMON_PACKER_FILES = ("variables.pkr.hcl",)
 #: Written only for Packer >= 1.7 (1.6 rejects required_plugins).
 PLUGINS_FILE = "plugins.pkr.hcl"
 
-_CLOUD_OPTIONS = frozenset({"disk_size", "no_gpu_build"})
+_CLOUD_OPTIONS = frozenset({"disk_size", "no_gpu_build", "wheelhouse"})
 
 REGISTRY: dict[str, Target] = {
     t.name: t
@@ -111,20 +111,20 @@ REGISTRY: dict[str, Target] = {
             "a VM disk image (qcow2, raw, GCP's disk.raw tar.gz) built here under QEMU",
             packer_source="qemu.gpubake",
             packer_files=(VM_BUILD_FILE, "qemu.pkr.hcl"),
-            options=frozenset({"disk_size"}),
+            options=frozenset({"disk_size", "wheelhouse"}),
         ),
         Target(
             "ssh",
             "host",
             "the VM playbook applied to a running machine over ssh",
-            options=frozenset({"host", "ssh_key", "known_hosts", "check_mode"}),
+            options=frozenset({"host", "ssh_key", "known_hosts", "check_mode", "wheelhouse"}),
             required=("host",),
         ),
         Target(
             "local",
             "host",
             "the VM playbook applied to this machine",
-            options=frozenset({"check_mode"}),
+            options=frozenset({"check_mode", "wheelhouse"}),
         ),
     )
 }

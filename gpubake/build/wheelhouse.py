@@ -38,7 +38,8 @@ from gpubake import GpubakeError, resources, size_text, stacks
 from gpubake.build import locks
 from gpubake.build.hashing import file_sha256
 
-#: where build containers see the wheelhouse (read-only)
+#: where build containers see the wheelhouse (read-only), and where a VM or host build
+#: uploads its files (python_env removes them at the end of the play)
 MOUNT = "/var/cache/gpubake-wheels"
 #: size, mtime and sha256 of the files, so that a complete wheelhouse is not read again
 MEMO = ".gpubake-sha256.json"
@@ -175,8 +176,11 @@ class _Memo:
             tmp.replace(self.path)
 
 
-def missing(folder: Path, pins: Iterable[Wanted], order: dict[wheel_tags.Tag, int]) -> list[Wanted]:
-    """The pins the wheelhouse has no fitting, hash-checked file of."""
+def best_files(
+    folder: Path, pins: Iterable[Wanted], order: dict[wheel_tags.Tag, int]
+) -> dict[Wanted, Path | None]:
+    """Each pin's best-fitting hash-checked file in the wheelhouse (a wheel by its best tag,
+    then an sdist), or None."""
     held: dict[tuple[str, Version], list[Path]] = {}  # the files that fit, by name and version
     if folder.is_dir():
         for path in folder.iterdir():
@@ -184,13 +188,20 @@ def missing(folder: Path, pins: Iterable[Wanted], order: dict[wheel_tags.Tag, in
             if identity is not None and path.is_file() and _rank(path.name, order) is not None:
                 held.setdefault(identity[:2], []).append(path)
     memo = _Memo(folder)
-    lacking = []
+    found: dict[Wanted, Path | None] = {}
     for pin in pins:
-        fits = held.get((pin.name, Version(pin.version)), [])
-        if not any(memo.sha256(p) in pin.hashes for p in fits):
-            lacking.append(pin)
+        fits = sorted(
+            held.get((pin.name, Version(pin.version)), []),
+            key=lambda p: (_rank(p.name, order), p.name),
+        )
+        found[pin] = next((p for p in fits if memo.sha256(p) in pin.hashes), None)
     memo.save()
-    return lacking
+    return found
+
+
+def missing(folder: Path, pins: Iterable[Wanted], order: dict[wheel_tags.Tag, int]) -> list[Wanted]:
+    """The pins the wheelhouse has no fitting, hash-checked file of."""
+    return [pin for pin, path in best_files(folder, pins, order).items() if path is None]
 
 
 def _choose(pin: Wanted, files: list[dict], order: dict[wheel_tags.Tag, int]) -> dict | None:
@@ -298,6 +309,25 @@ def check(folder: Path, stack: stacks.Stack, lock_list: Iterable[locks.Lock], ar
             f"{'' if folder == default_dir() else f' --wheelhouse {folder}'}` where the index "
             "can be reached"
         )
+
+
+def files_for(
+    folder: Path, stack: stacks.Stack, lock_list: Iterable[locks.Lock], arch: str
+) -> list[Path]:
+    """The file each pin of the locks (and uv) installs from, best fit first: what a VM or
+    host build uploads. Refuses (one line, as `check`) a wheelhouse that lacks one."""
+    wanted_here = need(stack, lock_list, arch)
+    found = best_files(folder, wanted_here.pins, wanted_here.order)
+    lacking = [pin for pin, path in found.items() if path is None]
+    if lacking:
+        shown = ", ".join(pin.label for pin in lacking[:3])
+        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+        raise WheelhouseError(
+            f"the wheelhouse {folder} lacks {shown}{more} for stack '{stack.name}' on "
+            f"{stack.os.key}: run `gpubake fetch --stack {stack.name} --os {stack.os.key} "
+            f"--wheelhouse {folder}`"
+        )
+    return sorted(path for path in found.values() if path is not None)
 
 
 def unused(folder: Path) -> list[Path]:

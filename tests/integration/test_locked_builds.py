@@ -4,6 +4,7 @@ no container left. The edited locks are made in a copy of the checkout, whose gp
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -116,3 +117,33 @@ def test_a_stack_pin_the_lock_lacks_stops_the_build(engine, tree):
         assert_stopped_before_packer(engine, proc, "out of date", "gpubake lock --stack pytorch")
     finally:
         stacks_yml.write_text(original)
+
+
+def test_a_vm_build_from_a_wheelhouse_installs_the_vms_lock():
+    """--wheelhouse on a VM target: the plan installs a lock (the stack's re-resolved with role
+    jupyter's JupyterLab, which every VM serves) from the wheelhouse, and the SBOM lists its
+    hashes; without it, the stack's pins from the index and no lock. The lock is part of the
+    input hash: the two are different images."""
+
+    def planned(*more: str) -> tuple[dict, str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "gpubake", "build", "--target", "qemu", "--stack", "pytorch",
+             "--os", "debian-12", "--dry-run", "--json", *more],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout), proc.stderr
+
+    plain, _said = planned()
+    housed, said = planned("--wheelhouse", "/nonexistent/wheels")  # a dry run fetches nothing
+    assert "python_env_wheelhouse" not in plain["ansible_vars"]
+    assert plain["ansible_vars"]["manifest_lock_pins"] == {}
+    assert housed["ansible_vars"]["python_env_wheelhouse"] == "/var/cache/gpubake-wheels"
+    pins = housed["ansible_vars"]["manifest_lock_pins"]
+    assert pins["jupyterlab"]["version"] == "4.6.6" and pins["torch"]["version"] == "2.15.0"
+    assert all(entry["hashes"] for entry in pins.values())
+    assert housed["input_hash"] != plain["input_hash"]
+    assert re.search(
+        r"the VM's lock: stack pytorch's with role jupyter's jupyterlab==4\.6\.6: \S+\.txt", said
+    ), said
+    assert not Path("/nonexistent/wheels").exists()

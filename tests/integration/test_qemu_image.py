@@ -6,6 +6,9 @@ software emulation each apt package costs about a minute), so the image holds wh
 at boot: base, the Python environment, Jupyter, the job runner, gpu-smoke, the manifest, the
 seal. Packer boots gpubake's base disk under QEMU (TCG here: this machine's KVM cannot run a
 guest), applies the VM playbook over SSH, runs gpu-smoke, seals; the VM powers itself off.
+It builds from a wheelhouse (`--wheelhouse`, as a site without a package index would): the
+VM's lock (tiny's with JupyterLab) is fetched into it, its files are uploaded to the VM and
+installed from there with no index, hashes required, and removed before the seal.
 
 The boots: a copy of the raw disk gets a site file /etc/default/gpubake-job (the metadata
 server's address and the storage emulator's, as `virt-customize` would add them), and boots
@@ -138,6 +141,15 @@ class Built:
     output: str
     seconds: float
 
+    @property
+    def wheels(self) -> Path:
+        return wheels_of(self.tree)
+
+
+def wheels_of(tree: Path) -> Path:
+    """The wheelhouse a build in `tree` installs from (--wheelhouse), beside the tree."""
+    return tree.with_name(tree.name + "-wheels")
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Built:
@@ -162,7 +174,7 @@ def built(tmp_path_factory) -> Built:
 def _build(tree: Path, *more: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*NICE, sys.executable, "-m", "gpubake", "build", *BUILD_ARGS, "--ca-bundle",
-         str(HOST_BUNDLE),
+         str(HOST_BUNDLE), "--wheelhouse", str(wheels_of(tree)),
          *more],
         cwd=tree,
         env={**os.environ, "PYTHONPATH": str(tree)},
@@ -204,6 +216,11 @@ def test_the_build_says_what_it_does_and_writes_every_file(built):
     else:
         assert "QEMU with tcg" in said  # this machine's KVM fails the boot probe
         assert "play: Run the gpu-smoke check" in said
+        # the VM's lock (tiny's re-resolved with JupyterLab), its files uploaded and installed
+        assert "the VM's lock: stack tiny's with role jupyter's jupyterlab==" in said, said[:3000]
+        assert re.search(r"wheelhouse \S+-wheels: \d+ file\(s\), .* to upload", said), said[:3000]
+        assert "python_env : Upload and unpack the wheelhouse's files" in said
+        assert "python_env : Install the lock, hashes required" in said
         assert f"built {built.folder.name} in " in said and "gpu-smoke passed on it" in said
     assert built.folder.parent == disk_image.images_dir()
     names = sorted(p.name for p in built.folder.iterdir())
@@ -231,7 +248,14 @@ def test_the_build_says_what_it_does_and_writes_every_file(built):
     assert (manifest["driver_source"], manifest["cuda_source"]) == ("none", "none")
     assert manifest["input_hash"] == record["input_hash"]
     sbom = json.loads((built.folder / "sbom.cdx.json").read_text())
-    assert "six" in {c["name"] for c in sbom["components"]}
+    components = {c["name"]: c for c in sbom["components"]}
+    # installed from the lock: the SBOM lists its hashes, one of them the uploaded file's
+    # (a build skipped above fetched nothing: then the lock's hashes only)
+    wheels = {hashlib.sha256(p.read_bytes()).hexdigest() for p in built.wheels.glob("*.whl")}
+    for name in ("six", "jupyterlab"):
+        listed = {h["content"] for h in components[name].get("hashes", [])}
+        assert listed, components[name]
+        assert listed & wheels or "skipped: " in said, (name, components[name])
     smoke = json.loads((built.folder / "smoke-report.json").read_text())
     assert smoke["gpu_visible"] is False
 
@@ -249,6 +273,7 @@ def test_the_sealed_image_has_no_identity_and_no_build_user(built):
     stats = _debugfs(raw, "stats")
     assert re.search(r"^Filesystem state:\s+clean$", stats, re.M), stats[:2000]
     assert "needs_recovery" not in stats
+    assert "gpubake-wheels" not in _debugfs(raw, "ls /var/cache")  # the upload is removed
     etc_ssh = _debugfs(raw, "ls -l /etc/ssh")
     assert "sshd_config" in etc_ssh and "ssh_host_" not in etc_ssh
     assert "Size: 0" in _debugfs(raw, "stat /etc/machine-id")

@@ -168,3 +168,32 @@ def test_an_offline_build_names_what_the_wheelhouse_lacks(tmp_path):
     assert message.startswith(f"--offline: the wheelhouse {tmp_path} lacks ")
     assert "more for stack 'pytorch' on debian-12" in message
     assert f"gpubake fetch --stack pytorch --os debian-12 --wheelhouse {tmp_path}" in message
+
+
+def test_a_vm_build_uploads_each_pins_best_fitting_file(tmp_path):
+    """What a VM or host build uploads: per pin the wheel of the best tag (not the sdist,
+    not another Python's or platform's), hash-checked; a pin with none is None."""
+    for files in FILES.values():
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+    wanted = [pin("demo", "1.0", *FILES["demo"]), pin("pure", "2.0", *FILES["pure"])]
+    wanted.append(pin("onlysdist", "0.1", "onlysdist-0.1.tar.gz"))
+    (tmp_path / "onlysdist-0.1.tar.gz").write_bytes(b"not the lock's bytes")
+    found = wheelhouse.best_files(tmp_path, wanted, order())
+    assert {w.name: p.name if p else None for w, p in found.items()} == {
+        "demo": "demo-1.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "pure": "pure-2.0-py3-none-any.whl",
+        "onlysdist": None,
+    }
+
+
+def test_a_vm_build_names_what_the_wheelhouse_lacks(tmp_path):
+    stack = stacks.resolve("pytorch")
+    lock = locks.check(stack, "x86_64")
+    with pytest.raises(wheelhouse.WheelhouseError) as caught:
+        wheelhouse.files_for(tmp_path, stack, [lock], "x86_64")
+    message = str(caught.value)
+    assert message.startswith(f"the wheelhouse {tmp_path} lacks ")
+    assert "more for stack 'pytorch' on debian-12" in message
+    fix = f"gpubake fetch --stack pytorch --os debian-12 --wheelhouse {tmp_path}`"
+    assert message.endswith(fix)
