@@ -297,18 +297,25 @@ def need(stack: stacks.Stack, lock_list: Iterable[locks.Lock], arch: str) -> Nee
 
 
 def check(folder: Path, stack: stacks.Stack, lock_list: Iterable[locks.Lock], arch: str) -> None:
-    """Refuse (one line) a wheelhouse that lacks a file the build installs."""
+    """Refuse (one line) a wheelhouse that lacks a file the build installs (--offline)."""
     wanted_here = need(stack, lock_list, arch)
     lacking = missing(folder, wanted_here.pins, wanted_here.order)
     if lacking:
-        shown = ", ".join(pin.label for pin in lacking[:3])
-        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
-        raise WheelhouseError(
-            f"--offline: the wheelhouse {folder} lacks {shown}{more} for stack '{stack.name}' on "
-            f"{stack.os.key}: run `gpubake fetch --stack {stack.name} --os {stack.os.key}"
-            f"{'' if folder == default_dir() else f' --wheelhouse {folder}'}` where the index "
-            "can be reached"
-        )
+        raise _lacking(folder, stack, lacking, offline=True)
+
+
+def _lacking(
+    folder: Path, stack: stacks.Stack, lacking: list[Wanted], *, offline: bool
+) -> WheelhouseError:
+    shown = ", ".join(pin.label for pin in lacking[:3])
+    more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+    fix = f"gpubake fetch --stack {stack.name} --os {stack.os.key}"
+    fix += "" if folder == default_dir() else f" --wheelhouse {folder}"
+    return WheelhouseError(
+        f"{'--offline: ' if offline else ''}the wheelhouse {folder} lacks {shown}{more} for "
+        f"stack '{stack.name}' on {stack.os.key}: run `{fix}`"
+        + (" where the index can be reached" if offline else "")
+    )
 
 
 def files_for(
@@ -320,13 +327,7 @@ def files_for(
     found = best_files(folder, wanted_here.pins, wanted_here.order)
     lacking = [pin for pin, path in found.items() if path is None]
     if lacking:
-        shown = ", ".join(pin.label for pin in lacking[:3])
-        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
-        raise WheelhouseError(
-            f"the wheelhouse {folder} lacks {shown}{more} for stack '{stack.name}' on "
-            f"{stack.os.key}: run `gpubake fetch --stack {stack.name} --os {stack.os.key} "
-            f"--wheelhouse {folder}`"
-        )
+        raise _lacking(folder, stack, lacking, offline=False)
     return sorted(path for path in found.values() if path is not None)
 
 

@@ -159,15 +159,22 @@ def test_wanted_holds_every_pin_once_and_uv(tmp_path):
     assert len(uv.hashes) == 1 and len(found) == 3
 
 
-def test_an_offline_build_names_what_the_wheelhouse_lacks(tmp_path):
+@pytest.mark.parametrize(
+    ("refuse", "prefix"),
+    [(wheelhouse.check, "--offline: "), (wheelhouse.files_for, "")],
+    ids=["offline-build", "vm-upload"],
+)
+def test_a_build_names_what_the_wheelhouse_lacks(tmp_path, refuse, prefix):
+    """An offline build (check) and a VM or host build (files_for, what it uploads) refuse a
+    wheelhouse that lacks files in one line naming them and the fetch that adds them."""
     stack = stacks.resolve("pytorch")
     lock = locks.check(stack, "x86_64")
     with pytest.raises(wheelhouse.WheelhouseError) as caught:
-        wheelhouse.check(tmp_path, stack, [lock], "x86_64")
+        refuse(tmp_path, stack, [lock], "x86_64")
     message = str(caught.value)
-    assert message.startswith(f"--offline: the wheelhouse {tmp_path} lacks ")
+    assert message.startswith(f"{prefix}the wheelhouse {tmp_path} lacks ")
     assert "more for stack 'pytorch' on debian-12" in message
-    assert f"gpubake fetch --stack pytorch --os debian-12 --wheelhouse {tmp_path}" in message
+    assert f"gpubake fetch --stack pytorch --os debian-12 --wheelhouse {tmp_path}`" in message
 
 
 def test_a_vm_build_uploads_each_pins_best_fitting_file(tmp_path):
@@ -185,15 +192,3 @@ def test_a_vm_build_uploads_each_pins_best_fitting_file(tmp_path):
         "pure": "pure-2.0-py3-none-any.whl",
         "onlysdist": None,
     }
-
-
-def test_a_vm_build_names_what_the_wheelhouse_lacks(tmp_path):
-    stack = stacks.resolve("pytorch")
-    lock = locks.check(stack, "x86_64")
-    with pytest.raises(wheelhouse.WheelhouseError) as caught:
-        wheelhouse.files_for(tmp_path, stack, [lock], "x86_64")
-    message = str(caught.value)
-    assert message.startswith(f"the wheelhouse {tmp_path} lacks ")
-    assert "more for stack 'pytorch' on debian-12" in message
-    fix = f"gpubake fetch --stack pytorch --os debian-12 --wheelhouse {tmp_path}`"
-    assert message.endswith(fix)
