@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from gpubake import GpubakeError, resources, size_text, stacks
 from gpubake.build import (
@@ -53,6 +52,7 @@ from gpubake.clouds import aws as cloud_rules_aws
 from gpubake.clouds import build as clouds
 from gpubake.clouds import gcp as cloud_rules_gcp
 from gpubake.clouds.location import settle_options
+from gpubake.notebooks import options as notebook_options
 from gpubake.publish import images, scan
 
 LOG_DIR = resources.cache_dir() / "logs"
@@ -253,8 +253,7 @@ def _vm_lock(run: _Run) -> Any:
     its pins, the lock is the stack's re-resolved with them (kept in the lock cache)."""
     if run.request.wheelhouse is None:
         return None
-    defaults = resources.data_root() / "roles" / "jupyter" / "defaults" / "main.yml"
-    pins = yaml.safe_load(defaults.read_text(encoding="utf-8"))["jupyter_packages"]
+    pins = notebook_options.jupyter()["jupyter_packages"]
     own = dict(run.stack.packages)
     extra = tuple((str(name), str(version)) for name, version in pins.items() if name not in own)
     stack = run.stack
@@ -282,30 +281,31 @@ def _vm_wheelhouse(run: _Run, plan: BuildPlan, lock: Any) -> Iterator[BuildPlan]
     if lock is None:
         yield plan
         return
+    variables = {
+        **plan.ansible_vars,
+        "python_env_wheelhouse": wheelhouse.MOUNT,  # where a container has it mounted
+    }
+    if run.request.dry_run:  # nothing fetched, no archive made
+        yield dataclasses.replace(plan, python_env_lock=lock.text, ansible_vars=variables)
+        return
     assert run.request.wheelhouse is not None
     folder = run.request.wheelhouse.expanduser().resolve()
+    run.doing.what = "the wheelhouse's download"
+    count, size = wheelhouse.fetch_for(folder, run.stack, [lock], VM_ARCH, echo)
+    if count:
+        echo(f"wheelhouse {folder}: fetched {count} file(s), {size_text(size)}")
+    files = wheelhouse.files_for(folder, run.stack, [lock], VM_ARCH)
     work = resources.cache_dir() / "work"
     work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="wheel-upload-", dir=work) as tmp:
         archive = Path(tmp) / "wheelhouse.tar"
-        if not run.request.dry_run:
-            run.doing.what = "the wheelhouse's download"
-            count, size = wheelhouse.fetch_for(folder, run.stack, [lock], VM_ARCH, echo)
-            if count:
-                echo(f"wheelhouse {folder}: fetched {count} file(s), {size_text(size)}")
-            files = wheelhouse.files_for(folder, run.stack, [lock], VM_ARCH)
-            run.doing.what = "the wheelhouse's archive"
-            with tarfile.open(archive, "w") as tar:  # not compressed: wheels are zip files
-                for path in files:
-                    tar.add(path, arcname=path.name)
-            size_now = size_text(archive.stat().st_size)
-            echo(f"wheelhouse {folder}: {len(files)} file(s), {size_now}, to upload")
-        variables = {
-            **plan.ansible_vars,
-            "python_env_wheelhouse": wheelhouse.MOUNT,  # where a container has it mounted
-        }
-        if archive.is_file():  # (a dry run makes none)
-            variables["python_env_wheelhouse_archive"] = str(archive)
+        run.doing.what = "the wheelhouse's archive"
+        with tarfile.open(archive, "w") as tar:  # not compressed: wheels are zip files
+            for path in files:
+                tar.add(path, arcname=path.name)
+        size_now = size_text(archive.stat().st_size)
+        echo(f"wheelhouse {folder}: {len(files)} file(s), {size_now}, to upload")
+        variables["python_env_wheelhouse_archive"] = str(archive)
         yield dataclasses.replace(plan, python_env_lock=lock.text, ansible_vars=variables)
 
 

@@ -16,7 +16,7 @@ from gpubake import GpubakeError, stacks
 from gpubake.build import ansible
 from gpubake.build.ansible import Progress
 from gpubake.build.plan import BuildPlan
-from gpubake.build.render import LOCK_FILE
+from gpubake.build.render import ansible_variables
 from gpubake.resources import data_root
 
 SSH_OPTIONS = [
@@ -145,11 +145,7 @@ def apply(
     """Run playbooks/vm.yml, then playbooks/smoke.yml, on the host; `on_done(book, progress)`
     after each playbook that succeeded."""
     with tempfile.TemporaryDirectory(prefix="gpubake-host-") as tmp:
-        variables = dict(plan.ansible_vars)
-        if plan.python_env_lock:  # --wheelhouse: the lock python_env installs (role var)
-            lock = Path(tmp) / LOCK_FILE
-            lock.write_text(plan.python_env_lock, encoding="utf-8")
-            variables["python_env_lock_file"] = str(lock)
+        variables = ansible_variables(plan, Path(tmp))  # with --wheelhouse, the lock too
         vars_file = ansible.write_vars(Path(tmp) / "ansible-vars.json", variables)
         # check mode installs nothing, so gpu-smoke then runs from gpubake itself (run_smoke)
         playbooks = ["vm.yml"] if check else ["vm.yml", "smoke.yml"]

@@ -140,6 +140,18 @@ def copy_collection(dest: Path) -> None:
             shutil.copyfile(src, dest / item)
 
 
+def ansible_variables(plan: BuildPlan, folder: Path) -> dict[str, Any]:
+    """The plan's Ansible variables, with the lock python_env installs (when the plan has one)
+    written into `folder` as LOCK_FILE and named by python_env_lock_file."""
+    variables = dict(plan.ansible_vars)
+    lock = folder / LOCK_FILE
+    lock.unlink(missing_ok=True)
+    if plan.python_env_lock:
+        lock.write_text(plan.python_env_lock, encoding="utf-8")
+        variables["python_env_lock_file"] = str(lock.resolve())
+    return variables
+
+
 def render(plan: BuildPlan, out_dir: Path, *, with_plugins: bool) -> Path:
     """Write the Packer and Ansible inputs of `plan` into `out_dir`; return the var file."""
     target = targets.get(plan.target)
@@ -160,12 +172,7 @@ def render(plan: BuildPlan, out_dir: Path, *, with_plugins: bool) -> Path:
     (out_dir / "ansible.cfg").write_text(
         ansible_cfg((root / "ansible.cfg").read_text(encoding="utf-8")), encoding="utf-8"
     )
-    variables = dict(plan.ansible_vars)
-    lock = out_dir / LOCK_FILE
-    lock.unlink(missing_ok=True)
-    if plan.python_env_lock:
-        lock.write_text(plan.python_env_lock, encoding="utf-8")
-        variables["python_env_lock_file"] = str(lock.resolve())
+    variables = ansible_variables(plan, out_dir)
     (out_dir / "ansible-vars.json").write_text(
         json.dumps(variables, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
