@@ -100,7 +100,8 @@ TARGETS = targets.NAMES
     type=click.Path(file_okay=False, path_type=Path),
     metavar="DIR",
     help=only("wheelhouse") + "install every Python package from this folder of hash-checked "
-    "files (gpubake fetch; what it lacks is fetched first), with no package index. Default "
+    "files (gpubake fetch; what it lacks is fetched, for containers while the first stage "
+    "builds), with no package index. Default "
     "with --offline: ~/.cache/gpubake/wheels. VM and host targets install the stack's lock "
     "from the files it needs, uploaded to the machine and removed after the install.",
 )

@@ -224,22 +224,33 @@ def container_chain(
     )
 
 
-def _wheelhouse(run: _Run, lock_texts: dict[str, Any]) -> Path | None:
-    """The wheelhouse the build installs from (complete), or None (the index, uv's cache).
-    --offline: it must hold every file already; --wheelhouse alone: what it lacks is fetched."""
+def _wheelhouse(run: _Run, lock_texts: dict[str, Any]) -> tuple[Path | None, Any]:
+    """The wheelhouse the build installs from, or None (the index, uv's cache), and the
+    download of what it lacks (wheelhouse.Prefetch; None for --offline and dry runs).
+    --offline: it must hold every file already; --wheelhouse alone: what it lacks is fetched
+    while the first stage builds."""
     req = run.request
     if not (req.offline or req.wheelhouse):
-        return None
+        return None, None
     folder = (req.wheelhouse or wheelhouse.default_dir()).expanduser().resolve()
     arch = stacks.machine_arch()
     if req.offline:
         wheelhouse.check(folder, run.stack, lock_texts.values(), arch)
-    elif not req.dry_run:
-        run.doing.what = "the wheelhouse's download"
-        count, size = wheelhouse.fetch_for(folder, run.stack, lock_texts.values(), arch, echo)
-        if count:
-            echo(f"wheelhouse {folder}: fetched {count} file(s), {size_text(size)}")
-    return folder
+        return folder, None
+    needed = wheelhouse.need(run.stack, lock_texts.values(), arch)  # refuses a conda stack
+    return folder, None if req.dry_run else wheelhouse.Prefetch(folder, needed, echo)
+
+
+def _wait_for_wheels(run: _Run, prefetch: Any, where: str) -> None:
+    """Before a stage installs the lock from the wheelhouse: its download, finished."""
+    if prefetch is None or prefetch.waited:
+        return
+    run.doing.what = "the wheelhouse's download"
+    if prefetch.running():
+        echo(f"{where}: waiting for the wheelhouse's download")
+    count, size = prefetch.wait()
+    if count:
+        echo(f"wheelhouse {prefetch.folder}: fetched {count} file(s), {size_text(size)}")
 
 
 #: The architecture of VM images and hosts: x86_64 only (stacks refuses Arm GPUs' machines).
@@ -347,7 +358,7 @@ def _build_container(run: _Run) -> None:
     notes: list[str] = []
     # the locks first: a stale, edited or unresolvable lock stops the build before anything
     lock_texts, lock_notes = container_locks(run.stack, verify=not (req.dry_run or req.offline))
-    house = _wheelhouse(run, lock_texts)
+    house, prefetch = _wheelhouse(run, lock_texts)
     if req.dry_run:
         ref, image_id = _dry_run_base(engine, run.stack.os, req.base_image, notes)
     else:
@@ -382,7 +393,7 @@ def _build_container(run: _Run) -> None:
     doing.what = "the wait for another build of the same image"
     with guard.held(guard.output_key(final.plan.image_ref), echo, f"{final.plan.image_ref}"):
         reuse = _reusable(engine, chain, req.force, run.stack.name)
-        _build_chain(run, engine, packer, chain, reuse, started)
+        _build_chain(run, engine, packer, chain, reuse, started, prefetch)
 
 
 def _build_chain(
@@ -392,7 +403,10 @@ def _build_chain(
     chain: list,
     reuse: dict[str, Any],
     started: float,
+    prefetch: Any = None,
 ) -> None:
+    """Build the chain's stages that `reuse` lacks. `prefetch` (a wheelhouse's download)
+    starts with the first stage built and is waited for by the first that installs the lock."""
     final = chain[-1]
     plan = final.plan
     if final.input_hash in reuse:
@@ -421,23 +435,37 @@ def _build_chain(
         echo(note)
     previous = docker_engine.local_image(engine, plan.image_ref)
     ahead: list[threading.Thread] = []  # the layer scans running while later stages build
-    for number, stage in enumerate(chain, 1):
-        where = f"stage {number}/{len(chain)} {stage.label}"
-        image = reuse.get(stage.input_hash)
-        if image is not None:
-            if stage.plan.image_ref not in image.tags:
-                image.tag(stage.plan.image_repository, stage.plan.image_tag)
-            echo(f"{where}: reused {image.short_id} (input hash {stage.input_hash[:12]})")
-            continue
-        run.doing.what = where
-        key = guard.stage_key(stage.input_hash)
-        with guard.held(key, echo, f"{where} (input hash {stage.input_hash[:12]})") as waited:
-            if waited:  # built meanwhile by the build it waited for?
-                image = _reusable_stage(engine, stage, number, chain)
-                if image is not None:
-                    echo(f"{where}: reused {image.short_id}, built meanwhile by another build")
-                    continue
-            _build_stage(run, engine, packer, stage, where, key, last=stage is final, ahead=ahead)
+    try:
+        for number, stage in enumerate(chain, 1):
+            where = f"stage {number}/{len(chain)} {stage.label}"
+            image = reuse.get(stage.input_hash)
+            if image is not None:
+                if stage.plan.image_ref not in image.tags:
+                    image.tag(stage.plan.image_repository, stage.plan.image_tag)
+                echo(f"{where}: reused {image.short_id} (input hash {stage.input_hash[:12]})")
+                continue
+            if prefetch is not None and (stage.lock or "python_env" in stage.roles):
+                run.doing.what = "the wheelhouse's download"
+                prefetch.start()  # uv now (python_env installs it), the rest while this builds
+                if stage.lock:
+                    _wait_for_wheels(run, prefetch, where)
+            run.doing.what = where
+            key = guard.stage_key(stage.input_hash)
+            with guard.held(key, echo, f"{where} (input hash {stage.input_hash[:12]})") as waited:
+                if waited:  # built meanwhile by the build it waited for?
+                    image = _reusable_stage(engine, stage, number, chain)
+                    if image is not None:
+                        echo(f"{where}: reused {image.short_id}, built meanwhile by another build")
+                        continue
+                _build_stage(
+                    run, engine, packer, stage, where, key, last=stage is final, ahead=ahead
+                )
+        if prefetch is not None and prefetch.started and not prefetch.waited:  # end it whole
+            _wait_for_wheels(run, prefetch, f"{plan.image_ref}")
+    except BaseException:
+        if prefetch is not None:
+            prefetch.stop()
+        raise
     image = docker_engine.local_image(engine, plan.image_ref)
     size = f", {image.attrs['Size'] / 1e9:.2f} GB" if image is not None else ""
     smoke = (image.labels or {}).get(SMOKE_LABEL) if image is not None else None

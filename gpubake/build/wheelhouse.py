@@ -18,7 +18,8 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,10 @@ Say = Callable[[str], None]
 
 class WheelhouseError(GpubakeError):
     """A wheelhouse that lacks files, a file no index serves, or a download that failed."""
+
+
+class _StoppedError(Exception):
+    """A background fetch told to stop (its build failed or was interrupted)."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,7 @@ def _choose(pin: Wanted, files: list[dict], order: dict[wheel_tags.Tag, int]) ->
     return min(ranked)[2] if ranked else None
 
 
-def _download(pin: Wanted, item: dict, folder: Path) -> Path:
+def _download(pin: Wanted, item: dict, folder: Path, stop: threading.Event | None) -> Path:
     target = folder / item["filename"]
     part = target.with_name(target.name + PART)
     digest = hashlib.sha256()
@@ -224,6 +229,8 @@ def _download(pin: Wanted, item: dict, folder: Path) -> Path:
             response.raise_for_status()
             with part.open("wb") as handle:
                 for chunk in response.iter_content(CHUNK):
+                    if stop is not None and stop.is_set():
+                        raise _StoppedError
                     digest.update(chunk)
                     handle.write(chunk)
         if digest.hexdigest() not in pin.hashes:
@@ -244,8 +251,10 @@ def fetch(
     order: dict[wheel_tags.Tag, int],
     say: Say,
     index: str | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[int, int]:
-    """Download the files of `pins` the wheelhouse lacks; return (files, bytes) downloaded."""
+    """Download the files of `pins` the wheelhouse lacks; return (files, bytes) downloaded.
+    `stop` set: the downloads end at their next chunk (raising _StoppedError)."""
     index = (index or locks.index_url()).rstrip("/")
     folder.mkdir(parents=True, exist_ok=True)
     lacking = missing(folder, pins, order)
@@ -261,7 +270,7 @@ def fetch(
                 f"{locks.redact(index)} has no file of {pin.label} with one of the lock's hashes "
                 "for this Python and platform: make the lock again (gpubake lock --upgrade)"
             )
-        path = _download(pin, item, folder)
+        path = _download(pin, item, folder, stop)
         say(f"fetched {path.name} ({size_text(path.stat().st_size)})")
         return path
 
@@ -368,12 +377,11 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != MEMO)
 
 
-def fetch_for(
-    folder: Path, stack: stacks.Stack, lock_list: Iterable[locks.Lock], arch: str, say: Say
-) -> tuple[int, int]:
-    wanted_here = need(stack, lock_list, arch)
+@contextlib.contextmanager
+def _fetching(folder: Path) -> Iterator[None]:
+    """A failed download as one line (a WheelhouseError)."""
     try:
-        return fetch(folder, wanted_here.pins, wanted_here.order, say)
+        yield
     except locks.IndexAnswerError as exc:
         index = locks.redact(locks.index_url())
         raise WheelhouseError(f"fetching into {folder}: the package index {index} {exc}") from None
@@ -382,3 +390,85 @@ def fetch_for(
             f"fetching into {folder} failed ({locks.failure_reason(exc)}): check the network, or "
             "point UV_INDEX_URL at a reachable mirror; what arrived is kept"
         ) from None
+
+
+def fetch_for(
+    folder: Path, stack: stacks.Stack, lock_list: Iterable[locks.Lock], arch: str, say: Say
+) -> tuple[int, int]:
+    wanted_here = need(stack, lock_list, arch)
+    with _fetching(folder):
+        return fetch(folder, wanted_here.pins, wanted_here.order, say)
+
+
+class Prefetch:
+    """What a container build's wheelhouse lacks, downloaded while the build's first stage
+    runs: that stage (the OS's packages, the environment) takes only uv from the wheelhouse,
+    so the `first` pins (uv) are fetched at `start` and the rest in a thread; `wait` before a
+    stage installs the lock from it. The download overlaps the first stage's apt work instead
+    of preceding it."""
+
+    def __init__(
+        self,
+        folder: Path,
+        needed: Need,
+        say: Say,
+        *,
+        first: frozenset[str] = frozenset({"uv"}),
+        index: str | None = None,
+    ) -> None:
+        self.folder = folder
+        self._need = needed
+        self._first = first
+        self._say = say
+        self._index = index
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._result: tuple[int, int] = (0, 0)
+        self._error: BaseException | None = None
+        self.waited = False
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        first = [pin for pin in self._need.pins if pin.name in self._first]
+        with _fetching(self.folder):
+            fetch(self.folder, first, self._need.order, self._say, self._index)
+        self._thread = threading.Thread(target=self._run, name="gpubake-fetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with _fetching(self.folder):
+                self._result = fetch(
+                    self.folder,
+                    self._need.pins,
+                    self._need.order,
+                    self._say,
+                    self._index,
+                    stop=self._stop,
+                )
+        except BaseException as exc:  # handed to the build's thread by wait()
+            self._error = exc
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> tuple[int, int]:
+        """(files, bytes) fetched; the download's error, raised here, in the build's thread."""
+        self.start()
+        assert self._thread is not None
+        self._thread.join()
+        self.waited = True
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def stop(self) -> None:
+        """End the download (a failed or interrupted build): files that arrived are kept."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

@@ -435,9 +435,10 @@ def _sbom_packages(engine, image: str) -> list[tuple]:
 
 def test_wheelhouse_then_offline_builds(engine, tree, built_tiny, tmp_path):
     """The air-gapped journey: `gpubake fetch` where the index is reachable; a build given the
-    wheelhouse fetches what it lacks first and installs from it with no index; `--offline`
-    is refused in one line while a file is missing, and once the files are there it builds
-    with build containers that have no network and an index address that answers nothing.
+    wheelhouse fetches what it lacks (before the stage that installs it) and installs from it
+    with no index; `--offline` is refused in one line while a file is missing, and once the
+    files are there it builds with build containers that have no network and an index
+    address that answers nothing.
     What it installs is what the index build (tiny-b:ctest) installed, and its SBOM lists the
     same packages and hashes."""
     house = tmp_path / "wheelhouse"
@@ -460,6 +461,10 @@ def test_wheelhouse_then_offline_builds(engine, tree, built_tiny, tmp_path):
     online = gpubake(tree, *build_args("tiny-b", "wheels"), "--wheelhouse", str(house), "-vv")
     assert online.returncode == 0, online.stderr[-3000:]
     assert re.search(r"fetched idna-3\.10-\S+\.whl", online.stderr)
+    # fetched while the build ran, before the stage that installs the lock built
+    fetched_at = online.stderr.index(f"wheelhouse {house}: fetched 1 file(s)")
+    assert online.stderr.index("stage 4/6 tiny:finish: reused") < fetched_at
+    assert fetched_at < online.stderr.index("stage 5/6 tiny-b:env: building")
     assert "--find-links" in online.stderr and wheelhouse.MOUNT in online.stderr
 
     no_index = "http://127.0.0.1:9/simple"  # nothing listens: asking an index fails at once

@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import json
 import threading
+import time
 from typing import ClassVar
 
 import pytest
@@ -37,7 +38,10 @@ FILES = {
     "pure": {"pure-2.0-py3-none-any.whl": b"pure", "pure-2.0.tar.gz": b"pure-sdist"},
     "onlysdist": {"onlysdist-0.1.tar.gz": b"only-sdist"},
     "liar": {"liar-1.0-py3-none-any.whl": b"the-listed-bytes"},
+    # served a chunk (wheelhouse.CHUNK) at a time, slowly: a download still running
+    "slow": {"slow-1.0-py3-none-any.whl": b"s" * (8 * wheelhouse.CHUNK)},
 }
+SLOW_SECONDS = 0.25  # between two chunks of the slow file
 SERVED = {"liar-1.0-py3-none-any.whl": b"other-bytes"}
 
 
@@ -73,7 +77,15 @@ class _Index(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if body != FILES["slow"]["slow-1.0-py3-none-any.whl"]:
+            self.wfile.write(body)
+            return
+        for start in range(0, len(body), wheelhouse.CHUNK):
+            time.sleep(SLOW_SECONDS)
+            try:
+                self.wfile.write(body[start : start + wheelhouse.CHUNK])
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
+                return
 
     def log_message(self, *args) -> None:
         pass
@@ -192,3 +204,45 @@ def test_a_vm_build_uploads_each_pins_best_fitting_file(tmp_path):
         "pure": "pure-2.0-py3-none-any.whl",
         "onlysdist": None,
     }
+
+
+def _prefetch(index, folder, pins, lines, *, first):
+    needed = wheelhouse.Need(pins, order())
+    return wheelhouse.Prefetch(folder, needed, lines.append, first=first, index=index)
+
+
+def test_a_build_fetches_its_first_pins_at_once_and_the_rest_behind(index, tmp_path):
+    """What a build with an incomplete wheelhouse does: the first stage's pins (uv) arrive
+    before it starts; the rest (here a slow file) downloads while it builds, and the stage
+    that installs the lock waits for it."""
+    slow = pin("slow", "1.0", *FILES["slow"])
+    pure = pin("pure", "2.0", *FILES["pure"])
+    lines: list[str] = []
+    prefetch = _prefetch(index, tmp_path, [pure, slow], lines, first=frozenset({"pure"}))
+    started = time.monotonic()
+    prefetch.start()
+    assert time.monotonic() - started < 8 * SLOW_SECONDS  # did not wait for the slow file
+    assert (tmp_path / "pure-2.0-py3-none-any.whl").exists()
+    assert prefetch.running() and not (tmp_path / "slow-1.0-py3-none-any.whl").exists()
+    count, size = prefetch.wait()
+    assert (count, size) == (1, len(FILES["slow"]["slow-1.0-py3-none-any.whl"]))
+    assert wheelhouse.missing(tmp_path, [pure, slow], order()) == []
+    assert not prefetch.running() and prefetch.waited
+
+
+def test_a_background_fetch_fails_in_the_builds_thread_and_stops_when_told(index, tmp_path):
+    liar = pin("liar", "1.0", "liar-1.0-py3-none-any.whl")
+    failing = _prefetch(index, tmp_path / "a", [liar], [], first=frozenset())
+    failing.start()
+    with pytest.raises(wheelhouse.WheelhouseError, match="which the lock does not allow"):
+        failing.wait()
+
+    slow = pin("slow", "1.0", *FILES["slow"])
+    stopped = _prefetch(index, tmp_path / "b", [slow], [], first=frozenset())
+    stopped.start()
+    time.sleep(2 * SLOW_SECONDS)  # a chunk or two arrived
+    started = time.monotonic()
+    stopped.stop()  # a failed build: the download ends at its next chunk
+    assert time.monotonic() - started < 4 * SLOW_SECONDS
+    assert not stopped.running()
+    assert list((tmp_path / "b").iterdir()) == []  # neither the file nor a part of it
