@@ -102,8 +102,8 @@ def gpubake(tree: Path, env: dict[str, str], *args: str) -> float:
     return run([*cmd, *args], cwd=tree, env=env)
 
 
-def dockerfile_peer(engine: docker.DockerClient, work: Path, base: str) -> dict[str, float]:
-    """The plain Dockerfile: a cold build (no cache) and a rebuild after its last line changed."""
+def write_peer(work: Path, base: str, marker: str) -> None:
+    """The plain Dockerfile and its context in `work`; `marker` ends its last line."""
     stack = stacks.resolve()
     lock = locks.check(stack, stacks.machine_arch())
     (work / "lock.txt").write_text(lock.text)
@@ -117,15 +117,22 @@ def dockerfile_peer(engine: docker.DockerClient, work: Path, base: str) -> dict[
     # the same OS packages as gpubake's container images: role base's (the one copy)
     base_vars = ROOT / "roles" / "base" / "vars" / "Debian.yml"
     apt = " ".join(yaml.safe_load(base_vars.read_text())["__base_packages"])
+    text = DOCKERFILE.format(base=base, apt=apt, uv=uv, env=ENV_PREFIX, marker=marker)
+    (work / "Dockerfile").write_text(text)
+
+
+#: the legacy builder: one committed layer per step, as gpubake's stages (and its output
+#: shows where each step's command ends and its commit begins, for bench/stages.py)
+DOCKER_BUILD = ["docker", "build", "-t", f"bench/dockerfile:{TAG}", "."]
+DOCKER_ENV = {**os.environ, "DOCKER_BUILDKIT": "0"}
+
+
+def dockerfile_peer(engine: docker.DockerClient, work: Path, base: str) -> dict[str, float]:
+    """The plain Dockerfile: a cold build (no cache) and a rebuild after its last line changed."""
 
     def build(marker: str, *flags: str) -> float:
-        text = DOCKERFILE.format(base=base, apt=apt, uv=uv, env=ENV_PREFIX, marker=marker)
-        (work / "Dockerfile").write_text(text)
-        return run(
-            ["docker", "build", *flags, "-t", f"bench/dockerfile:{TAG}", "."],
-            cwd=work,
-            env={**os.environ, "DOCKER_BUILDKIT": "0"},
-        )
+        write_peer(work, base, marker)
+        return run([*DOCKER_BUILD[:2], *flags, *DOCKER_BUILD[2:]], cwd=work, env=DOCKER_ENV)
 
     cold = build("first", "--no-cache")
     rebuild = build("changed")

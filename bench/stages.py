@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """Measured in one run: where a container stage's fixed cost goes (issue 30, item 3).
 
-    .venv/bin/python bench/stages.py [--baseline REV] [--runs N] [--json]
+    .venv/bin/python bench/stages.py [--stack NAME] [--baseline REV] [--runs N] [--json]
 
 A stage is one Packer build: gpubake's plan and render, Packer's start and the build
-container's, ansible-playbook's start, the facts, the roles' tasks, the commit, then gpubake's
-layer scan. On a small stack (a uv environment with one package, so that almost all of a
-stage is fixed cost) it rebuilds every stage of the stack (--force) with `gpubake build -v`,
-stamps each output line as it comes, and splits each stage's time into those phases, with the
-number of tasks Ansible ran (skipped ones excluded) and their mean cost.
+container's, ansible-playbook's start, the facts, the roles' tasks, the lock's install, the
+commit, then gpubake's layer scan. On a small stack (a uv environment with one package, so
+that almost all of a stage is fixed cost; --stack pytorch for the default stack, to set the
+fixed cost against the install and the commit) it rebuilds every stage of the stack
+(--force) with `gpubake build -v`, stamps each output line as it comes, and splits each
+stage's time into those phases, with the number of tasks Ansible ran (skipped ones and the
+install excluded) and their mean cost. With --dockerfile it also builds bench/layers.py's
+plain Dockerfile (`docker build --no-cache`) and splits each step into its command (to its
+last output line) and its commit (to the removal of its container): the peer's fixed cost.
 
 With --baseline REV the same is measured for gpubake at REV (git archive), the two trees
 alternating run by run, and the ratio of each phase to the baseline's is printed: the fixed
@@ -29,7 +33,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from layers import HOST_BUNDLE, ROOT, copy_checkout, extract_revision
+import docker
+from layers import (
+    DOCKER_BUILD,
+    DOCKER_ENV,
+    HOST_BUNDLE,
+    ROOT,
+    copy_checkout,
+    extract_revision,
+    write_peer,
+)
+
+from gpubake import stacks
+from gpubake.build import docker_engine
 
 OS = "debian-12"
 STACK = "tiny"  # tests/small_stacks.yml: a uv environment with one package
@@ -41,17 +57,20 @@ PHASES = (
     ("ansible_start", "ansible-playbook's start"),
     ("facts", "facts (python check, setup, packages)"),
     ("tasks", "the roles' other tasks"),
-    ("commit", "Ansible's end to commit, tag"),
+    ("install", "the lock's install (uv pip install)"),
+    ("commit", "Ansible's end to the commit's end"),
+    ("cleanup", "Packer's kill and rm, the tag"),
     ("after", "gpubake after Packer (scan, record)"),
 )
 FACT_TASKS = ("Gather facts", "Gather the installed packages", "Install python3 when the host")
+INSTALL_TASK = "Install the lock, hashes required"  # role python_env's
 _STAGE = re.compile(r"^gpubake: stage \d+/\d+ \S+:(?P<stage>\w+): (?P<what>building|built in)")
 _TASK = re.compile(r"(?:TASK|RUNNING HANDLER) \[(?P<name>[^\]]*)\]")
 _RAN = re.compile(r"^(ok|changed): \[")
 
 
-def stamped_build(tree: Path, env: dict[str, str]) -> list[tuple[float, str]]:
-    cmd = [sys.executable, "-m", "gpubake", "build", "--target", "docker", "--stack", STACK]
+def stamped_build(tree: Path, env: dict[str, str], stack: str) -> list[tuple[float, str]]:
+    cmd = [sys.executable, "-m", "gpubake", "build", "--target", "docker", "--stack", stack]
     cmd += ["--os", OS, "--tag", "bench-stages", "--force", "-v"]
     if HOST_BUNDLE.is_file():
         cmd += ["--ca-bundle", str(HOST_BUNDLE)]
@@ -77,7 +96,9 @@ def split(lines: list[tuple[float, str]]) -> dict[str, dict[str, float]]:
     def end_task(now: float) -> None:
         nonlocal task_at
         if cur is not None and task_at is not None:
-            key = "facts" if task_name.split(" : ")[-1].startswith(FACT_TASKS) else "tasks"
+            name = task_name.split(" : ")[-1]
+            key = "facts" if name.startswith(FACT_TASKS) else "tasks"
+            key = "install" if name == INSTALL_TASK else key
             cur[key] += now - task_at
             cur["ran"] += ran and key == "tasks"
         task_at = None
@@ -112,10 +133,44 @@ def split(lines: list[tuple[float, str]]) -> dict[str, dict[str, float]]:
         elif text.startswith("PLAY RECAP"):
             end_task(now)
             marks["recap"] = now
+        elif text.startswith("Killing the container"):
+            marks["killing"] = now
+            cur["commit"] = now - marks["recap"]
         elif text.startswith("Build 'docker.gpubake' finished"):
             marks["finished"] = now
-            cur["commit"] = now - marks["recap"]
+            cur["cleanup"] = now - marks.get("killing", now)
     return stages
+
+
+def dockerfile_steps(work: Path) -> list[tuple[str, float, float]]:
+    """The plain Dockerfile built cold: each step's (instruction, command s, commit s)."""
+    engine = docker.from_env(timeout=900)
+    base, _id, _note = docker_engine.ensure_base_image(
+        engine, stacks.resolve().os, None, lambda m: print(f"bench: {m}", file=sys.stderr)
+    )
+    write_peer(work, base, "stages")
+    proc = subprocess.Popen(
+        [*DOCKER_BUILD[:2], "--no-cache", *DOCKER_BUILD[2:]],
+        cwd=work, env=DOCKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    steps: list[tuple[str, float, float]] = []
+    step, started, last = "", 0.0, 0.0
+    for raw in proc.stdout:
+        now, text = time.monotonic(), re.sub(r"\x1b\[[0-9;]*m", "", raw).strip()  # uv's colours
+        if m := re.match(r"Step \d+/\d+ : (.*)", text):
+            step, started, last = m[1][:60], now, now
+        elif text.startswith("---> Running in"):
+            started = last = now
+        elif text.startswith("Removing intermediate container"):
+            steps.append((step, last - started, now - last))
+        elif text.startswith("---> "):
+            continue
+        elif text:
+            last = now
+    if proc.wait() != 0:
+        sys.exit("bench: the Dockerfile's build failed")
+    return steps
 
 
 def best(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -129,7 +184,9 @@ def best(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]
     return out
 
 
-def prepare(tree: Path) -> dict[str, str]:
+def prepare(tree: Path, stack: str) -> dict[str, str]:
+    if stack != STACK:  # a stack of the checkout, locked there
+        return {**os.environ, "PYTHONPATH": str(tree)}
     stacks = tree / "images" / "stacks.yml"
     stacks.write_text(stacks.read_text(encoding="utf-8").rstrip("\n") + "\n" + STACK_YAML)
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -139,9 +196,14 @@ def prepare(tree: Path) -> dict[str, str]:
     return env
 
 
-def report(results: dict[str, dict[str, dict[str, float]]], *, as_json: bool) -> None:
+def report(
+    results: dict[str, dict[str, dict[str, float]]],
+    *,
+    as_json: bool,
+    steps: list[tuple[str, float, float]],
+) -> None:
     if as_json:
-        print(json.dumps(results, indent=2, sort_keys=True))
+        print(json.dumps({"stages": results, "dockerfile_steps": steps}, indent=2, sort_keys=True))
         return
     names = list(results)
     for stage in results[names[0]]:
@@ -163,28 +225,42 @@ def report(results: dict[str, dict[str, dict[str, float]]], *, as_json: bool) ->
     line = "  ".join(f"{t:6.2f} s" for t in totals)
     ratio = f"  {totals[0] / totals[1]:.2f} x" if len(totals) == 2 else ""
     print(f"all stages ({', '.join(names)}): {line}{ratio}")
+    if steps:
+        print("the plain Dockerfile, built cold (command, then commit and removal):")
+        for step, command, commit in steps:
+            print(f"  {command:6.2f} s + {commit:6.2f} s  {step}")
+        total = sum(c + k for _, c, k in steps)
+        print(f"  {total:6.2f} s in all, of which commits {sum(k for _, _, k in steps):.2f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="a git revision to measure against")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--stack", default=STACK, help=f"the stack to build (default {STACK})")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--dockerfile", action="store_true", help="split the Dockerfile's too")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gpubake-bench-stages-") as tmp:
         work = Path(tmp)
         trees = {"this tree": copy_checkout(work / "tree")}
         if opts.baseline:
             trees[opts.baseline] = extract_revision(opts.baseline, work / "baseline")
-        envs = {name: prepare(tree) for name, tree in trees.items()}
+        envs = {name: prepare(tree, opts.stack) for name, tree in trees.items()}
         runs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in trees}
         for n in range(opts.runs + 1):  # the first round builds what --force does not rebuild
             for name, tree in trees.items():
                 print(f"bench: {name}, run {n} ...", file=sys.stderr)
-                stages = split(stamped_build(tree, envs[name]))
+                stages = split(stamped_build(tree, envs[name], opts.stack))
                 if n:
                     runs[name].append(stages)
-        report({name: best(r) for name, r in runs.items()}, as_json=opts.json)
+        results = {name: best(r) for name, r in runs.items()}
+        steps = []
+        if opts.dockerfile:
+            print("bench: the plain Dockerfile ...", file=sys.stderr)
+            (work / "peer").mkdir()
+            steps = dockerfile_steps(work / "peer")
+        report(results, as_json=opts.json, steps=steps)
 
 
 if __name__ == "__main__":
