@@ -248,9 +248,12 @@ def _wait_for_wheels(run: _Run, prefetch: Any, where: str) -> None:
     run.doing.what = "the wheelhouse's download"
     if prefetch.running():
         echo(f"{where}: waiting for the wheelhouse's download")
-    count, size = prefetch.wait()
+    _fetched(prefetch.folder, *prefetch.wait())
+
+
+def _fetched(folder: Path, count: int, size: int) -> None:
     if count:
-        echo(f"wheelhouse {prefetch.folder}: fetched {count} file(s), {size_text(size)}")
+        echo(f"wheelhouse {folder}: fetched {count} file(s), {size_text(size)}")
 
 
 #: The architecture of VM images and hosts: x86_64 only (stacks refuses Arm GPUs' machines).
@@ -302,9 +305,7 @@ def _vm_wheelhouse(run: _Run, plan: BuildPlan, lock: Any) -> Iterator[BuildPlan]
     assert run.request.wheelhouse is not None
     folder = run.request.wheelhouse.expanduser().resolve()
     run.doing.what = "the wheelhouse's download"
-    count, size = wheelhouse.fetch_for(folder, run.stack, [lock], VM_ARCH, echo)
-    if count:
-        echo(f"wheelhouse {folder}: fetched {count} file(s), {size_text(size)}")
+    _fetched(folder, *wheelhouse.fetch_for(folder, run.stack, [lock], VM_ARCH, echo))
     files = wheelhouse.files_for(folder, run.stack, [lock], VM_ARCH)
     work = resources.cache_dir() / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -460,8 +461,8 @@ def _build_chain(
                 _build_stage(
                     run, engine, packer, stage, where, key, last=stage is final, ahead=ahead
                 )
-        if prefetch is not None and prefetch.started and not prefetch.waited:  # end it whole
-            _wait_for_wheels(run, prefetch, f"{plan.image_ref}")
+        if prefetch is not None and prefetch.started:  # no stage waited for it: end it whole
+            _wait_for_wheels(run, prefetch, plan.image_ref)
     except BaseException:
         if prefetch is not None:
             prefetch.stop()
